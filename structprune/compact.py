@@ -1,0 +1,202 @@
+"""Compaction: frozen masks -> a physically smaller dense model; and its save / load round trip.
+
+``compact(model, masks)`` slices every weight to the kept units: heads (q/k/v rows, o columns),
+key/value heads of grouped-query attention (rows of k/v, when every query head of the group is
+gone), neurons (up/gate rows, down columns), whole sublayers (the module is not built at all), and
+hidden dimensions (embeddings, every projection, norms, the classifier input). Kept-unit scales are
+folded into the o-proj and down-proj input columns. The result runs the same forward code
+(:mod:`structprune.modeling_compact`) with per-layer shapes as Python ints.
+
+The saved folder is a Hugging Face model folder: ``config.json`` (the original config, its
+``model_type`` and sizes, plus the ``structprune`` section and an ``auto_map`` naming only
+``AutoModelForSequenceClassification``), ``model.safetensors``, ``modeling_structprune.py`` (a copy
+of :mod:`structprune.modeling_compact`) and the tokenizer files.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig, PreTrainedModel
+
+from structprune import modeling_compact
+from structprune.arch import from_hf
+from structprune.arch.structure import ModelStructure
+from structprune.io import atomic_dir
+from structprune.masked import MaskedModel
+from structprune.masks import MaskError, MaskSet
+from structprune.modeling_compact import CLASS_FOR_MODEL_TYPE, SECTION, StructpruneForSequenceClassification
+
+MODELING_FILE = "modeling_structprune.py"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class ModelFileError(ValueError):
+    """A model folder that is not a structprune model, or whose files are corrupt."""
+
+
+def _index(t: torch.Tensor, dim: int, keep: list[int]) -> torch.Tensor:
+    return t.index_select(dim, torch.tensor(keep, dtype=torch.long, device=t.device))
+
+
+def _rows(head_ids, head_dim: int) -> list[int]:
+    return [h * head_dim + d for h in head_ids for d in range(head_dim)]
+
+
+def compact(model: PreTrainedModel | MaskedModel, masks: MaskSet) -> StructpruneForSequenceClassification:
+    """The physically pruned model that gives the same outputs as ``MaskedModel(model, masks)``.
+
+    Args:
+        model: a Hugging Face classification model, a full-size structprune model, or a MaskedModel.
+        masks: frozen masks for the dense model; validated first (a mismatch raises ``MaskError``).
+    """
+    full = model.model if isinstance(model, MaskedModel) else from_hf(model)
+    structure = ModelStructure.from_spec(full.spec)
+    kept_layers, hidden = masks.kept(structure)
+    new_structure = masks.resolve(structure)
+    gates = masks.gates(structure)
+    spec = copy.deepcopy(full.spec)
+    spec["hidden_size"] = new_structure.hidden_size
+    spec["layers"] = [
+        {"heads": layer.heads, "kv_heads": layer.kv_heads,
+         "kv_map": list(layer.kv_map) if layer.kv_map is not None else None, "ffn": layer.ffn}
+        for layer in new_structure.layers
+    ]
+    source = {name: t.detach() for name, t in full.state_dict().items()}
+    state = {}
+
+    def take(name: str, dim_keep: dict[int, list[int]], scale_cols: torch.Tensor | None = None) -> None:
+        t = source[name]
+        for dim, keep in dim_keep.items():
+            t = _index(t, dim, keep)
+        if scale_cols is not None:
+            t = t * scale_cols.to(t.dtype)
+        state[name] = t.contiguous()
+
+    def take_linear(prefix: str, rows: list[int] | None, cols: list[int] | None, col_scale=None, out_scale=None):
+        dims = {k: v for k, v in ((0, rows), (1, cols)) if v is not None}
+        weight_scale = col_scale
+        if out_scale is not None:
+            weight_scale = out_scale if weight_scale is None else weight_scale * out_scale
+        take(f"{prefix}.weight", dims, weight_scale)
+        if f"{prefix}.bias" in source:
+            take(f"{prefix}.bias", {0: rows} if rows is not None else {}, out_scale)
+
+    H = list(hidden)
+    project = spec["family"] == "bert" and spec.get("embedding_project")
+    for name in ("embeddings.word", "embeddings.position", "embeddings.token_type"):
+        if f"{name}.weight" in source:
+            take(f"{name}.weight", {} if project else {1: H})
+    if spec["family"] == "bert":
+        if project:
+            take_linear("embeddings.project", H, None)
+            take_linear("embeddings.norm", None, None)
+        else:
+            take_linear("embeddings.norm", H, None)
+    hd = spec["head_dim"]
+    for i, (layer, kept) in enumerate(zip(full.layers, kept_layers)):
+        p = f"layers.{i}"
+        if kept.heads:
+            q_rows, kv_rows = _rows(kept.heads, hd), _rows(kept.kv_heads, hd)
+            take_linear(f"{p}.attn.q", q_rows, H)
+            take_linear(f"{p}.attn.k", kv_rows, H)
+            take_linear(f"{p}.attn.v", kv_rows, H)
+            head_scale = gates["head"][i][list(kept.heads)] if "head" in gates else torch.ones(len(kept.heads))
+            col_scale = head_scale.repeat_interleave(hd)
+            layer_scale = gates["attn_layer"][i] if "attn_layer" in gates else None
+            take_linear(f"{p}.attn.o", H, q_rows, col_scale, layer_scale)
+        if kept.heads or spec["family"] == "bert":
+            take_linear(f"{p}.attn_norm", H, None)
+        if kept.neurons:
+            n = list(kept.neurons)
+            take_linear(f"{p}.ffn.up", n, H)
+            if layer.ffn.gate is not None:
+                take_linear(f"{p}.ffn.gate", n, H)
+            neuron_scale = gates["neuron"][i][n] if "neuron" in gates else None
+            layer_scale = gates["ffn_layer"][i] if "ffn_layer" in gates else None
+            take_linear(f"{p}.ffn.down", H, n, neuron_scale, layer_scale)
+        if kept.neurons or spec["family"] == "bert":
+            take_linear(f"{p}.ffn_norm", H, None)
+    if spec["family"] == "llama":
+        take_linear("final_norm", H, None)
+        take_linear("head.out", None, H)
+    else:
+        take_linear("head.dense", None, H)
+        take_linear("head.out", None, None)
+
+    config = copy.deepcopy(full.config)
+    setattr(config, SECTION, spec)
+    out = CLASS_FOR_MODEL_TYPE[config.model_type](config)
+    out.load_state_dict(state, strict=True)
+    out.to(full.embeddings.word.weight.dtype)
+    return out.train(full.training)
+
+
+def save(model: StructpruneForSequenceClassification, directory: str | os.PathLike, tokenizer=None,
+         overwrite: bool = False) -> Path:
+    """Write a model folder loadable by :func:`from_pretrained` and by transformers' Auto classes.
+
+    The folder is written to a temporary name and renamed; an existing non-empty folder is
+    refused unless ``overwrite``.
+    """
+    if not isinstance(model, StructpruneForSequenceClassification):
+        raise TypeError(f"save() takes a structprune model (from compact()), got {type(model).__name__}")
+    config = copy.deepcopy(model.config)
+    cls = CLASS_FOR_MODEL_TYPE[config.model_type]
+    config.auto_map = {"AutoModelForSequenceClassification": f"{Path(MODELING_FILE).stem}.{cls.__name__}"}
+    config.architectures = [cls.__name__]
+    state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    with atomic_dir(directory, overwrite=overwrite, marker=WEIGHTS_FILE) as tmp:
+        config.save_pretrained(tmp)
+        shutil.copyfile(modeling_compact.__file__, tmp / MODELING_FILE)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    return Path(directory)
+
+
+def from_pretrained(directory: str | os.PathLike, dtype: torch.dtype | None = None) -> StructpruneForSequenceClassification:
+    """Load a folder written by :func:`save`. Reads JSON and safetensors only; runs no code from it."""
+    directory = Path(directory)
+    config_path, weights_path = directory / "config.json", directory / WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise ModelFileError(f"{path} is missing: {directory} is not a structprune model folder")
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelFileError(f"{config_path} is not valid JSON ({err}); the folder is corrupt") from err
+    if SECTION not in raw:
+        raise ModelFileError(f"{config_path} has no '{SECTION}' section; it was not saved by structprune")
+    model_type = raw.get("model_type")
+    if model_type not in CLASS_FOR_MODEL_TYPE:
+        raise ModelFileError(f"{config_path}: unsupported model_type {model_type!r}")
+    config = AutoConfig.for_model(**raw)
+    config._attn_implementation = "eager"
+    model = CLASS_FOR_MODEL_TYPE[model_type](config)
+    expected = model.state_dict()
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            names = set(f.keys())
+            if names != set(expected):
+                missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
+                raise ModelFileError(f"{weights_path} does not match its config: missing {missing[:5]}, "
+                                     f"unexpected {extra[:5]}")
+            state = {name: f.get_tensor(name) for name in names}
+    except (SafetensorError, OSError) as err:
+        raise ModelFileError(f"{weights_path} is corrupt or truncated ({err}); save the model again") from err
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ModelFileError(f"{weights_path}: {name} has shape {list(tensor.shape)}, config says "
+                                 f"{list(expected[name].shape)}")
+    model.load_state_dict(state, strict=True)
+    model.to(dtype or next(iter(state.values())).dtype)
+    return model.eval()
+

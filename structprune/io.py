@@ -1,0 +1,70 @@
+"""Atomic file and folder writes: nothing is ever left half-written on disk."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class OutputExistsError(FileExistsError):
+    """The output folder already holds something and overwriting was not asked for."""
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def check_output_dir(directory: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse a non-empty output folder unless ``overwrite``; return it as a Path."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise OutputExistsError(f"{directory} exists and is not a folder; choose another output path")
+    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+        raise OutputExistsError(
+            f"{directory} already exists and is not empty; choose another folder or pass "
+            "overwrite=True (--overwrite on the command line) to replace it"
+        )
+    return directory
+
+
+@contextlib.contextmanager
+def atomic_dir(directory: str | os.PathLike, overwrite: bool = False, marker: str | None = None) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces ``directory`` in one rename.
+
+    The folder is checked before any work starts (see :func:`check_output_dir`). On error the
+    temporary folder is removed and ``directory`` is left as it was. ``marker`` is a file the
+    caller must have written, checked before the swap.
+    """
+    directory = check_output_dir(directory, overwrite).absolute()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if marker is not None and not (tmp / marker).exists():
+            raise RuntimeError(f"internal error: {marker} was not written to {directory}")
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".old"))
+            os.replace(directory, old / "content")
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,271 @@
+"""``MaskSet``: frozen binary pruning masks, their resolution into a kept structure, and counting.
+
+Mask tensors (any subset may be present; an absent one keeps everything):
+
+* ``attn_layer [L]``, ``ffn_layer [L]``: whole attention / FFN sublayers;
+* ``head [L, H]``: query heads. Grouped-query attention rule: query heads are pruned
+  individually, and a key/value head is removed when every query head of its group is;
+* ``neuron [L, F]``: FFN neurons (rows of up/gate, columns of down);
+* ``hidden [D]``: hidden dimensions of the residual stream.
+
+Masks hold 0/1 values. Optional ``scales`` (``head [L, H]``, ``neuron [L, F]``) are real-valued
+per-unit factors for kept units (e.g. from mask tuning); compaction folds them into the o-proj and
+down-proj input columns.
+
+A sublayer is removed when its layer mask is 0 or all of its heads / neurons are, and then it
+adds nothing to the residual stream (bias included). Sparsity is counted over the parameters of
+attention and FFN projections (weights and biases); embeddings, norms and the classification head
+are excluded, as in CoFiPruning. FLOPs count multiply-adds as 2 FLOPs per example at a stated
+sequence length (projections, attention scores and context, FFN, the ELECTRA embedding
+projection).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from structprune.arch.structure import LayerStructure, ModelStructure
+from structprune.io import atomic_dir, atomic_write_text
+
+MASK_NAMES = ("attn_layer", "head", "ffn_layer", "neuron", "hidden")
+SCALE_NAMES = ("head", "neuron")
+MASKS_FILE = "masks.safetensors"
+SUMMARY_FILE = "masks.json"
+FORMAT_VERSION = 1
+
+
+class MaskError(ValueError):
+    """Masks that do not fit a model, or a mask file that cannot be read."""
+
+
+def mask_shapes(structure: ModelStructure) -> dict[str, tuple[int, ...]]:
+    """The shape every mask must have for a dense (uncompacted) model."""
+    L = structure.num_layers
+    return {
+        "attn_layer": (L,),
+        "head": (L, structure.max_heads),
+        "ffn_layer": (L,),
+        "neuron": (L, structure.max_ffn),
+        "hidden": (structure.hidden_size,),
+    }
+
+
+@dataclass(frozen=True)
+class KeptLayer:
+    """Indices of the units one layer keeps (empty heads / neurons: the sublayer is removed)."""
+
+    heads: tuple[int, ...]
+    kv_heads: tuple[int, ...]
+    neurons: tuple[int, ...]
+
+
+@dataclass
+class MaskSet:
+    """Named binary masks, optional kept-unit scales, and free-form metadata (method, budget...)."""
+
+    masks: dict[str, torch.Tensor]
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.masks) - set(MASK_NAMES)
+        if unknown:
+            raise MaskError(f"unknown mask names {sorted(unknown)}; expected a subset of {MASK_NAMES}")
+        unknown = set(self.scales) - set(SCALE_NAMES)
+        if unknown:
+            raise MaskError(f"unknown scale names {sorted(unknown)}; scales exist only for {SCALE_NAMES}")
+        self.masks = {k: v.detach().float().cpu() for k, v in self.masks.items()}
+        self.scales = {k: v.detach().float().cpu() for k, v in self.scales.items()}
+        for name, mask in self.masks.items():
+            if not torch.all((mask == 0) | (mask == 1)):
+                raise MaskError(f"mask {name!r} must hold only 0 and 1; put real values in scales")
+        for name, scale in self.scales.items():
+            if not torch.isfinite(scale).all():
+                raise MaskError(f"scale {name!r} holds non-finite values")
+
+    @classmethod
+    def ones(cls, structure: ModelStructure, names: tuple[str, ...] = MASK_NAMES) -> "MaskSet":
+        """Masks that keep everything."""
+        shapes = mask_shapes(structure)
+        return cls({name: torch.ones(shapes[name]) for name in names})
+
+    def validate(self, structure: ModelStructure) -> None:
+        """Raise :class:`MaskError` naming the mismatch if these masks do not fit ``structure``."""
+        dense = all(
+            layer.heads == structure.max_heads and layer.ffn == structure.max_ffn for layer in structure.layers
+        )
+        if not dense:
+            raise MaskError(
+                "masks apply to the dense model, but this model is already compacted (uneven layers); "
+                "apply masks to the original model"
+            )
+        shapes = mask_shapes(structure)
+        for store, kind in ((self.masks, "mask"), (self.scales, "scale")):
+            for name, tensor in store.items():
+                if tuple(tensor.shape) != shapes[name]:
+                    raise MaskError(
+                        f"{kind} {name!r} has shape {list(tensor.shape)} but the model "
+                        f"({structure.arch}, {structure.num_layers} layers, {structure.max_heads} heads, "
+                        f"FFN {structure.max_ffn}, hidden {structure.hidden_size}) needs {list(shapes[name])}"
+                    )
+        if "hidden" in self.masks and not self.masks["hidden"].any():
+            raise MaskError("the hidden mask removes every hidden dimension; keep at least one")
+
+    def gates(self, structure: ModelStructure) -> dict[str, torch.Tensor]:
+        """Gate values for the masked model: ``mask * scale`` (the masked model applies the removal rules)."""
+        self.validate(structure)
+        gates = dict(self.masks)
+        for name, scale in self.scales.items():
+            gates[name] = gates.get(name, torch.ones_like(scale)) * scale
+        return gates
+
+    def kept(self, structure: ModelStructure) -> tuple[list[KeptLayer], tuple[int, ...]]:
+        """Per-layer kept units and kept hidden dims, after the removed-sublayer rules."""
+        self.validate(structure)
+        layers = []
+        for i, layer in enumerate(structure.layers):
+            heads = self._alive("head", "attn_layer", i, layer.heads)
+            neurons = self._alive("neuron", "ffn_layer", i, layer.ffn)
+            kv_of = layer.kv_map or tuple(range(layer.heads))
+            kv = tuple(sorted({kv_of[h] for h in heads}))
+            layers.append(KeptLayer(heads, kv, neurons))
+        hidden = self.masks.get("hidden")
+        kept_hidden = tuple(range(structure.hidden_size)) if hidden is None else tuple(
+            hidden.nonzero().flatten().tolist())
+        return layers, kept_hidden
+
+    def _alive(self, unit: str, layer_name: str, i: int, count: int) -> tuple[int, ...]:
+        if layer_name in self.masks and self.masks[layer_name][i] == 0:
+            return ()
+        if unit in self.masks:
+            return tuple(self.masks[unit][i].nonzero().flatten().tolist())
+        return tuple(range(count))
+
+    def resolve(self, structure: ModelStructure) -> ModelStructure:
+        """The structure of the compacted model these masks produce."""
+        layers, hidden = self.kept(structure)
+        out = []
+        for full, kept in zip(structure.layers, layers):
+            kv_map = None
+            if full.kv_map is not None and kept.heads:
+                position = {g: j for j, g in enumerate(kept.kv_heads)}
+                kv_map = tuple(position[full.kv_map[h]] for h in kept.heads)
+            out.append(LayerStructure(len(kept.heads), len(kept.kv_heads), kv_map, len(kept.neurons)))
+        return ModelStructure(structure.family, structure.arch, len(hidden), structure.head_dim,
+                              structure.gated_ffn, tuple(out))
+
+    def summary(self, structure: ModelStructure, spec: dict, seq_len: int = 128) -> dict:
+        """Kept counts per layer, parameter sparsity and FLOPs (dense vs pruned) at ``seq_len``."""
+        pruned = self.resolve(structure)
+        dense_params, kept_params = count_params(structure, spec), count_params(pruned, spec)
+        dense_flops, kept_flops = count_flops(structure, spec, seq_len), count_flops(pruned, spec, seq_len)
+        return {
+            "layers": [{"heads": layer.heads, "kv_heads": layer.kv_heads, "ffn": layer.ffn} for layer in pruned.layers],
+            "hidden": pruned.hidden_size,
+            "params_dense": dense_params,
+            "params_kept": kept_params,
+            "param_sparsity": 1.0 - kept_params / dense_params,
+            "seq_len": seq_len,
+            "flops_dense": dense_flops,
+            "flops_kept": kept_flops,
+            "flops_reduction": 1.0 - kept_flops / dense_flops,
+        }
+
+    def save(self, directory: str | os.PathLike, structure: ModelStructure | None = None,
+             spec: dict | None = None, overwrite: bool = False) -> Path:
+        """Write ``masks.safetensors`` and ``masks.json`` (with a summary when the model is given)."""
+        tensors = {name: t.contiguous() for name, t in self.masks.items()}
+        tensors |= {f"scale.{name}": t.contiguous() for name, t in self.scales.items()}
+        info = {"format_version": FORMAT_VERSION, "masks": sorted(self.masks), "scales": sorted(self.scales),
+                "meta": self.meta}
+        if structure is not None and spec is not None:
+            info["summary"] = self.summary(structure, spec)
+        with atomic_dir(directory, overwrite=overwrite, marker=SUMMARY_FILE) as tmp:
+            save_file(tensors, str(tmp / MASKS_FILE), metadata={"format": "pt"})
+            atomic_write_text(tmp / SUMMARY_FILE, json.dumps(info, indent=2, sort_keys=True))
+        return Path(directory)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "MaskSet":
+        """Read a mask folder written by :meth:`save` (safetensors and JSON only; nothing is executed)."""
+        directory = Path(directory)
+        tensor_path, info_path = directory / MASKS_FILE, directory / SUMMARY_FILE
+        for path in (tensor_path, info_path):
+            if not path.is_file():
+                raise MaskError(f"{path} is missing: {directory} is not a structprune mask folder")
+        try:
+            tensors = load_file(str(tensor_path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise MaskError(f"{tensor_path} is corrupt or truncated ({err}); re-create the masks") from err
+        try:
+            info = json.loads(info_path.read_text())
+        except json.JSONDecodeError as err:
+            raise MaskError(f"{info_path} is not valid JSON ({err}); re-create the masks") from err
+        if info.get("format_version", 0) > FORMAT_VERSION:
+            raise MaskError(f"{directory} was written by a newer structprune; upgrade to read it")
+        masks = {k: v for k, v in tensors.items() if not k.startswith("scale.")}
+        scales = {k.removeprefix("scale."): v for k, v in tensors.items() if k.startswith("scale.")}
+        if sorted(masks) != info.get("masks") or sorted(scales) != info.get("scales"):
+            raise MaskError(f"{tensor_path} and {info_path} disagree on which masks exist; re-create the masks")
+        return cls(masks, scales, info.get("meta", {}))
+
+
+def count_params(structure: ModelStructure, spec: dict) -> int:
+    """Parameters of attention and FFN projections (weights + biases) of a structure."""
+    D, hd = structure.hidden_size, structure.head_dim
+    total = 0
+    for layer in structure.layers:
+        if layer.heads:
+            q, kv = layer.heads * hd, layer.kv_heads * hd
+            total += (q + 2 * kv) * D + q * D
+            total += (q + 2 * kv) * spec["qkv_bias"] + D * spec["o_bias"]
+        if layer.ffn:
+            mats = 3 if structure.gated_ffn else 2
+            total += mats * layer.ffn * D + (layer.ffn + D) * spec["ffn_bias"]
+    return total
+
+
+def count_flops(structure: ModelStructure, spec: dict, seq_len: int) -> int:
+    """Forward FLOPs of one example of length ``seq_len`` (2 per multiply-add)."""
+    D, hd, S = structure.hidden_size, structure.head_dim, seq_len
+    macs = 0
+    if spec.get("embedding_project"):
+        macs += S * spec["embedding_size"] * D
+    for layer in structure.layers:
+        if layer.heads:
+            q, kv = layer.heads * hd, layer.kv_heads * hd
+            macs += S * D * (2 * q + 2 * kv)  # q, o and k, v projections
+            macs += 2 * S * S * q  # scores and context
+        if layer.ffn:
+            macs += S * D * layer.ffn * (3 if structure.gated_ffn else 2)
+    return 2 * macs
+
+
+def random_masks(structure: ModelStructure, generator: torch.Generator, keep: float = 0.5,
+                 names: tuple[str, ...] = MASK_NAMES) -> MaskSet:
+    """Masks keeping each unit with probability ``keep`` (for tests and benchmarks)."""
+    shapes = mask_shapes(structure)
+    masks = {name: (torch.rand(shapes[name], generator=generator) < keep).float() for name in names}
+    if "hidden" in masks and not masks["hidden"].any():
+        masks["hidden"][0] = 1.0
+    return MaskSet(masks)
+
+
+def uniform_masks(structure: ModelStructure, head_sparsity: float, neuron_sparsity: float) -> MaskSet:
+    """Masks removing the same fraction of heads and neurons in every layer (the first units kept)."""
+    for value, what in ((head_sparsity, "head"), (neuron_sparsity, "neuron")):
+        if not 0.0 <= value < 1.0:
+            raise MaskError(f"{what} sparsity {value} is outside [0, 1)")
+    shapes = mask_shapes(structure)
+    head, neuron = torch.zeros(shapes["head"]), torch.zeros(shapes["neuron"])
+    head[:, : max(1, math.ceil(structure.max_heads * (1 - head_sparsity)))] = 1
+    neuron[:, : max(1, math.ceil(structure.max_ffn * (1 - neuron_sparsity)))] = 1
+    return MaskSet({"head": head, "neuron": neuron})

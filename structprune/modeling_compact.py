@@ -1,0 +1,431 @@
+"""The one forward implementation of structprune models, dense or physically pruned.
+
+This module is deliberately standalone: it imports only ``torch`` and ``transformers``, because
+:func:`structprune.compact.save` copies this very file into every saved model folder as
+``modeling_structprune.py``. That lets ``AutoModelForSequenceClassification.from_pretrained(dir,
+trust_remote_code=True)`` load a compact model on a machine where structprune is not installed.
+
+Two families share the code:
+
+* ``bert``: post-LayerNorm encoders (BERT, RoBERTa, ELECTRA, MiniLM), learned absolute positions.
+* ``llama``: pre-RMSNorm decoders (Llama, Qwen2, Mistral), rotary positions, grouped-query
+  attention, SwiGLU feed-forward.
+
+Every shape comes from the ``structprune`` section of the config (written by the architecture
+adapters of structprune): per-layer query heads, key/value heads, FFN width, and the kept hidden
+size. A layer with 0 heads (or 0 FFN neurons) has no attention (or FFN) sublayer at all: it is
+skipped, not multiplied by zero. In a post-LN model the LayerNorm of a removed sublayer stays
+(``LN(x + 0) = LN(x)``); in a pre-LN model the residual stream passes on unchanged.
+
+The masked model of structprune reuses these modules at full size and passes ``gates``; the
+attention and FFN cores are attributes (``attention_fn``, ``ffn_fn``) so that it can route them
+through fused kernels. Without gates this file computes a plain dense forward whose ONNX graph
+ONNX Runtime's transformer optimizer recognises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    BertConfig,
+    ElectraConfig,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    RobertaConfig,
+)
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+SECTION = "structprune"
+FORMAT_VERSION = 1
+LAYER_GATES = ("attn_layer", "head", "ffn_layer", "neuron")
+
+
+def structure_section(config: PretrainedConfig) -> dict:
+    """The ``structprune`` section of a config, with a clear error if it is missing."""
+    section = getattr(config, SECTION, None)
+    if not isinstance(section, dict) or "layers" not in section:
+        raise ValueError(
+            f"config of model_type {getattr(config, 'model_type', '?')!r} has no '{SECTION}' section; "
+            "it was not written by structprune (use structprune.compact(...).save(dir))"
+        )
+    if section.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"this model was saved by a newer structprune (format {section['format_version']} > "
+            f"{FORMAT_VERSION}); upgrade structprune to load it"
+        )
+    return section
+
+
+def activation(name: str):
+    """Activation function by name (GELU is the exact erf form, as in BERT)."""
+    table = {
+        "gelu": F.gelu,
+        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "relu": F.relu,
+        "silu": F.silu,
+    }
+    if name not in table:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(table)}")
+    return table[name]
+
+
+@dataclass
+class AttentionContext:
+    """Masks of one forward pass, computed once and shared by every layer.
+
+    ``additive`` is the ``[B, 1, 1|S, S]`` float mask added to attention scores (dense path);
+    ``key_padding`` is the ``[B, S]`` bool mask (True = real token) with ``causal`` for kernels.
+    """
+
+    additive: torch.Tensor
+    key_padding: torch.Tensor
+    causal: bool
+
+
+def eager_attention(q, k, v, head_gate, ctx: AttentionContext, scale: float) -> torch.Tensor:
+    """Dense softmax attention over ``[B, H, S, D]`` (k/v already expanded to ``H`` heads)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale + ctx.additive
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    out = torch.matmul(probs, v)
+    if head_gate is not None:
+        out = out * head_gate.view(1, -1, 1, 1)
+    return out
+
+
+def eager_ffn(x, up, down, gate_proj, neuron_gate, act_name: str) -> torch.Tensor:
+    """Dense FFN: ``down(act(up(x)))`` or ``down(act(gate(x)) * up(x))`` (SwiGLU)."""
+    act = activation(act_name)
+    h = act(gate_proj(x)) * up(x) if gate_proj is not None else act(up(x))
+    if neuron_gate is not None:
+        h = h * neuron_gate
+    return down(h)
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm whose statistics can be restricted to kept hidden dimensions.
+
+    ``keep`` (a ``[D]`` 0/1 float tensor, masked model only) makes the mean/variance run over
+    the kept dimensions alone, so that a model with a hidden mask equals its compacted form.
+    """
+
+    def __init__(self, dim: int, eps: float, kind: str):
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if kind == "layernorm" else None
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kind == "layernorm":
+            if keep is None:
+                return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+            n = keep.sum()
+            mean = (x * keep).sum(-1, keepdim=True) / n
+            var = (((x - mean) * keep) ** 2).sum(-1, keepdim=True) / n
+            return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        dtype = x.dtype
+        xf = x.float()
+        if keep is None:
+            var = xf.pow(2).mean(-1, keepdim=True)
+        else:
+            var = (xf.pow(2) * keep).sum(-1, keepdim=True) / keep.sum()
+        return self.weight * (xf * torch.rsqrt(var + self.eps)).to(dtype)
+
+
+def normalise(norm: Norm, x: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+    """``norm(x)``; with a hidden gate, statistics over kept dims and the output gated."""
+    if hidden is None:
+        return norm(x)
+    return norm(x, (hidden != 0).to(x.dtype)) * hidden
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head (or grouped-query) self-attention with ``heads`` query heads.
+
+    ``kv_map[i]`` is the key/value head used by query head ``i``; it is ``None`` when the
+    heads are standard multi-head attention (one key/value head per query head).
+    """
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int, kv_map: list[int] | None, head_dim: int,
+                 qkv_bias: bool, o_bias: bool):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.kv_map = kv_map
+        self.q = nn.Linear(hidden, heads * head_dim, bias=qkv_bias)
+        self.k = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
+        self.v = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
+        self.o = nn.Linear(heads * head_dim, hidden, bias=o_bias)
+        if kv_map is not None:
+            self.register_buffer("kv_index", torch.tensor(kv_map, dtype=torch.long), persistent=False)
+        self.attention_fn = None  # set by the masked model to route through structprune.ops
+
+    def forward(self, x, ctx: AttentionContext, rope, head_gate=None) -> torch.Tensor:
+        B, S = x.shape[0], x.shape[1]
+        q = self.q(x).view(B, S, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+        scale = self.head_dim**-0.5
+        if self.attention_fn is not None:
+            out = self.attention_fn(q, k, v, head_gate, ctx, scale)
+        else:
+            if self.kv_map is not None:
+                k = k.index_select(1, self.kv_index)
+                v = v.index_select(1, self.kv_index)
+            out = eager_attention(q, k, v, head_gate, ctx, scale)
+        return self.o(out.transpose(1, 2).reshape(B, S, self.heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """FFN of ``width`` neurons; ``gated`` adds the SwiGLU gate projection."""
+
+    def __init__(self, hidden: int, width: int, gated: bool, bias: bool, act: str):
+        super().__init__()
+        self.act = act
+        self.up = nn.Linear(hidden, width, bias=bias)
+        self.gate = nn.Linear(hidden, width, bias=False) if gated else None
+        self.down = nn.Linear(width, hidden, bias=bias)
+        self.ffn_fn = None  # set by the masked model to route through structprune.ops
+
+    def forward(self, x, neuron_gate=None) -> torch.Tensor:
+        if self.ffn_fn is not None:
+            return self.ffn_fn(x, self, neuron_gate)
+        return eager_ffn(x, self.up, self.down, self.gate, neuron_gate, self.act)
+
+
+class Layer(nn.Module):
+    """One transformer layer; a sublayer with 0 units is absent (``None``)."""
+
+    def __init__(self, spec: dict, layer: dict):
+        super().__init__()
+        hidden, eps = spec["hidden_size"], spec["norm_eps"]
+        self.post_ln = spec["family"] == "bert"
+        kind = "layernorm" if self.post_ln else "rmsnorm"
+        self.attn = (
+            Attention(hidden, layer["heads"], layer["kv_heads"], layer.get("kv_map"), spec["head_dim"],
+                      spec["qkv_bias"], spec["o_bias"])
+            if layer["heads"] > 0 else None
+        )
+        self.ffn = (
+            FeedForward(hidden, layer["ffn"], spec["gated_ffn"], spec["ffn_bias"], spec["activation"])
+            if layer["ffn"] > 0 else None
+        )
+        # Post-LN keeps both norms even when a sublayer is gone (LN(x + 0) = LN(x)).
+        self.attn_norm = Norm(hidden, eps, kind) if (self.post_ln or self.attn is not None) else None
+        self.ffn_norm = Norm(hidden, eps, kind) if (self.post_ln or self.ffn is not None) else None
+        self.dropout = nn.Dropout(spec.get("hidden_dropout", 0.0))
+
+    def _sublayer(self, x, norm, block, run, layer_gate, hidden):
+        if block is None:
+            return normalise(norm, x, hidden) if self.post_ln else x
+        out = self.dropout(run(x if self.post_ln else normalise(norm, x, hidden)))
+        if layer_gate is not None:
+            out = out * layer_gate
+        if hidden is not None:
+            out = out * hidden
+        return normalise(norm, x + out, hidden) if self.post_ln else x + out
+
+    def forward(self, x, ctx: AttentionContext, rope, gates: dict | None = None) -> torch.Tensor:
+        g = gates or {}
+        hidden = g.get("hidden")
+        x = self._sublayer(x, self.attn_norm, self.attn, lambda h: self.attn(h, ctx, rope, g.get("head")),
+                           g.get("attn_layer"), hidden)
+        x = self._sublayer(x, self.ffn_norm, self.ffn, lambda h: self.ffn(h, g.get("neuron")),
+                           g.get("ffn_layer"), hidden)
+        return x
+
+
+class Embeddings(nn.Module):
+    """Token (+ position + token type) embeddings, and the BERT-family LayerNorm / projection."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        self.spec = spec
+        bert = spec["family"] == "bert"
+        emb = spec["embedding_size"] if bert and spec.get("embedding_project") else spec["hidden_size"]
+        self.word = nn.Embedding(spec["vocab_size"], emb)
+        if bert:
+            self.position = nn.Embedding(spec["max_position_embeddings"], emb)
+            self.token_type = nn.Embedding(spec["type_vocab_size"], emb) if spec["type_vocab_size"] else None
+            self.norm = Norm(emb, spec["norm_eps"], "layernorm")
+            self.project = nn.Linear(emb, spec["hidden_size"]) if spec.get("embedding_project") else None
+            self.dropout = nn.Dropout(spec.get("hidden_dropout", 0.0))
+
+    def forward(self, input_ids, token_type_ids, hidden):
+        x = self.word(input_ids)
+        if self.spec["family"] != "bert":
+            return x if hidden is None else x * hidden
+        if self.spec["position_style"] == "roberta":
+            pad = self.spec["pad_token_id"]
+            real = input_ids.ne(pad).long()
+            positions = torch.cumsum(real, dim=1) * real + pad
+        else:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        x = x + self.position(positions)
+        if self.token_type is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            x = x + self.token_type(token_type_ids)
+        if self.project is not None:
+            x = self.project(self.dropout(self.norm(x)))
+            return x if hidden is None else x * hidden
+        return self.dropout(normalise(self.norm, x, hidden))
+
+
+class ClassificationHead(nn.Module):
+    """The sequence-classification head of each architecture (reads the first or last token)."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        self.style, self.pad = spec["classifier"], spec.get("pad_token_id")
+        hidden, inner, labels = spec["hidden_size"], spec["classifier_hidden"], spec["num_labels"]
+        self.dropout = nn.Dropout(spec.get("classifier_dropout", 0.0))
+        if self.style == "last_token":
+            self.out = nn.Linear(hidden, labels, bias=spec.get("classifier_bias", False))
+        else:  # bert_pooler (tanh), roberta (tanh), electra (gelu): dense on the first token, then out
+            self.dense = nn.Linear(hidden, inner)
+            self.out = nn.Linear(inner, labels)
+
+    def forward(self, x, input_ids) -> torch.Tensor:
+        if self.style == "last_token":
+            logits = self.out(x)
+            real = input_ids.ne(self.pad).to(torch.int32)
+            positions = torch.arange(input_ids.shape[-1], device=x.device, dtype=torch.int32)
+            last = (positions * real).argmax(-1)
+            return logits[torch.arange(x.shape[0], device=x.device), last]
+        first = x[:, 0] if self.style == "bert_pooler" else self.dropout(x[:, 0])
+        h = self.dense(first)
+        h = F.gelu(h) if self.style == "electra" else torch.tanh(h)
+        return self.out(self.dropout(h))
+
+
+class StructpruneForSequenceClassification(PreTrainedModel):
+    """A (possibly physically pruned) transformer with a sequence-classification head.
+
+    Inputs follow Hugging Face: ``input_ids``, ``attention_mask`` (1 = token, 0 = padding),
+    ``token_type_ids`` (BERT family), ``labels``. ``gates`` (masked model only) is a dict of
+    ``attn_layer [L]``, ``head [L, H]``, ``ffn_layer [L]``, ``neuron [L, F]``, ``hidden [D]``.
+    """
+
+    config_class = PretrainedConfig
+    base_model_prefix = "structprune"
+    main_input_name = "input_ids"
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__(config)
+        spec = structure_section(config)
+        self.spec = spec
+        self.embeddings = Embeddings(spec)
+        self.layers = nn.ModuleList(Layer(spec, layer) for layer in spec["layers"])
+        self.final_norm = Norm(spec["hidden_size"], spec["norm_eps"], "rmsnorm") if spec["family"] == "llama" else None
+        self.head = ClassificationHead(spec)
+        if spec["family"] == "llama":
+            self.register_buffer("inv_freq", torch.tensor(spec["rope_inv_freq"], dtype=torch.float32),
+                                 persistent=False)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = 0.02
+        if isinstance(module, nn.Linear):
+            module.weight.data.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.data.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.data.normal_(0.0, std)
+        elif isinstance(module, Norm):
+            module.weight.data.fill_(1.0)
+            if module.bias is not None:
+                module.bias.data.zero_()
+
+    def _rope(self, seq_len: int, dtype: torch.dtype, device: torch.device):
+        positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+        freqs = positions[:, None] * self.inv_freq.to(device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        scaling = self.spec.get("rope_attention_scaling", 1.0)
+        return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+    def _context(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> AttentionContext:
+        neg = torch.finfo(dtype).min
+        causal = self.spec["family"] == "llama"
+        additive = (1.0 - attention_mask[:, None, None, :].to(dtype)) * neg
+        if causal:
+            S = attention_mask.shape[1]
+            future = torch.ones(S, S, dtype=torch.bool, device=attention_mask.device).triu(1)
+            additive = additive.masked_fill(future, neg)
+        return AttentionContext(additive, attention_mask.bool(), causal)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        gates: dict | None = None,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+        **unused,
+    ):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        g = gates or {}
+        hidden = g.get("hidden")
+        x = self.embeddings(input_ids, token_type_ids, hidden)
+        ctx = self._context(attention_mask, x.dtype)
+        rope = None
+        if self.spec["family"] == "llama":
+            rope = self._rope(input_ids.shape[1], x.dtype, x.device)
+        states = [x]
+        for i, layer in enumerate(self.layers):
+            layer_gates = {name: g[name][i] for name in LAYER_GATES if name in g}
+            x = layer(x, ctx, rope, layer_gates | ({"hidden": hidden} if hidden is not None else {}))
+            states.append(x)
+        if self.final_norm is not None:
+            x = normalise(self.final_norm, x, hidden)
+        logits = self.head(x, input_ids)
+        loss = None
+        if labels is not None:
+            if self.spec["num_labels"] == 1:
+                loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+            else:
+                loss = F.cross_entropy(logits, labels)
+        if not return_dict:
+            return (loss, logits) if loss is not None else (logits,)
+        return SequenceClassifierOutput(loss=loss, logits=logits,
+                                        hidden_states=tuple(states) if output_hidden_states else None)
+
+
+def _for_config(config_cls: type[PretrainedConfig]) -> type[StructpruneForSequenceClassification]:
+    # transformers checks that a remote-code class names the config class it is registered for.
+    name = config_cls.__name__.replace("Config", "") + "StructpruneForSequenceClassification"
+    return type(name, (StructpruneForSequenceClassification,), {"config_class": config_cls, "__module__": __name__})
+
+
+BertStructpruneForSequenceClassification = _for_config(BertConfig)
+RobertaStructpruneForSequenceClassification = _for_config(RobertaConfig)
+ElectraStructpruneForSequenceClassification = _for_config(ElectraConfig)
+LlamaStructpruneForSequenceClassification = _for_config(LlamaConfig)
+Qwen2StructpruneForSequenceClassification = _for_config(Qwen2Config)
+MistralStructpruneForSequenceClassification = _for_config(MistralConfig)
+
+CLASS_FOR_MODEL_TYPE = {
+    "bert": BertStructpruneForSequenceClassification,
+    "roberta": RobertaStructpruneForSequenceClassification,
+    "electra": ElectraStructpruneForSequenceClassification,
+    "llama": LlamaStructpruneForSequenceClassification,
+    "qwen2": Qwen2StructpruneForSequenceClassification,
+    "mistral": MistralStructpruneForSequenceClassification,
+}
