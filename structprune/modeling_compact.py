@@ -91,8 +91,12 @@ class AttentionContext:
 
 def eager_attention(q, k, v, head_gate, ctx: AttentionContext, scale: float) -> torch.Tensor:
     """Dense softmax attention over ``[B, H, S, D]`` (k/v already expanded to ``H`` heads)."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale + ctx.additive
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    # Divide (not multiply) and add the mask second: the pattern ONNX Runtime's attention fusion matches.
+    scores = torch.matmul(q, k.transpose(-1, -2)) / (1.0 / scale) + ctx.additive
+    if scores.dtype == torch.float32:  # no Cast node, so ONNX Runtime recognises the attention pattern
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     out = torch.matmul(probs, v)
     if head_gate is not None:
         out = out * head_gate.view(1, -1, 1, 1)
@@ -124,7 +128,7 @@ class Norm(nn.Module):
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         if self.kind == "layernorm":
             if keep is None:
-                return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+                return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
             n = keep.sum()
             mean = (x * keep).sum(-1, keepdim=True) / n
             var = (((x - mean) * keep) ** 2).sum(-1, keepdim=True) / n
@@ -361,7 +365,7 @@ class StructpruneForSequenceClassification(PreTrainedModel):
     def _context(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> AttentionContext:
         neg = torch.finfo(dtype).min
         causal = self.spec["family"] == "llama"
-        additive = (1.0 - attention_mask[:, None, None, :].to(dtype)) * neg
+        additive = (1.0 - attention_mask.unsqueeze(1).unsqueeze(2).to(dtype)) * neg
         if causal:
             S = attention_mask.shape[1]
             future = torch.ones(S, S, dtype=torch.bool, device=attention_mask.device).triu(1)
