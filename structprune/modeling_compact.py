@@ -170,8 +170,6 @@ class Attention(nn.Module):
         self.k = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
         self.v = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
         self.o = nn.Linear(heads * head_dim, hidden, bias=o_bias)
-        if kv_map is not None:
-            self.register_buffer("kv_index", torch.tensor(kv_map, dtype=torch.long), persistent=False)
         self.attention_fn = None  # set by the masked model to route through structprune.ops
 
     def forward(self, x, ctx: AttentionContext, rope, head_gate=None) -> torch.Tensor:
@@ -188,8 +186,10 @@ class Attention(nn.Module):
             out = self.attention_fn(q, k, v, head_gate, ctx, scale)
         else:
             if self.kv_map is not None:
-                k = k.index_select(1, self.kv_index)
-                v = v.index_select(1, self.kv_index)
+                # built per call, not a buffer: transformers 5 leaves non-persistent buffers uninitialised on load
+                index = torch.tensor(self.kv_map, dtype=torch.long, device=k.device)
+                k = k.index_select(1, index)
+                v = v.index_select(1, index)
             out = eager_attention(q, k, v, head_gate, ctx, scale)
         return self.o(out.transpose(1, 2).reshape(B, S, self.heads * self.head_dim))
 
@@ -337,9 +337,6 @@ class StructpruneForSequenceClassification(PreTrainedModel):
         self.layers = nn.ModuleList(Layer(spec, layer) for layer in spec["layers"])
         self.final_norm = Norm(spec["hidden_size"], spec["norm_eps"], "rmsnorm") if spec["family"] == "llama" else None
         self.head = ClassificationHead(spec)
-        if spec["family"] == "llama":
-            self.register_buffer("inv_freq", torch.tensor(spec["rope_inv_freq"], dtype=torch.float32),
-                                 persistent=False)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -357,7 +354,8 @@ class StructpruneForSequenceClassification(PreTrainedModel):
 
     def _rope(self, seq_len: int, dtype: torch.dtype, device: torch.device):
         positions = torch.arange(seq_len, device=device, dtype=torch.float32)
-        freqs = positions[:, None] * self.inv_freq.to(device)[None, :]
+        inv_freq = torch.tensor(self.spec["rope_inv_freq"], dtype=torch.float32, device=device)
+        freqs = positions[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         scaling = self.spec.get("rope_attention_scaling", 1.0)
         return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)

@@ -1,0 +1,123 @@
+"""Shared fixtures: tiny random models of every supported architecture, with uneven shapes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    ElectraConfig,
+    ElectraForSequenceClassification,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+    MistralConfig,
+    MistralForSequenceClassification,
+    Qwen2Config,
+    Qwen2ForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO.parent / "shared" / "data"
+PAD = 1
+
+
+def _bert(seed: int = 0):
+    cfg = BertConfig(vocab_size=97, hidden_size=48, num_hidden_layers=3, num_attention_heads=6,
+                     intermediate_size=40, max_position_embeddings=64, num_labels=3, type_vocab_size=2)
+    return cfg, BertForSequenceClassification
+
+
+def _roberta(seed: int = 0):
+    cfg = RobertaConfig(vocab_size=89, hidden_size=40, num_hidden_layers=4, num_attention_heads=5,
+                        intermediate_size=56, max_position_embeddings=72, num_labels=2, pad_token_id=PAD,
+                        type_vocab_size=1)
+    return cfg, RobertaForSequenceClassification
+
+
+def _electra(seed: int = 0):
+    cfg = ElectraConfig(vocab_size=83, embedding_size=24, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=44, max_position_embeddings=64, num_labels=2)
+    return cfg, ElectraForSequenceClassification
+
+
+def _llama(seed: int = 0):
+    cfg = LlamaConfig(vocab_size=101, hidden_size=48, num_hidden_layers=3, num_attention_heads=6,
+                      num_key_value_heads=3, intermediate_size=40, num_labels=3, pad_token_id=PAD,
+                      max_position_embeddings=128)
+    return cfg, LlamaForSequenceClassification
+
+
+def _qwen2(seed: int = 0):
+    cfg = Qwen2Config(vocab_size=79, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=56, num_labels=2, pad_token_id=PAD,
+                      max_position_embeddings=128)
+    return cfg, Qwen2ForSequenceClassification
+
+
+def _mistral(seed: int = 0):
+    cfg = MistralConfig(vocab_size=71, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=1, intermediate_size=36, num_labels=2, pad_token_id=PAD,
+                        max_position_embeddings=128, sliding_window=None)
+    return cfg, MistralForSequenceClassification
+
+
+BUILDERS = {"bert": _bert, "roberta": _roberta, "electra": _electra, "llama": _llama, "qwen2": _qwen2,
+            "mistral": _mistral}
+BERT_FAMILY = ("bert", "roberta", "electra")
+LLAMA_FAMILY = ("llama", "qwen2", "mistral")
+
+
+def make_hf(arch: str, seed: int = 0):
+    """A tiny random HF classification model in eval mode, with non-trivial norms and biases."""
+    cfg, cls = BUILDERS[arch](seed)
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    with torch.no_grad():  # random norm weights/biases so that mistakes in norms show up
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def make_inputs(model, batch: int = 3, seq: int = 11, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded random inputs; rows 1.. are shorter than the sequence."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    for b in range(1, batch):
+        length = max(1, seq - 2 * b - 1)
+        mask[b, length:] = 0
+        ids[b, length:] = PAD
+    out = {"input_ids": ids, "attention_mask": mask}
+    if model.config.model_type in ("bert", "electra"):
+        tt = torch.zeros_like(ids)
+        tt[:, seq // 2:] = 1
+        out["token_type_ids"] = tt
+    return out
+
+
+@pytest.fixture(params=list(BUILDERS))
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    if not DATA_DIR.is_dir():
+        pytest.skip(f"real task data not found at {DATA_DIR} (the project's ../shared/data)")
+    return DATA_DIR
+
+
+def hf457_python() -> str:
+    """The Python of the transformers 4.57 + optimum venv (CI sets STRUCTPRUNE_HF457_PYTHON)."""
+    path = os.environ.get("STRUCTPRUNE_HF457_PYTHON")
+    if not path or not Path(path).exists():
+        pytest.skip("STRUCTPRUNE_HF457_PYTHON is not set to the transformers-4.57 venv's python (see .ci/run)")
+    return path

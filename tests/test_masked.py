@@ -1,0 +1,98 @@
+"""MaskedModel with units pruned against a Hugging Face model whose pruned units are zeroed."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from structprune.arch.structure import ModelStructure
+from structprune.masked import MaskedModel, effective_gates
+from structprune.masks import MaskSet, MaskError
+from tests.conftest import BERT_FAMILY, make_hf, make_inputs
+
+
+def _zeroed_hf(hf, head: torch.Tensor, neuron: torch.Tensor):
+    """A copy of ``hf`` with o-proj input columns of pruned heads and down-proj columns of pruned neurons zeroed."""
+    hf = copy.deepcopy(hf)
+    base = hf.base_model
+    layers = base.encoder.layer if hf.config.model_type in BERT_FAMILY else base.layers
+    head_dim = hf.config.hidden_size // hf.config.num_attention_heads
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            if hf.config.model_type in BERT_FAMILY:
+                o, down = layer.attention.output.dense, layer.output.dense
+            else:
+                o, down = layer.self_attn.o_proj, layer.mlp.down_proj
+                head_dim = o.in_features // hf.config.num_attention_heads
+            for h in (head[i] == 0).nonzero().flatten().tolist():
+                o.weight[:, h * head_dim:(h + 1) * head_dim] = 0
+            down.weight[:, neuron[i] == 0] = 0
+    return hf
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pruned_heads_and_neurons_match_zeroed_hf(arch, seed):
+    hf = make_hf(arch)
+    masked = MaskedModel(hf).eval()
+    s = masked.structure
+    g = torch.Generator().manual_seed(seed)
+    head = (torch.rand(s.num_layers, s.max_heads, generator=g) < 0.5).float()
+    neuron = (torch.rand(s.num_layers, s.max_ffn, generator=g) < 0.5).float()
+    head[:, 0] = 1  # a layer with no heads drops its o-proj bias too, which zeroing columns cannot express
+    neuron[:, 0] = 1
+    masked.set_masks(MaskSet({"head": head, "neuron": neuron}))
+    inputs = make_inputs(hf)
+    with torch.no_grad():
+        expected = _zeroed_hf(hf, head, neuron)(**inputs).logits
+        got = masked(**inputs).logits
+    assert (got - expected).abs().max() <= 1e-5
+
+
+def test_removed_sublayer_adds_nothing_not_even_bias():
+    hf = make_hf("bert")
+    masked = MaskedModel(hf).eval()
+    s = masked.structure
+    inputs = make_inputs(hf)
+    head = torch.ones(s.num_layers, s.max_heads)
+    head[1] = 0
+    layer_off = torch.ones(s.num_layers)
+    layer_off[1] = 0
+    with torch.no_grad():
+        by_heads = masked(**inputs, gates={"head": head}).logits
+        by_layer = masked(**inputs, gates={"attn_layer": layer_off}).logits
+    assert torch.allclose(by_heads, by_layer, atol=1e-6)
+    gates = effective_gates({"head": head, "neuron": torch.zeros(s.num_layers, s.max_ffn)})
+    assert gates["attn_layer"].tolist() == [1.0, 0.0, 1.0]
+    assert gates["ffn_layer"].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_gates_receive_gradients():
+    hf = make_hf("llama")
+    masked = MaskedModel(hf).train()
+    s = masked.structure
+    gates = {"head": torch.rand(s.num_layers, s.max_heads, requires_grad=True),
+             "neuron": torch.rand(s.num_layers, s.max_ffn, requires_grad=True),
+             "hidden": torch.rand(s.hidden_size, requires_grad=True)}
+    inputs = make_inputs(hf)
+    out = masked(**inputs, gates=gates, labels=torch.tensor([0, 1, 2]))
+    out.loss.backward()
+    for name, gate in gates.items():
+        assert gate.grad is not None and gate.grad.abs().sum() > 0, name
+
+
+def test_masks_that_do_not_fit_are_refused():
+    masked = MaskedModel(make_hf("bert"))
+    with pytest.raises(MaskError, match=r"'head' has shape \[3, 5\].*needs \[3, 6\]"):
+        masked.set_masks(MaskSet({"head": torch.ones(3, 5)}))
+    with pytest.raises(MaskError, match="only 0 and 1"):
+        MaskSet({"neuron": torch.full((3, 40), 0.5)})
+    with pytest.raises(MaskError, match="unknown mask names"):
+        MaskSet({"heads": torch.ones(3, 6)})
+
+
+def test_structure_of_masked_model_is_dense():
+    masked = MaskedModel(make_hf("qwen2"))
+    assert masked.structure == ModelStructure.from_spec(masked.spec)
+    assert masked.structure.group_size == 2
