@@ -3,15 +3,14 @@
 The pipeline, one public function per arrow::
 
     hf_model -> MaskedModel(hf_model, masks) -> compact(model, masks) -> save(model, dir) / from_pretrained(dir)
-             -> export(compact_model, onnx_dir) -> structprune.bench
+             -> structprune.export.export(compact_model, onnx_dir) -> structprune.bench
 """
 
 from structprune.arch import ModelStructure, from_hf
 from structprune.compact import compact, from_pretrained, save
-from structprune.export import export
 from structprune.masked import MaskedModel
 from structprune.masks import MaskSet
 
 __version__ = "0.1.0"
 
-__all__ = ["MaskSet", "MaskedModel", "ModelStructure", "compact", "export", "from_hf", "from_pretrained", "save"]
+__all__ = ["MaskSet", "MaskedModel", "ModelStructure", "compact", "from_hf", "from_pretrained", "save"]

@@ -41,7 +41,7 @@ def _roberta(seed: int = 0):
 
 
 def _electra(seed: int = 0):
-    cfg = ElectraConfig(vocab_size=83, embedding_size=24, hidden_size=32, num_hidden_layers=2,
+    cfg = ElectraConfig(vocab_size=83, embedding_size=24, hidden_size=32, num_hidden_layers=3,
                         num_attention_heads=4, intermediate_size=44, max_position_embeddings=64, num_labels=2)
     return cfg, ElectraForSequenceClassification
 
