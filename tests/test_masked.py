@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -96,3 +97,52 @@ def test_structure_of_masked_model_is_dense():
     masked = MaskedModel(make_hf("qwen2"))
     assert masked.structure == ModelStructure.from_spec(masked.spec)
     assert masked.structure.group_size == 2
+
+
+def _cpp_ops_or_skip():
+    try:
+        from structprune import _cpp_ops
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("structprune._C did not build: CI requires the C++ extension")
+        pytest.skip("structprune._C is not built (pure-Python install)")
+    return _cpp_ops
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_masked_model_runs_on_the_cpp_ops(monkeypatch, arch):
+    cpp = _cpp_ops_or_skip()
+    calls = {"gated_ffn": 0, "masked_attention": 0}
+    for name in calls:
+        original = getattr(cpp, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(cpp, name, counted)
+    hf = make_hf(arch)
+    masked = MaskedModel(hf).eval()  # no dropout, so both backends see the same computation
+    s = masked.structure
+    g = torch.Generator().manual_seed(0)
+    gates = {"head": (torch.rand(s.num_layers, s.max_heads, generator=g) < 0.6).float().requires_grad_(),
+             "neuron": (torch.rand(s.num_layers, s.max_ffn, generator=g) < 0.6).float().requires_grad_()}
+    inputs = make_inputs(hf)
+    labels = torch.tensor([0, 1, 1])
+
+    def run():
+        for gate in gates.values():
+            gate.grad = None
+        masked.zero_grad()
+        out = masked(**inputs, gates=gates, labels=labels)
+        out.loss.backward()
+        return out.logits.detach(), {k: v.grad.clone() for k, v in gates.items()}
+
+    logits, grads = run()
+    assert calls["gated_ffn"] == s.num_layers and calls["masked_attention"] == s.num_layers
+    monkeypatch.setenv("STRUCTPRUNE_BACKEND", "reference")
+    ref_logits, ref_grads = run()
+    assert calls["gated_ffn"] == s.num_layers  # the reference run did not touch the C++ ops
+    assert (logits - ref_logits).abs().max() <= 1e-5
+    for name in gates:
+        assert (grads[name] - ref_grads[name]).abs().max() <= 1e-5, name
