@@ -14,6 +14,7 @@ PyTorch within ``atol`` on shapes other than the export example, with padding; a
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -145,10 +146,16 @@ def _fuse_bert(path: Path) -> None:
     """Run ORT's transformer optimizer in place (attention, LayerNorm, GELU fusions)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        optimized = optimize_model(str(path), model_type="bert", num_heads=0, hidden_size=0, opt_level=1,
-                                   use_gpu=False, only_onnxruntime=False)
+    # The optimizer logs a warning for every attention whose input width differs from q/k/v width,
+    # which is normal once hidden dimensions or heads are pruned.
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            optimized = optimize_model(str(path), model_type="bert", num_heads=0, hidden_size=0, opt_level=1,
+                                       use_gpu=False, only_onnxruntime=False)
+    finally:
+        logging.disable(logging.NOTSET)
     optimized.save_model_to_file(str(path), use_external_data_format=False)
 
 
@@ -177,6 +184,10 @@ def export(model: StructpruneForSequenceClassification, directory: str | os.Path
     if not isinstance(model, StructpruneForSequenceClassification):
         raise TypeError(f"export() takes a structprune model, got {type(model).__name__}; "
                         "use structprune.arch.from_hf or structprune.compact first")
+    limit = model.max_sequence_length
+    if limit is not None:
+        example_shape = (example_shape[0], min(example_shape[1], limit))
+        check_shapes = tuple((batch, min(seq, limit)) for batch, seq in check_shapes)
     if example_shape in check_shapes:
         raise ValueError("check_shapes must differ from example_shape so parity covers dynamic axes")
     model = model.eval().float()

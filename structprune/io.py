@@ -54,6 +54,9 @@ def atomic_dir(directory: str | os.PathLike, overwrite: bool = False, marker: st
     directory = check_output_dir(directory, overwrite).absolute()
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other folder
     try:
         yield tmp
         if marker is not None and not (tmp / marker).exists():

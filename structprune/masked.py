@@ -10,6 +10,8 @@ So a masked model and its :func:`structprune.compact.compact` form give the same
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel
@@ -52,7 +54,9 @@ class MaskedModel(nn.Module):
 
     def __init__(self, model: PreTrainedModel, masks: MaskSet | None = None):
         super().__init__()
-        self.model: StructpruneForSequenceClassification = from_hf(model)
+        # A structprune model is copied: installing the kernels below must not change the caller's model.
+        owned = copy.deepcopy(model) if isinstance(model, StructpruneForSequenceClassification) else model
+        self.model: StructpruneForSequenceClassification = from_hf(owned)
         self.structure = ModelStructure.from_spec(self.model.spec)
         for layer in self.model.layers:
             if layer.attn is not None:

@@ -269,7 +269,19 @@ class Embeddings(nn.Module):
             self.project = nn.Linear(emb, spec["hidden_size"]) if spec.get("embedding_project") else None
             self.dropout = nn.Dropout(spec.get("hidden_dropout", 0.0))
 
+    @property
+    def max_sequence_length(self) -> int | None:
+        """Longest input the learned positions cover (RoBERTa's start after the padding id)."""
+        if self.spec["family"] != "bert":
+            return None
+        offset = self.spec["pad_token_id"] + 1 if self.spec["position_style"] == "roberta" else 0
+        return self.spec["max_position_embeddings"] - offset
+
     def forward(self, input_ids, token_type_ids, hidden):
+        limit = self.max_sequence_length
+        if limit is not None and input_ids.shape[1] > limit:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's maximum of {limit} "
+                             "positions; truncate the inputs (tokenizer max_length)")
         x = self.word(input_ids)
         if self.spec["family"] != "bert":
             return x if hidden is None else x * hidden
@@ -338,6 +350,11 @@ class StructpruneForSequenceClassification(PreTrainedModel):
         self.final_norm = Norm(spec["hidden_size"], spec["norm_eps"], "rmsnorm") if spec["family"] == "llama" else None
         self.head = ClassificationHead(spec)
         self.post_init()
+
+    @property
+    def max_sequence_length(self) -> int | None:
+        """Longest input the model accepts (``None``: rotary positions, no fixed limit)."""
+        return self.embeddings.max_sequence_length
 
     def _init_weights(self, module: nn.Module) -> None:
         std = 0.02

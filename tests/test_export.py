@@ -117,3 +117,13 @@ def test_optimum_loads_the_onnx_folder(tmp_path):
         """)
         subprocess.run([python, "-c", script], check=True, cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
         assert np.abs(np.load(tmp_path / "out.npy") - expected).max() <= 1e-4
+
+
+def test_short_position_tables_and_too_long_inputs(tmp_path):
+    hf = make_hf("roberta")  # 72 positions, padding id 1: at most 70 tokens
+    model = compact(MaskedModel(hf), MaskSet({"head": torch.ones(4, 5)})).eval()
+    assert model.max_sequence_length == 70
+    result = export(model, tmp_path / "onnx", check_shapes=((1, 7), (3, 90)))
+    assert result.checked_shapes == [(1, 7), (3, 70)]
+    with pytest.raises(ValueError, match="exceeds the model's maximum of 70"):
+        model(**example_inputs(model, 1, 71))

@@ -1,0 +1,336 @@
+"""Latency protocol shared by ``structprune bench`` and the scripts in ``benchmarks/``.
+
+The rules (DESIGN.md, "Measuring"):
+
+* a latency is the **median** of repeated timed calls after warm-up calls, timed with
+  :func:`time.perf_counter`; p10 / p90 and the count are reported beside it;
+* a speedup is a ratio measured **side by side in one run**: :func:`time_interleaved` gives the
+  contenders alternating turns, so a slow drift in machine load hits the dense baseline and the
+  pruned models alike instead of biasing their ratio;
+* CPU figures use 2 threads: ``torch.set_num_threads(2)`` for torch eager (under
+  ``torch.inference_mode``) and ``intra_op_num_threads=2`` for ONNX Runtime (build the session
+  with ``structprune.export.session(path, threads=2)``); :func:`pin_cpus` optionally pins the
+  process to the first cores;
+* the dense baseline runs through the same path as the pruned model (``compact()`` with
+  all-ones masks, the same exporter and session options), and the FLOPs-ideal speedup comes from
+  :func:`structprune.masks.count_flops`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from structprune.arch.structure import ModelStructure
+from structprune.io import atomic_write_text
+from structprune.masks import count_flops
+
+CPU_THREADS = 2
+"""Thread count of every CPU latency figure (torch intra-op threads, ORT intra-op threads)."""
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Summary of timed calls, in milliseconds."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    mean_ms: float
+    n: int
+
+    @classmethod
+    def from_seconds(cls, samples: Sequence[float]) -> "LatencyStats":
+        """Statistics of per-call durations given in seconds."""
+        if not samples:
+            raise ValueError("no timed calls: cannot summarise an empty sample")
+        ms = np.asarray(samples, dtype=np.float64) * 1e3
+        p10, median, p90 = np.percentile(ms, [10, 50, 90])
+        return cls(float(median), float(p10), float(p90), float(ms.mean()), len(ms))
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def time_interleaved(fns: Mapping[str, Callable[[], object]], warmup: int = 1, repeats: int = 5,
+                     min_time: float = 0.0, max_repeats: int = 1000, turn_time: float = 0.0, settle: float = 0.0,
+                     clock: Callable[[], float] = time.perf_counter,
+                     sleep: Callable[[float], None] = time.sleep) -> dict[str, LatencyStats]:
+    """Time several callables in alternating turns and summarise each one's calls.
+
+    Each function is first called ``warmup`` times untimed (allocations, caches, lazy
+    initialisation). Then rounds follow; in a round every function gets one *turn* of timed calls,
+    repeated until the turn's timed calls reach ``turn_time`` seconds (at least one call). Rounds
+    go on until every function has at least ``repeats`` calls and ``min_time`` seconds of timed
+    calls, or ``max_repeats`` calls. Cheap calls thus get many samples and expensive ones few,
+    within a predictable time.
+
+    With several functions, ``settle`` seconds are slept before each turn. ONNX Runtime's worker
+    threads keep spinning for tens of milliseconds after a run: a session timed right after
+    another one shares the cores with those spinning threads and looks up to 3x slower. A pause
+    of 0.1 s lets them go to sleep.
+
+    Args:
+        fns: name -> zero-argument callable; results are discarded.
+        clock, sleep: the time source (seconds) and the pause; the real ones unless testing.
+    """
+    if not fns:
+        raise ValueError("time_interleaved needs at least one function to time")
+    if warmup < 0 or repeats < 1 or max_repeats < repeats or min(min_time, turn_time, settle) < 0:
+        raise ValueError(f"need warmup >= 0, 1 <= repeats <= max_repeats and non-negative times; got "
+                         f"warmup={warmup}, repeats={repeats}, max_repeats={max_repeats}, min_time={min_time}, "
+                         f"turn_time={turn_time}, settle={settle}")
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+
+    def finished(name: str) -> bool:
+        n = len(samples[name])
+        return n >= max_repeats or (n >= repeats and sum(samples[name]) >= min_time)
+
+    while not all(finished(name) for name in fns):
+        for name, fn in fns.items():
+            if len(samples[name]) >= max_repeats:
+                continue
+            if settle and len(fns) > 1:
+                sleep(settle)
+            turn = 0.0
+            while True:
+                start = clock()
+                fn()
+                elapsed = clock() - start
+                samples[name].append(elapsed)
+                turn += elapsed
+                if turn >= turn_time or len(samples[name]) >= max_repeats:
+                    break
+    return {name: LatencyStats.from_seconds(values) for name, values in samples.items()}
+
+
+def time_callable(fn: Callable[[], object], warmup: int = 1, repeats: int = 5, min_time: float = 0.0,
+                  max_repeats: int = 1000, clock: Callable[[], float] = time.perf_counter) -> LatencyStats:
+    """Latency of one zero-argument callable: ``warmup`` untimed calls, then timed calls until at
+    least ``repeats`` calls and ``min_time`` seconds, at most ``max_repeats`` calls."""
+    return time_interleaved({"fn": fn}, warmup, repeats, min_time, max_repeats, clock=clock)["fn"]
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)``, restoring the previous count after."""
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def torch_forward(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> Callable[[], object]:
+    """A zero-argument callable running ``model(**inputs)`` in eval mode under ``inference_mode``."""
+    model.eval()
+    inputs = dict(inputs)
+
+    def forward() -> object:
+        with torch.inference_mode():
+            return model(**inputs)
+
+    return forward
+
+
+def ort_forward(session, inputs: Mapping[str, torch.Tensor | np.ndarray]) -> Callable[[], object]:
+    """A zero-argument callable running an ONNX Runtime session on ``inputs``.
+
+    Inputs the graph does not take are dropped (e.g. ``token_type_ids`` of a RoBERTa graph); the
+    arrays are converted to numpy once, outside the timed call.
+    """
+    names = [i.name for i in session.get_inputs()]
+    missing = [n for n in names if n not in inputs]
+    if missing:
+        raise ValueError(f"the ONNX graph needs inputs {missing}, which were not given (got {sorted(inputs)})")
+    feed = {n: inputs[n].numpy() if isinstance(inputs[n], torch.Tensor) else np.asarray(inputs[n]) for n in names}
+    outputs = [o.name for o in session.get_outputs()]
+    return lambda: session.run(outputs, feed)
+
+
+def torch_latency(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], threads: int = CPU_THREADS,
+                  **timing) -> LatencyStats:
+    """Torch eager latency of ``model(**inputs)`` with ``threads`` intra-op threads.
+
+    ``timing`` goes to :func:`time_callable` (``warmup``, ``repeats``, ``min_time``...). The
+    previous torch thread count is restored afterwards.
+    """
+    with torch_threads(threads):
+        return time_callable(torch_forward(model, inputs), **timing)
+
+
+def ort_latency(session, inputs: Mapping[str, torch.Tensor | np.ndarray], **timing) -> LatencyStats:
+    """ONNX Runtime latency of ``session`` on ``inputs``.
+
+    The thread count is a session option: create the session with
+    ``structprune.export.session(path, threads=CPU_THREADS)``. ``timing`` goes to
+    :func:`time_callable`.
+    """
+    return time_callable(ort_forward(session, inputs), **timing)
+
+
+def pin_cpus(count: int = CPU_THREADS) -> tuple[int, ...]:
+    """Pin this process to the first ``count`` CPUs it may run on; the CPUs used, or ``()``.
+
+    Call it before any thread pool starts (threads inherit the affinity of their creator). On
+    platforms without ``os.sched_setaffinity`` (macOS, Windows) nothing is pinned.
+    """
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    if not hasattr(os, "sched_setaffinity"):
+        return ()
+    chosen = tuple(sorted(os.sched_getaffinity(0))[:count])
+    os.sched_setaffinity(0, chosen)
+    return chosen
+
+
+def _cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo, else what :mod:`platform` knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_info() -> dict[str, str | int]:
+    """Where and with what a measurement ran, for every CSV row and table header."""
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count() or 0,
+        "cores_allowed": len(affinity) if affinity is not None else os.cpu_count() or 0,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "onnxruntime": _version("onnxruntime"),
+        "onnx": _version("onnx"),
+        "numpy": np.__version__,
+        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (``None`` where the OS has none), recorded beside timings."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds every process together has spent busy since boot (Linux ``/proc/stat``), else ``None``.
+
+    Busy is user + nice + system + irq + softirq + steal (guest time is already inside user).
+    """
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        ticks = [int(v) for v in fields[1:9]]
+        return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+class OtherCpuLoad:
+    """Context manager measuring how many cores *other* processes kept busy during the block.
+
+    Machine-wide busy CPU time (:func:`busy_cpu_seconds`) minus this process's own CPU time (all
+    its threads, ONNX Runtime's included), divided by the wall time. On a 2-core machine a value
+    near 1 means another process held a core the benchmark wanted, and with 2 threads synchronising
+    at every operator that can multiply latencies; record it beside every timing. ``/proc/stat``
+    counts clock ticks (10 ms), so use it over blocks of a second or more. ``cores`` is ``None``
+    where ``/proc/stat`` does not exist.
+    """
+
+    def __init__(self) -> None:
+        self.cores: float | None = None
+
+    def __enter__(self) -> "OtherCpuLoad":
+        self._busy, self._own, self._wall = busy_cpu_seconds(), time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy, wall = busy_cpu_seconds(), time.perf_counter() - self._wall
+        if busy is None or self._busy is None or wall <= 0:
+            return
+        other = (busy - self._busy) - (time.process_time() - self._own)
+        self.cores = max(0.0, other / wall)
+
+
+def wait_for_quiet(max_cores: float = 0.2, sample_s: float = 1.0, timeout_s: float = 60.0) -> tuple[float, float | None]:
+    """Sleep until other processes use at most ``max_cores`` over a ``sample_s`` window, or ``timeout_s`` passes.
+
+    Returns the seconds waited and the last measured load (``None`` where it cannot be measured, in
+    which case nothing is waited for). The caller times its block either way and records the load.
+    """
+    start = time.perf_counter()
+    while True:
+        with OtherCpuLoad() as load:
+            time.sleep(sample_s)
+        waited = time.perf_counter() - start
+        if load.cores is None or load.cores <= max_cores or waited >= timeout_s:
+            return waited, load.cores
+
+
+def flops_ideal_speedup(dense_structure: ModelStructure, pruned_structure: ModelStructure, spec: dict,
+                        seq_len: int) -> float:
+    """Speedup if latency scaled with counted FLOPs: ``count_flops(dense) / count_flops(pruned)``."""
+    pruned = count_flops(pruned_structure, spec, seq_len)
+    if pruned <= 0:
+        raise ValueError("the pruned structure has no counted FLOPs (every sublayer removed); "
+                         "its FLOPs-ideal speedup is unbounded")
+    return count_flops(dense_structure, spec, seq_len) / pruned
+
+
+def append_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, object]]) -> Path:
+    """Append ``rows`` to a CSV file, atomically; the header is the union of old and new columns.
+
+    The existing rows are read, the whole file is written to a temporary file beside ``path``
+    and renamed over it, so an interrupted run never leaves a truncated CSV. Columns keep their
+    first-seen order; a row without some column leaves that cell empty.
+    """
+    path = Path(path)
+    old_rows: list[dict[str, str]] = []
+    header: list[str] = []
+    if path.exists():
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            old_rows = list(reader)
+    for row in rows:
+        header += [key for key in row if key not in header]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=header, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(old_rows)
+    writer.writerows(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, buffer.getvalue())
+    return path

@@ -1,0 +1,197 @@
+"""Unit tests of the latency protocol (structprune.bench): fast, no model export, fake clocks."""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from structprune import bench
+from structprune.arch.structure import LayerStructure, ModelStructure
+
+
+class FakeClock:
+    """A clock that advances by the next scripted duration each time a timed call runs."""
+
+    def __init__(self, durations: list[float]):
+        self.durations = list(durations)
+        self.now = 0.0
+        self.calls: list[str] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def work(self, name: str, duration: float | None = None):
+        """A callable taking ``duration`` seconds, or the next scripted duration when not given."""
+        def fn() -> None:
+            self.calls.append(name)
+            self.now += duration if duration is not None else self.durations.pop(0)
+        return fn
+
+
+def test_time_callable_stats_and_counts():
+    durations = [9.0, 9.0, 0.003, 0.001, 0.002, 0.005, 0.004]  # two warm-up calls, then five timed
+    clock = FakeClock(durations)
+    stats = bench.time_callable(clock.work("f"), warmup=2, repeats=5, clock=clock)
+    assert len(clock.calls) == 7
+    assert stats.n == 5
+    assert stats.median_ms == pytest.approx(3.0)
+    assert stats.mean_ms == pytest.approx(3.0)
+    assert stats.p10_ms == pytest.approx(np.percentile([1, 2, 3, 4, 5], 10))
+    assert stats.p90_ms == pytest.approx(np.percentile([1, 2, 3, 4, 5], 90))
+    assert stats.p10_ms <= stats.median_ms <= stats.p90_ms
+
+
+def test_min_time_adds_rounds_until_reached_and_max_repeats_caps():
+    clock = FakeClock([0.1] * 100)
+    assert bench.time_callable(clock.work("f"), warmup=0, repeats=1, min_time=0.5, clock=clock).n == 5
+    clock = FakeClock([0.1] * 100)
+    assert bench.time_callable(clock.work("f"), warmup=0, repeats=1, min_time=5.0, max_repeats=7,
+                               clock=clock).n == 7
+
+
+def test_time_interleaved_runs_round_robin():
+    clock = FakeClock([0.002, 0.001] * 4)
+    stats = bench.time_interleaved({"a": clock.work("a"), "b": clock.work("b")}, warmup=1, repeats=3, clock=clock)
+    assert clock.calls == ["a", "b"] * 4
+    assert stats["a"].n == stats["b"].n == 3
+    assert stats["a"].median_ms == pytest.approx(2.0)
+    assert stats["b"].median_ms == pytest.approx(1.0)
+
+
+def test_turns_last_turn_time_and_settle_pauses_between_turns():
+    clock = FakeClock([0.1, 0.3] + [0.1, 0.1, 0.1, 0.3] * 2)  # warm-ups, then two rounds
+    pauses = []
+    stats = bench.time_interleaved({"a": clock.work("a"), "b": clock.work("b")}, warmup=1, repeats=2,
+                                   turn_time=0.25, settle=0.1, clock=clock, sleep=pauses.append)
+    assert clock.calls == ["a", "b"] + ["a", "a", "a", "b"] * 2
+    assert (stats["a"].n, stats["b"].n) == (6, 2)
+    assert pauses == [0.1] * 4
+
+
+def test_a_function_at_max_repeats_sits_out_while_others_finish():
+    clock = FakeClock([])
+    stats = bench.time_interleaved({"a": clock.work("a", 0.001), "b": clock.work("b", 1.0)}, warmup=0, repeats=1,
+                                   min_time=2.5, max_repeats=4, turn_time=0.0025, clock=clock)
+    assert clock.calls == ["a", "a", "a", "b", "a", "b", "b"]
+    assert (stats["a"].n, stats["b"].n) == (4, 3)
+
+
+@pytest.mark.parametrize("kwargs", [{"repeats": 0}, {"warmup": -1}, {"repeats": 5, "max_repeats": 2},
+                                    {"min_time": -1.0}, {"turn_time": -1.0}, {"settle": -0.1}])
+def test_time_interleaved_rejects_bad_settings(kwargs):
+    with pytest.raises(ValueError):
+        bench.time_interleaved({"f": lambda: None}, **kwargs)
+
+
+def test_empty_inputs_are_errors():
+    with pytest.raises(ValueError, match="at least one"):
+        bench.time_interleaved({})
+    with pytest.raises(ValueError, match="empty"):
+        bench.LatencyStats.from_seconds([])
+
+
+def test_time_callable_real_clock():
+    stats = bench.time_callable(lambda: sum(range(100)), warmup=1, repeats=4)
+    assert stats.n == 4 and 0 < stats.p10_ms <= stats.median_ms <= stats.p90_ms
+
+
+def test_torch_latency_uses_and_restores_thread_count():
+    before = torch.get_num_threads()
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append((torch.get_num_threads(), torch.is_inference_mode_enabled()))
+            return x + 1
+
+    target = 1 if before != 1 else 2
+    stats = bench.torch_latency(Probe(), {"x": torch.zeros(2)}, threads=target, warmup=1, repeats=3)
+    assert stats.n == 3
+    assert seen == [(target, True)] * 4
+    assert torch.get_num_threads() == before
+
+
+def test_ort_latency_feeds_graph_inputs_only():
+    runs = []
+    fake_session = SimpleNamespace(
+        get_inputs=lambda: [SimpleNamespace(name="input_ids"), SimpleNamespace(name="attention_mask")],
+        get_outputs=lambda: [SimpleNamespace(name="logits")],
+        run=lambda outputs, feed: runs.append((outputs, sorted(feed), type(feed["input_ids"]))),
+    )
+    inputs = {"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 4, dtype=torch.long),
+              "token_type_ids": torch.zeros(1, 4, dtype=torch.long)}
+    stats = bench.ort_latency(fake_session, inputs, warmup=2, repeats=3)
+    assert stats.n == 3 and len(runs) == 5
+    assert runs[0] == (["logits"], ["attention_mask", "input_ids"], np.ndarray)
+    with pytest.raises(ValueError, match="attention_mask"):
+        bench.ort_forward(fake_session, {"input_ids": inputs["input_ids"]})
+
+
+def _structure(layers: list[tuple[int, int]]) -> ModelStructure:
+    return ModelStructure("bert", "bert", hidden_size=8, head_dim=2, gated_ffn=False,
+                          layers=tuple(LayerStructure(h, h, None, f) for h, f in layers))
+
+
+def test_flops_ideal_speedup_matches_hand_count():
+    # hidden D=8, head_dim 2, seq S=4. Multiply-adds per layer:
+    #   projections S*D*(2q + 2kv), scores + context 2*S*S*q, FFN S*D*F*2 (q = kv = heads*2).
+    # dense layer (4 heads, F=16): 4*8*32 + 2*16*8 + 4*8*16*2 = 1024 + 256 + 1024 = 2304; two layers 4608 MACs.
+    # pruned layer 0 (2 heads, F=8): 4*8*16 + 2*16*4 + 4*8*8*2 = 512 + 128 + 512 = 1152
+    # pruned layer 1 (no attention, F=4): 4*8*4*2 = 256 -> 1408 MACs. FLOPs are 2 x MACs for both.
+    dense, pruned = _structure([(4, 16), (4, 16)]), _structure([(2, 8), (0, 4)])
+    spec = {"embedding_project": False}
+    assert bench.flops_ideal_speedup(dense, pruned, spec, seq_len=4) == pytest.approx(2 * 4608 / (2 * 1408))
+    assert bench.flops_ideal_speedup(dense, dense, spec, seq_len=4) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no counted FLOPs"):
+        bench.flops_ideal_speedup(dense, _structure([(0, 0), (0, 0)]), spec, seq_len=4)
+
+
+def test_append_csv_creates_appends_and_unions_header(tmp_path):
+    path = tmp_path / "sub" / "results.csv"
+    bench.append_csv(path, [{"model": "a", "ms": 1.5}])
+    bench.append_csv(path, [{"model": "b", "ms": 2.0, "backend": "ort"}, {"ms": 3.0, "model": "c"}])
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == ["model", "ms", "backend"]
+        rows = list(reader)
+    assert rows == [{"model": "a", "ms": "1.5", "backend": ""}, {"model": "b", "ms": "2.0", "backend": "ort"},
+                    {"model": "c", "ms": "3.0", "backend": ""}]
+    assert os.listdir(path.parent) == ["results.csv"]  # no temporary file left behind
+
+
+def test_machine_info_keys():
+    info = bench.machine_info()
+    for key in ("cpu", "cores", "cores_allowed", "python", "torch", "transformers", "onnxruntime", "date_utc"):
+        assert key in info and info[key] not in ("", None)
+    assert info["torch"] == torch.__version__
+    assert info["date_utc"].endswith("Z")
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
+def test_pin_cpus_pins_the_first_allowed_cpus():
+    before = os.sched_getaffinity(0)
+    try:
+        chosen = bench.pin_cpus(1)
+        assert chosen == (min(before),) and os.sched_getaffinity(0) == {min(before)}
+    finally:
+        os.sched_setaffinity(0, before)
+    with pytest.raises(ValueError):
+        bench.pin_cpus(0)
+
+
+def test_other_cpu_load_and_wait_for_quiet_report_a_load():
+    with bench.OtherCpuLoad() as load:
+        time.sleep(0.3)  # /proc/stat counts 10 ms ticks: a short window would be all quantisation error
+    if bench.busy_cpu_seconds() is None:
+        pytest.skip("no /proc/stat on this platform")
+    assert load.cores is not None and 0.0 <= load.cores <= (os.cpu_count() or 1) + 0.5
+    waited, cores = bench.wait_for_quiet(max_cores=float("inf"), sample_s=0.01, timeout_s=10.0)
+    assert waited < 5.0 and cores is not None
+    waited, _ = bench.wait_for_quiet(max_cores=-1.0, sample_s=0.01, timeout_s=0.05)  # never quiet: times out
+    assert 0.05 <= waited < 5.0
