@@ -32,7 +32,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from structprune import bench
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
-from structprune.compact import compact, from_pretrained, save
+from structprune.compact import compact, empty_model, from_pretrained, save
 from structprune.data import (
     TaskData,
     VaderDownloadError,
@@ -54,7 +54,6 @@ from structprune.io import check_output_dir
 from structprune.masks import MaskSet
 from structprune.methods import Budget, get_method, list_methods
 from structprune.modeling_compact import (
-    CLASS_FOR_MODEL_TYPE,
     SECTION,
     StructpruneForSequenceClassification,
 )
@@ -183,27 +182,12 @@ def cmd_export(args: argparse.Namespace) -> None:
           "nodes" + ("" if tokenizer is not None else "; no tokenizer found, so none was saved"))
 
 
-def _spec_model(directory: Path) -> StructpruneForSequenceClassification:
-    """A weightless (meta-device) model of an exported folder's config, for its shapes and inputs."""
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise CliError(f"{config_path} is missing; export the model with `structprune export`")
-    try:
-        raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CliError(f"{config_path} is not valid JSON ({err}); export the model again") from None
-    if SECTION not in raw or raw.get("model_type") not in CLASS_FOR_MODEL_TYPE:
-        raise CliError(f"{config_path} was not written by `structprune export` (no '{SECTION}' section)")
-    with torch.device("meta"):
-        return CLASS_FOR_MODEL_TYPE[raw["model_type"]](AutoConfig.for_model(**raw))
-
-
 def cmd_bench(args: argparse.Namespace) -> None:
     if args.batch < 1 or args.seq < 1:
         raise CliError(f"--batch and --seq must be >= 1, got {args.batch} and {args.seq}")
     paths = {"dense": Path(args.dense), "pruned": Path(args.pruned)}
     if args.backend == "ort":
-        models = {name: _spec_model(path) for name, path in paths.items()}
+        models = {name: empty_model(path) for name, path in paths.items()}
     else:
         models = {name: load_model(str(path)) for name, path in paths.items()}
     max_positions = models["dense"].spec.get("max_position_embeddings")
@@ -242,7 +226,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     data = load_data(args, args.split)
     path = Path(args.model)
     if (path / ONNX_FILE).is_file():
-        _check_outputs(args.model, _spec_model(path).spec["num_labels"], data.task.num_labels)
+        _check_outputs(args.model, empty_model(path).spec["num_labels"], data.task.num_labels)
         model = session(path, threads=args.threads)
     else:
         model = load_model(args.model, data.task.num_labels)

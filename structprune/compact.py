@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from transformers import AutoConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from structprune import modeling_compact
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
 from structprune.io import atomic_dir
 from structprune.masked import MaskedModel
-from structprune.masks import MaskError, MaskSet
+from structprune.masks import MaskSet
 from structprune.modeling_compact import CLASS_FOR_MODEL_TYPE, SECTION, StructpruneForSequenceClassification
 
 MODELING_FILE = "modeling_structprune.py"
@@ -162,25 +162,38 @@ def save(model: StructpruneForSequenceClassification, directory: str | os.PathLi
     return Path(directory)
 
 
-def from_pretrained(directory: str | os.PathLike, dtype: torch.dtype | None = None) -> StructpruneForSequenceClassification:
-    """Load a folder written by :func:`save`. Reads JSON and safetensors only; runs no code from it."""
-    directory = Path(directory)
-    config_path, weights_path = directory / "config.json", directory / WEIGHTS_FILE
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise ModelFileError(f"{path} is missing: {directory} is not a structprune model folder")
+def read_config(directory: str | os.PathLike) -> PretrainedConfig:
+    """The config of a folder written by :func:`save` or by ``structprune export`` (JSON only)."""
+    config_path = Path(directory) / "config.json"
+    if not config_path.is_file():
+        raise ModelFileError(f"{config_path} is missing: {directory} is not a structprune model folder")
     try:
         raw = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise ModelFileError(f"{config_path} is not valid JSON ({err}); the folder is corrupt") from err
     if SECTION not in raw:
         raise ModelFileError(f"{config_path} has no '{SECTION}' section; it was not saved by structprune")
-    model_type = raw.get("model_type")
-    if model_type not in CLASS_FOR_MODEL_TYPE:
-        raise ModelFileError(f"{config_path}: unsupported model_type {model_type!r}")
+    if raw.get("model_type") not in CLASS_FOR_MODEL_TYPE:
+        raise ModelFileError(f"{config_path}: unsupported model_type {raw.get('model_type')!r}")
     config = AutoConfig.for_model(**raw)
     config._attn_implementation = "eager"
-    model = CLASS_FOR_MODEL_TYPE[model_type](config)
+    return config
+
+
+def empty_model(directory: str | os.PathLike) -> StructpruneForSequenceClassification:
+    """A weightless (meta-device) model of a folder's config: its shapes and inputs, without loading weights."""
+    config = read_config(directory)
+    with torch.device("meta"):
+        return CLASS_FOR_MODEL_TYPE[config.model_type](config)
+
+
+def from_pretrained(directory: str | os.PathLike, dtype: torch.dtype | None = None) -> StructpruneForSequenceClassification:
+    """Load a folder written by :func:`save`. Reads JSON and safetensors only; runs no code from it."""
+    config = read_config(directory)
+    weights_path = Path(directory) / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise ModelFileError(f"{weights_path} is missing: {directory} is not a structprune model folder")
+    model = CLASS_FOR_MODEL_TYPE[config.model_type](config)
     expected = model.state_dict()
     try:
         with safe_open(str(weights_path), framework="pt") as f:
