@@ -14,10 +14,18 @@ class OutputExistsError(FileExistsError):
     """The output folder already holds something and overwriting was not asked for."""
 
 
+def _umask_mode(mode: int) -> int:
+    """``mode`` as the process umask would leave it (mkstemp / mkdtemp create private 0600 / 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, _umask_mode(0o666))
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -54,9 +62,7 @@ def atomic_dir(directory: str | os.PathLike, overwrite: bool = False, marker: st
     directory = check_output_dir(directory, overwrite).absolute()
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other folder
+    os.chmod(tmp, _umask_mode(0o777))
     try:
         yield tmp
         if marker is not None and not (tmp / marker).exists():
