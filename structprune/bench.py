@@ -25,7 +25,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -52,16 +52,13 @@ class LatencyStats:
     n: int
 
     @classmethod
-    def from_seconds(cls, samples: Sequence[float]) -> "LatencyStats":
+    def from_seconds(cls, samples: Sequence[float]) -> LatencyStats:
         """Statistics of per-call durations given in seconds."""
         if not samples:
             raise ValueError("no timed calls: cannot summarise an empty sample")
         ms = np.asarray(samples, dtype=np.float64) * 1e3
         p10, median, p90 = np.percentile(ms, [10, 50, 90])
         return cls(float(median), float(p10), float(p90), float(ms.mean()), len(ms))
-
-    def as_dict(self) -> dict[str, float | int]:
-        return asdict(self)
 
 
 def time_interleaved(fns: Mapping[str, Callable[[], object]], warmup: int = 1, repeats: int = 5,
@@ -272,7 +269,7 @@ class OtherCpuLoad:
     def __init__(self) -> None:
         self.cores: float | None = None
 
-    def __enter__(self) -> "OtherCpuLoad":
+    def __enter__(self) -> OtherCpuLoad:
         self._busy, self._own, self._wall = busy_cpu_seconds(), time.process_time(), time.perf_counter()
         return self
 
@@ -284,7 +281,8 @@ class OtherCpuLoad:
         self.cores = max(0.0, other / wall)
 
 
-def wait_for_quiet(max_cores: float = 0.2, sample_s: float = 1.0, timeout_s: float = 60.0) -> tuple[float, float | None]:
+def wait_for_quiet(max_cores: float = 0.2, sample_s: float = 1.0,
+                   timeout_s: float = 60.0) -> tuple[float, float | None]:
     """Sleep until other processes use at most ``max_cores`` over a ``sample_s`` window, or ``timeout_s`` passes.
 
     Returns the seconds waited and the last measured load (``None`` where it cannot be measured, in
@@ -314,11 +312,13 @@ def append_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, object]]) ->
 
     The existing rows are read, the whole file is written to a temporary file beside ``path``
     and renamed over it, so an interrupted run never leaves a truncated CSV. Columns keep their
-    first-seen order; a row without some column leaves that cell empty.
+    first-seen order; a row without some column leaves that cell empty. The file keeps its
+    permissions (a new one gets ``0o644``: the temporary file is private until renamed).
     """
     path = Path(path)
     old_rows: list[dict[str, str]] = []
     header: list[str] = []
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
     if path.exists():
         with path.open(newline="") as f:
             reader = csv.DictReader(f)
@@ -333,4 +333,5 @@ def append_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, object]]) ->
     writer.writerows(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, buffer.getvalue())
+    os.chmod(path, mode)
     return path

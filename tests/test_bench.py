@@ -163,6 +163,7 @@ def test_append_csv_creates_appends_and_unions_header(tmp_path):
     assert rows == [{"model": "a", "ms": "1.5", "backend": ""}, {"model": "b", "ms": "2.0", "backend": "ort"},
                     {"model": "c", "ms": "3.0", "backend": ""}]
     assert os.listdir(path.parent) == ["results.csv"]  # no temporary file left behind
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 def test_machine_info_keys():
