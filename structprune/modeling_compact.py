@@ -241,7 +241,9 @@ class Layer(nn.Module):
             out = out * layer_gate
         if hidden is not None:
             out = out * hidden
-        return normalise(norm, x + out, hidden) if self.post_ln else x + out
+        # ``out + x``: ORT's attention fusion takes the first Add feeding the LayerNorm as the attention
+        # output, which matters when x itself comes from an Add (ELECTRA's embedding projection).
+        return normalise(norm, out + x, hidden) if self.post_ln else x + out
 
     def forward(self, x, ctx: AttentionContext, rope, gates: dict | None = None) -> torch.Tensor:
         g = gates or {}

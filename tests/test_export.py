@@ -54,12 +54,7 @@ def test_attention_is_fused_with_uneven_heads(tmp_path, arch):
     heads = [layer.attn.heads if layer.attn is not None else 0 for layer in model.layers]
     assert len(set(heads) - {0}) > 1 and 0 in heads
     result = export(model, tmp_path / "onnx")
-    expected = sum(h > 0 for h in heads)
-    if arch == "electra":
-        # ORT folds the embedding projection's bias into the first SkipLayerNormalization, so the first
-        # layer's q/k/v no longer share the root input the attention fusion looks for.
-        expected -= 1
-    assert result.fused_attention == expected
+    assert result.fused_attention == sum(h > 0 for h in heads)
 
 
 def test_parity_failure_is_loud(tmp_path):
