@@ -19,6 +19,7 @@ holds something, empty data) ends with a one-line error and exit status 1, never
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import sys
@@ -216,7 +217,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         settings = {"backend": args.backend, "batch": args.batch, "seq": args.seq, "threads": args.threads,
                     "dense": args.dense, "pruned": args.pruned, "flops_ideal_speedup": ideal,
                     "measured_speedup": measured, "other_cores_busy": load.cores}
-        rows = [bench.machine_info() | settings | {"model": name} | s.as_dict()
+        rows = [bench.machine_info() | settings | {"model": name} | dataclasses.asdict(s)
                 for name, s in stats.items()]
         bench.append_csv(args.csv, rows)
         print(f"rows appended to {args.csv}")
