@@ -134,7 +134,7 @@ def timing_for(quick: bool) -> dict[str, float | int]:
     """
     if quick:
         return {"warmup": 1, "repeats": 2, "min_time": 0.0, "max_repeats": 2, "turn_time": 0.0, "settle": 0.1}
-    return {"warmup": 1, "repeats": 3, "min_time": 1.5, "max_repeats": 300, "turn_time": 0.5, "settle": 0.1}
+    return dict(bench.TIMING)
 
 
 def prepare(case: ModelCase, mask_cases: list[MaskCase], workdir: Path, threads: int) -> dict:

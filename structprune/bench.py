@@ -40,6 +40,11 @@ from structprune.masks import count_flops
 CPU_THREADS = 2
 """Thread count of every CPU latency figure (torch intra-op threads, ORT intra-op threads)."""
 
+TIMING = {"warmup": 1, "repeats": 3, "min_time": 1.5, "max_repeats": 300, "turn_time": 0.5, "settle": 0.1}
+"""The timing protocol of every latency figure (arguments of :func:`time_interleaved`): one warm-up
+call each, then turns of ~0.5 s after a 0.1 s pause, until each callable has >= 3 calls and >= 1.5 s
+of timed calls (at most 300); the median is reported."""
+
 
 @dataclass(frozen=True)
 class LatencyStats:

@@ -200,12 +200,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
     else:
         calls = {name: bench.torch_forward(m, inputs) for name, m in models.items()}
     with bench.torch_threads(args.threads), bench.OtherCpuLoad() as load:
-        stats = bench.time_interleaved(calls, warmup=args.warmup, repeats=args.repeats)
+        stats = bench.time_interleaved(calls, **(bench.TIMING | {"warmup": args.warmup, "repeats": args.repeats}))
     structures = {name: ModelStructure.from_spec(m.spec) for name, m in models.items()}
     ideal = bench.flops_ideal_speedup(structures["dense"], structures["pruned"], models["dense"].spec, args.seq)
     measured = stats["dense"].median_ms / stats["pruned"].median_ms
     print(f"backend {args.backend}, batch {args.batch}, sequence {args.seq}, {args.threads} threads, "
-          f"median of {stats['dense'].n} interleaved rounds after {args.warmup} warm-up calls")
+          f"median of {stats['dense'].n} timed calls in interleaved turns after {args.warmup} warm-up calls")
     print(f"{'model':<8} {'median ms':>10} {'p10 ms':>9} {'p90 ms':>9}")
     for name, s in stats.items():
         print(f"{name:<8} {s.median_ms:>10.2f} {s.p10_ms:>9.2f} {s.p90_ms:>9.2f}")
@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=bench.CPU_THREADS,
                    help=f"intra-op threads of both backends (default: {bench.CPU_THREADS})")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per model first (default: 3)")
-    p.add_argument("--repeats", type=int, default=20, help="timed rounds, one call per model each (default: 20)")
+    p.add_argument("--repeats", type=int, default=20, help="at least this many timed calls per model, in interleaved turns (default: 20)")
     p.add_argument("--csv", default=None, help="also append the results, machine and settings to this CSV file")
     p.set_defaults(run=cmd_bench)
 

@@ -77,7 +77,7 @@ class DemoConfig:
     max_steps: int | None = None
     latency_batch: int = 8
     latency_seq: int = 64
-    latency_rounds: int = 20
+    latency_timing: tuple[tuple[str, float], ...] = tuple(bench.TIMING.items())
     threads: int = bench.CPU_THREADS
     dense_floor: float | None = DENSE_ACCURACY_FLOOR
     pruned_floor: float | None = PRUNED_ACCURACY_FLOOR
@@ -85,7 +85,8 @@ class DemoConfig:
     def quick_variant(self) -> DemoConfig:
         """A smoke test: 32 training and 32 test examples, 3 steps of batch 8 per phase, no floors."""
         return replace(self, train_size=min(self.train_size, 32), test_size=32, max_steps=3, calib_batches=2,
-                       batch_size=8, latency_rounds=2, dense_floor=None, pruned_floor=None)
+                       batch_size=8, latency_timing=(("warmup", 1), ("repeats", 2), ("max_repeats", 2)),
+                       dense_floor=None, pruned_floor=None)
 
 
 def minilm_dir() -> Path:
@@ -137,7 +138,7 @@ def _latency(dense_onnx: Path, pruned_onnx: Path, dense: StructpruneForSequenceC
     ``other_cores`` is how many cores other processes kept busy meanwhile (``None``: unknown).
     """
     inputs = example_inputs(dense, config.latency_batch, config.latency_seq, seed=config.seed, padded=False)
-    timing = {"warmup": 2, "repeats": config.latency_rounds}
+    timing = dict(config.latency_timing)
     sessions = {name: session(path, threads=config.threads) for name, path in
                 (("dense", dense_onnx), ("pruned", pruned_onnx))}
     with bench.OtherCpuLoad() as load:
@@ -223,7 +224,7 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), quick: b
                            f"parameters, embeddings excluded), {config.calib_batches} calibration batches",
                 "recovery": f"{config.recovery_epochs} epochs fine-tuning of the compact model",
                 "latency": f"batch {config.latency_batch}, sequence {config.latency_seq}, {config.threads} threads, "
-                           f"median of {config.latency_rounds} interleaved rounds after 2 warm-up calls",
+                           f"median of interleaved timed calls ({dict(config.latency_timing)}), protocol of structprune.bench",
                 "accuracy floors": "not checked (quick run)" if config.dense_floor is None
                 else f"dense {config.dense_floor}%, pruned {config.pruned_floor}% (both met)",
             },
