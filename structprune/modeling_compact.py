@@ -273,9 +273,10 @@ class Embeddings(nn.Module):
 
     @property
     def max_sequence_length(self) -> int | None:
-        """Longest input the learned positions cover (RoBERTa's start after the padding id)."""
+        """Longest input the model covers: learned positions (RoBERTa's start after the padding id),
+        or a sliding attention window, which this forward does not implement (Mistral)."""
         if self.spec["family"] != "bert":
-            return None
+            return self.spec.get("sliding_window")
         offset = self.spec["pad_token_id"] + 1 if self.spec["position_style"] == "roberta" else 0
         return self.spec["max_position_embeddings"] - offset
 
@@ -283,7 +284,7 @@ class Embeddings(nn.Module):
         limit = self.max_sequence_length
         if limit is not None and input_ids.shape[1] > limit:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's maximum of {limit} "
-                             "positions; truncate the inputs (tokenizer max_length)")
+                             "tokens; truncate the inputs (tokenizer max_length)")
         x = self.word(input_ids)
         if self.spec["family"] != "bert":
             return x if hidden is None else x * hidden
@@ -355,7 +356,7 @@ class StructpruneForSequenceClassification(PreTrainedModel):
 
     @property
     def max_sequence_length(self) -> int | None:
-        """Longest input the model accepts (``None``: rotary positions, no fixed limit)."""
+        """Longest input the model accepts (``None``: no limit)."""
         return self.embeddings.max_sequence_length
 
     def _init_weights(self, module: nn.Module) -> None:

@@ -63,7 +63,7 @@ def _qwen2(seed: int = 0):
 def _mistral(seed: int = 0):
     cfg = MistralConfig(vocab_size=71, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=1, intermediate_size=36, num_labels=2, pad_token_id=PAD,
-                        max_position_embeddings=128, sliding_window=None)
+                        max_position_embeddings=128, sliding_window=24)
     return cfg, MistralForSequenceClassification
 
 

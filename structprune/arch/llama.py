@@ -25,6 +25,9 @@ def spec(hf_model: PreTrainedModel) -> dict:
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = attn.q_proj.out_features // heads
     rotary = backbone.rotary_emb
+    window = getattr(config, "sliding_window", None)
+    if not getattr(config, "use_sliding_window", True):  # Qwen2 stores a window it does not use
+        window = None
     if getattr(rotary, "rope_type", "default") == "dynamic":
         raise ValueError(f"{config.model_type}: dynamic RoPE scaling is not supported")
     return {
@@ -46,6 +49,7 @@ def spec(hf_model: PreTrainedModel) -> dict:
         "pad_token_id": config.pad_token_id,
         "rope_inv_freq": rotary.inv_freq.float().tolist(),
         "rope_attention_scaling": float(rotary.attention_scaling),
+        "sliding_window": window,
         "classifier": "last_token",
         "classifier_hidden": config.hidden_size,
         "classifier_bias": hf_model.score.bias is not None,
