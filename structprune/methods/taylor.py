@@ -13,7 +13,6 @@ parameter (or per FLOP) first, until the budget is met.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import time
 from collections.abc import Mapping
@@ -94,8 +93,7 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
     budget = as_budget(budget)
     full = dense_model(model)
     check_reachable(ModelStructure.from_spec(full.spec), full.spec, budget, min_heads, min_neurons)
-    # MaskedModel reroutes the modules it wraps through structprune.ops: never do that to the caller's model.
-    masked = model if isinstance(model, MaskedModel) else MaskedModel(full if full is not model else copy.deepcopy(full))
+    masked = model if isinstance(model, MaskedModel) else MaskedModel(full)  # MaskedModel copies a structprune model
     start = time.perf_counter()
     scores = taylor_scores(masked, task_data, batch_size, calib_batches, seed, progress)
     options = {"batch_size": batch_size, "calib_batches": calib_batches, "seed": seed, "min_heads": min_heads,
