@@ -27,40 +27,40 @@ DATA_DIR = REPO.parent / "shared" / "data"
 PAD = 1
 
 
-def _bert(seed: int = 0):
+def _bert():
     cfg = BertConfig(vocab_size=97, hidden_size=48, num_hidden_layers=3, num_attention_heads=6,
                      intermediate_size=40, max_position_embeddings=64, num_labels=3, type_vocab_size=2)
     return cfg, BertForSequenceClassification
 
 
-def _roberta(seed: int = 0):
+def _roberta():
     cfg = RobertaConfig(vocab_size=89, hidden_size=40, num_hidden_layers=4, num_attention_heads=5,
                         intermediate_size=56, max_position_embeddings=72, num_labels=2, pad_token_id=PAD,
                         type_vocab_size=1)
     return cfg, RobertaForSequenceClassification
 
 
-def _electra(seed: int = 0):
+def _electra():
     cfg = ElectraConfig(vocab_size=83, embedding_size=24, hidden_size=32, num_hidden_layers=3,
                         num_attention_heads=4, intermediate_size=44, max_position_embeddings=64, num_labels=2)
     return cfg, ElectraForSequenceClassification
 
 
-def _llama(seed: int = 0):
+def _llama():
     cfg = LlamaConfig(vocab_size=101, hidden_size=48, num_hidden_layers=3, num_attention_heads=6,
                       num_key_value_heads=3, intermediate_size=40, num_labels=3, pad_token_id=PAD,
                       max_position_embeddings=128)
     return cfg, LlamaForSequenceClassification
 
 
-def _qwen2(seed: int = 0):
+def _qwen2():
     cfg = Qwen2Config(vocab_size=79, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
                       num_key_value_heads=2, intermediate_size=56, num_labels=2, pad_token_id=PAD,
                       max_position_embeddings=128)
     return cfg, Qwen2ForSequenceClassification
 
 
-def _mistral(seed: int = 0):
+def _mistral():
     cfg = MistralConfig(vocab_size=71, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=1, intermediate_size=36, num_labels=2, pad_token_id=PAD,
                         max_position_embeddings=128, sliding_window=24)
@@ -75,7 +75,7 @@ LLAMA_FAMILY = ("llama", "qwen2", "mistral")
 
 def make_hf(arch: str, seed: int = 0):
     """A tiny random HF classification model in eval mode, with non-trivial norms and biases."""
-    cfg, cls = BUILDERS[arch](seed)
+    cfg, cls = BUILDERS[arch]()
     torch.manual_seed(seed)
     model = cls(cfg).eval()
     with torch.no_grad():  # random norm weights/biases so that mistakes in norms show up
