@@ -20,10 +20,12 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "ops.h"
+#include "vec_math.h"
 
 namespace structprune {
 namespace {
@@ -116,102 +118,152 @@ struct KeyVisibility {
   bool causal;
 
   int64_t limit(int64_t row) const { return causal ? std::min(k_len, row + 1) : k_len; }
-  bool visible(int64_t row_limit, int64_t j) const {
-    return j < row_limit && (key_ok == nullptr || key_ok[j]);
-  }
 };
 
-// In place over a [rows, Sk] block of raw scores q.k: probabilities of the query rows
-// starting at `row0`, and their log-sum-exp in lse[0:rows].
+// The loops below are written for `omp simd` vectorisation: no calls but fast_exp, the
+// padding test as a select, the causal limit as a loop bound.
+
+// One query row in place: raw scores q.k in p[0:Sk] become probabilities. Returns the row's
+// log-sum-exp, or -inf for a row that sees no key (then uniform over every key).
 template <typename T>
-void softmax_rows(T* p, T* lse, int64_t rows, int64_t row0, double scale, const KeyVisibility& kv) {
-  using acc_t = at::opmath_type<T>;
-  const int64_t sk = kv.k_len;
-  for (int64_t i = 0; i < rows; ++i) {
-    T* pi = p + i * sk;
-    const int64_t lim = kv.limit(row0 + i);
-    acc_t m = -std::numeric_limits<acc_t>::infinity();
-    bool any = false;
-    for (int64_t j = 0; j < sk; ++j) {
-      pi[j] = static_cast<T>(pi[j] * static_cast<T>(scale));
-      if (kv.visible(lim, j)) {
-        m = std::max<acc_t>(m, pi[j]);
-        any = true;
-      }
-    }
-    if (!any) {
-      std::fill(pi, pi + sk, static_cast<T>(acc_t(1) / static_cast<acc_t>(sk)));
-      lse[i] = -std::numeric_limits<T>::infinity();
-      continue;
-    }
-    acc_t sum = 0;
-    for (int64_t j = 0; j < sk; ++j) {
-      const acc_t e = kv.visible(lim, j) ? std::exp(static_cast<acc_t>(pi[j]) - m) : acc_t(0);
-      pi[j] = static_cast<T>(e);
-      sum += e;
-    }
-    const acc_t inv = acc_t(1) / sum;
-    for (int64_t j = 0; j < sk; ++j) pi[j] = static_cast<T>(pi[j] * inv);
-    lse[i] = static_cast<T>(m + std::log(sum));
+STRUCTPRUNE_INLINE T softmax_row(T* p, int64_t lim, int64_t sk, const bool* key_ok, T scale) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  T m = kNegInf;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < lim; ++j) {
+    const T s = p[j] * scale;
+    p[j] = s;
+    const T visible = (key_ok == nullptr || key_ok[j]) ? s : kNegInf;
+    m = visible > m ? visible : m;
+  }
+  if (m == kNegInf) {
+    std::fill(p, p + sk, T(1) / static_cast<T>(sk));
+    return kNegInf;
+  }
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < lim; ++j) {
+    const T e = (key_ok == nullptr || key_ok[j]) ? fast_exp(p[j] - m) : T(0);
+    p[j] = e;
+    sum += e;
+  }
+  std::fill(p + lim, p + sk, T(0));
+  const T inv = T(1) / sum;
+#pragma omp simd
+  for (int64_t j = 0; j < lim; ++j) p[j] *= inv;
+  return m + std::log(sum);
+}
+
+// One query row in place: raw scores in p[0:Sk] become the probabilities that the row's
+// log-sum-exp `lse` (from softmax_row) describes.
+template <typename T>
+STRUCTPRUNE_INLINE void probability_row(T* p, int64_t lim, int64_t sk, const bool* key_ok, T scale, T lse) {
+  if (std::isinf(lse) && lse < 0) {
+    std::fill(p, p + sk, T(1) / static_cast<T>(sk));
+    return;
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < lim; ++j) {
+    p[j] = (key_ok == nullptr || key_ok[j]) ? fast_exp(p[j] * scale - lse) : T(0);
+  }
+  std::fill(p + lim, p + sk, T(0));
+}
+
+// One query row in place: dp[0:Sk] holding dO.V^T becomes dL/d(raw score) =
+// scale * P * (g * dp - D) on visible keys and 0 elsewhere, where D = rowsum(dO * O) for
+// the gated output O (equal to rowsum(dO_u * O_u) for the ungated output O_u and its
+// gradient dO_u = g * dO). Masked keys have P = 0; a row that sees no key gets no gradient
+// (masked_fill semantics). Returns D.
+template <typename T>
+STRUCTPRUNE_INLINE T score_grad_row(T* dp, const T* p, const T* d_out, const T* out, int64_t lim, int64_t sk,
+                        int64_t head_dim, T gate, T scale, bool sees_no_key) {
+  T d = 0;
+#pragma omp simd reduction(+ : d)
+  for (int64_t c = 0; c < head_dim; ++c) d += d_out[c] * out[c];
+  if (sees_no_key) lim = 0;
+#pragma omp simd
+  for (int64_t j = 0; j < lim; ++j) dp[j] = p[j] * (gate * dp[j] - d) * scale;
+  std::fill(dp + lim, dp + sk, T(0));
+  return d;
+}
+
+// The float rows are compiled once per instruction set (see vec_math.h); doubles, which
+// only serve gradient checks, are not.
+STRUCTPRUNE_MULTIVERSION
+float softmax_row_f32(float* p, int64_t lim, int64_t sk, const bool* key_ok, float scale) {
+  return softmax_row<float>(p, lim, sk, key_ok, scale);
+}
+STRUCTPRUNE_MULTIVERSION
+void probability_row_f32(float* p, int64_t lim, int64_t sk, const bool* key_ok, float scale,
+                         float lse) {
+  probability_row<float>(p, lim, sk, key_ok, scale, lse);
+}
+STRUCTPRUNE_MULTIVERSION
+float score_grad_row_f32(float* dp, const float* p, const float* d_out, const float* out,
+                         int64_t lim, int64_t sk, int64_t head_dim, float gate, float scale,
+                         bool sees_no_key) {
+  return score_grad_row<float>(dp, p, d_out, out, lim, sk, head_dim, gate, scale, sees_no_key);
+}
+
+template <typename T>
+T softmax_row_any(T* p, int64_t lim, int64_t sk, const bool* key_ok, T scale) {
+  if constexpr (std::is_same_v<T, float>) return softmax_row_f32(p, lim, sk, key_ok, scale);
+  else return softmax_row<T>(p, lim, sk, key_ok, scale);
+}
+template <typename T>
+void probability_row_any(T* p, int64_t lim, int64_t sk, const bool* key_ok, T scale, T lse) {
+  if constexpr (std::is_same_v<T, float>) probability_row_f32(p, lim, sk, key_ok, scale, lse);
+  else probability_row<T>(p, lim, sk, key_ok, scale, lse);
+}
+template <typename T>
+T score_grad_row_any(T* dp, const T* p, const T* d_out, const T* out, int64_t lim, int64_t sk,
+                     int64_t head_dim, T gate, T scale, bool sees_no_key) {
+  if constexpr (std::is_same_v<T, float>) {
+    return score_grad_row_f32(dp, p, d_out, out, lim, sk, head_dim, gate, scale, sees_no_key);
+  } else {
+    return score_grad_row<T>(dp, p, d_out, out, lim, sk, head_dim, gate, scale, sees_no_key);
   }
 }
 
-// In place over a [rows, Sk] block of raw scores q.k: the probabilities, rebuilt from the
-// log-sum-exp saved by softmax_rows.
+// A [rows, Sk] block of raw scores for the query rows starting at row0 becomes
+// probabilities; their log-sum-exps go to lse[0:rows].
+template <typename T>
+void softmax_rows(T* p, T* lse, int64_t rows, int64_t row0, double scale, const KeyVisibility& kv) {
+  for (int64_t i = 0; i < rows; ++i) {
+    lse[i] = softmax_row_any<T>(p + i * kv.k_len, kv.limit(row0 + i), kv.k_len, kv.key_ok,
+                                static_cast<T>(scale));
+  }
+}
+
+// A [rows, Sk] block of raw scores becomes the probabilities saved by softmax_rows.
 template <typename T>
 void probabilities_from_lse(
     T* p, const T* lse, int64_t rows, int64_t row0, double scale, const KeyVisibility& kv) {
-  using acc_t = at::opmath_type<T>;
-  const int64_t sk = kv.k_len;
   for (int64_t i = 0; i < rows; ++i) {
-    T* pi = p + i * sk;
-    if (std::isinf(lse[i]) && lse[i] < 0) {
-      std::fill(pi, pi + sk, static_cast<T>(acc_t(1) / static_cast<acc_t>(sk)));
-      continue;
-    }
-    const int64_t lim = kv.limit(row0 + i);
-    const acc_t l = lse[i];
-    for (int64_t j = 0; j < sk; ++j) {
-      const T s = static_cast<T>(pi[j] * static_cast<T>(scale));
-      pi[j] = kv.visible(lim, j) ? static_cast<T>(std::exp(static_cast<acc_t>(s) - l)) : T(0);
-    }
+    probability_row_any<T>(p + i * kv.k_len, kv.limit(row0 + i), kv.k_len, kv.key_ok,
+                           static_cast<T>(scale), lse[i]);
   }
 }
 
-// In place over [rows, Sk]: dp <- dL/d(raw score) = scale * P * (g * dp - D_i) on visible
-// keys and 0 on masked ones, where dp holds dO.V^T, g is the head gate and
-// D_i = rowsum(dO * O) for the gated output O (which equals rowsum(dO_u * O_u) for the
-// ungated output O_u and its gradient dO_u = g * dO). Returns sum_i D_i.
+// A [rows, Sk] block of dO.V^T becomes score gradients (see score_grad_row); returns sum_i D_i.
 template <typename T>
 double score_grads(T* dp,
                    const T* p,
                    const T* d_out,
                    const T* out,
+                   const T* lse,
                    int64_t rows,
                    int64_t row0,
                    int64_t head_dim,
                    T gate,
                    double scale,
                    const KeyVisibility& kv) {
-  using acc_t = at::opmath_type<T>;
-  const int64_t sk = kv.k_len;
   double total = 0;
   for (int64_t i = 0; i < rows; ++i) {
-    acc_t di = 0;
-    for (int64_t c = 0; c < head_dim; ++c) {
-      di += static_cast<acc_t>(d_out[i * head_dim + c]) * static_cast<acc_t>(out[i * head_dim + c]);
-    }
-    total += static_cast<double>(di);
-    const int64_t lim = kv.limit(row0 + i);
-    T* dpi = dp + i * sk;
-    const T* pi = p + i * sk;
-    for (int64_t j = 0; j < sk; ++j) {
-      dpi[j] = kv.visible(lim, j)
-                   ? static_cast<T>(static_cast<acc_t>(pi[j]) *
-                                    (static_cast<acc_t>(gate) * static_cast<acc_t>(dpi[j]) - di) *
-                                    static_cast<acc_t>(scale))
-                   : T(0);
-    }
+    const bool sees_no_key = std::isinf(lse[i]) && lse[i] < 0;
+    total += static_cast<double>(score_grad_row_any<T>(
+        dp + i * kv.k_len, p + i * kv.k_len, d_out + i * head_dim, out + i * head_dim,
+        kv.limit(row0 + i), kv.k_len, head_dim, gate, static_cast<T>(scale), sees_no_key));
   }
   return total;
 }
@@ -353,7 +405,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd(
                   score_grads<scalar_t>(dp.data_ptr<scalar_t>(), p.const_data_ptr<scalar_t>(),
                                         do_blk.const_data_ptr<scalar_t>(),
                                         outc[b][h].const_data_ptr<scalar_t>() + row0 * s.head_dim,
-                                        rows, row0, s.head_dim, g, scale, kv);
+                                        lsec[b][h].const_data_ptr<scalar_t>() + row0, rows, row0,
+                                        s.head_dim, g, scale, kv);
               at::Tensor dq_blk = dq[b][h].narrow(0, row0, rows);
               at::mm_out(dq_blk, dp, k_bh);
               dk_bh.addmm_(dp.t(), q_blk);
