@@ -3,9 +3,11 @@
 //
 // Neurons whose gate is exactly 0 are removed: their rows of w_up / w_gate and columns of
 // w_down are never read. The alive slices are gathered once, the GEMMs run on them, and the
-// weight gradients are scattered back with exact zeros for the dead units. The backward
-// pass recomputes the up (and gate) pre-activations instead of saving them: that costs one
-// (two) GEMMs but keeps the [tokens, F] intermediates out of the autograd graph.
+// weight gradients are scattered back with exact zeros for the dead units. The forward pass
+// returns the pre-activations of the alive neurons ([tokens, alive], the up projection and,
+// for SwiGLU, the gate projection) for the backward pass, which so needs no GEMM beyond the
+// four of the gradients; that is less memory than autograd over the torch ops keeps.
+// The pointwise passes (activation, its derivative, the gate) are vectorised (vec_math.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -19,6 +21,7 @@
 #include <vector>
 
 #include "ops.h"
+#include "vec_math.h"
 
 namespace structprune {
 namespace {
@@ -52,28 +55,30 @@ void with_activation(Activation a, F&& f) {
 
 // act(z) and, when grad is non-null, act'(z); the same formulas as torch's kernels
 // (GELU in its exact erf form, as BERT uses).
+// The activation's value and derivative at z.
+template <typename T>
+struct ActivationAt {
+  T value;
+  T grad;
+};
+
 template <Activation A, typename T>
-inline T activate(T z, T* grad) {
+STRUCTPRUNE_INLINE ActivationAt<T> activate(T z) {
   if constexpr (A == Activation::Gelu) {
-    const T cdf = T(0.5) * (T(1) + std::erf(z * T(M_SQRT1_2)));
-    if (grad) *grad = cdf + z * T(0.5 * M_2_SQRTPI * M_SQRT1_2) * std::exp(T(-0.5) * z * z);
-    return z * cdf;
+    const T cdf = T(0.5) * (T(1) + fast_erf(z * T(M_SQRT1_2)));
+    const T pdf = T(0.5 * M_2_SQRTPI * M_SQRT1_2) * fast_exp(T(-0.5) * z * z);
+    return {z * cdf, cdf + z * pdf};
   } else if constexpr (A == Activation::GeluTanh) {
     constexpr T kBeta = T(M_SQRT2 * M_2_SQRTPI * 0.5);
     constexpr T kKappa = T(0.044715);
-    const T t = std::tanh(kBeta * (z + kKappa * z * z * z));
-    if (grad) {
-      *grad = T(0.5) * (T(1) + t) +
-              T(0.5) * z * (T(1) - t * t) * kBeta * (T(1) + T(3) * kKappa * z * z);
-    }
-    return T(0.5) * z * (T(1) + t);
+    const T t = fast_tanh(kBeta * (z + kKappa * z * z * z));
+    return {T(0.5) * z * (T(1) + t),
+            T(0.5) * (T(1) + t) + T(0.5) * z * (T(1) - t * t) * kBeta * (T(1) + T(3) * kKappa * z * z)};
   } else if constexpr (A == Activation::Relu) {
-    if (grad) *grad = z > T(0) ? T(1) : T(0);
-    return z > T(0) ? z : T(0);
+    return {z > T(0) ? z : T(0), z > T(0) ? T(1) : T(0)};
   } else {
-    const T s = T(1) / (T(1) + std::exp(-z));
-    if (grad) *grad = s * (T(1) + z * (T(1) - s));
-    return z * s;
+    const T sig = T(1) / (T(1) + fast_exp(-z));
+    return {z * sig, sig * (T(1) + z * (T(1) - sig))};
   }
 }
 
@@ -175,7 +180,10 @@ AliveFfn gather_alive(const at::Tensor& x,
   a.w_down = w_down;
   a.w_gate = w_gate ? *w_gate : at::Tensor();
   a.count = w_up.size(0);
-  if (!gate) return a;
+  if (!gate) {
+    a.gate = at::ones({a.count}, x.options());
+    return a;
+  }
   a.gate = gate->to(x.scalar_type()).contiguous();
   at::Tensor index = at::nonzero(*gate != 0).view({-1});
   if (index.numel() == a.count) return a;
@@ -205,75 +213,127 @@ int64_t grain_for(int64_t elements_per_unit) {
 
 // In place: h <- act(h) * gate, or h <- act(z) * h * gate when z (the gate-projection
 // pre-activation of a gated FFN) is given. gate may be null (all ones).
+// One row of the hidden layer: h = act(up) * gate, or act(z) * up * gate (SwiGLU).
 template <typename T, Activation A>
-void hidden_forward(T* h, const T* z, const T* gate, int64_t rows, int64_t cols) {
+STRUCTPRUNE_INLINE void hidden_forward_row(T* h, const T* up, const T* z, const T* gate, int64_t cols) {
+  if (z) {
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) h[c] = activate<A, T>(z[c]).value * up[c] * gate[c];
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) h[c] = activate<A, T>(up[c]).value * gate[c];
+  }
+}
+
+// One row of the backward pass. In: up / z the pre-activations, dh = dL/dh. Out: h the
+// gated hidden act * gate (for dW_down), dh <- dL/d(up pre-activation) in place, dz =
+// dL/dz; gate_acc += dh * act and bias_acc += dL/d(up) (column sums, for the gate and
+// up-bias gradients).
+template <typename T, Activation A>
+STRUCTPRUNE_INLINE void hidden_backward_row(const T* up, const T* z, T* dh, const T* gate, T* h,
+                                            T* dz, T* gate_acc, T* bias_acc, int64_t cols) {
+  if (z) {
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) {
+      const ActivationAt<T> s = activate<A, T>(z[c]);
+      const T u = up[c], d = dh[c], g = gate[c];
+      const T a = s.value * u;
+      const T da = d * g;
+      const T du = da * s.value;
+      dz[c] = da * u * s.grad;
+      gate_acc[c] += d * a;
+      bias_acc[c] += du;
+      dh[c] = du;
+      h[c] = a * g;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) {
+      const ActivationAt<T> s = activate<A, T>(up[c]);
+      const T d = dh[c], g = gate[c];
+      const T du = d * g * s.grad;
+      gate_acc[c] += d * s.value;
+      bias_acc[c] += du;
+      dh[c] = du;
+      h[c] = s.value * g;
+    }
+  }
+}
+
+// Float rows compiled per instruction set (see vec_math.h); doubles serve gradient checks.
+#define STRUCTPRUNE_FLOAT_ROWS(A)                                                            \
+  STRUCTPRUNE_MULTIVERSION void hidden_forward_row_f32_##A(                                 \
+      float* h, const float* up, const float* z, const float* gate, int64_t cols) {          \
+    hidden_forward_row<float, Activation::A>(h, up, z, gate, cols);                          \
+  }                                                                                          \
+  STRUCTPRUNE_MULTIVERSION void hidden_backward_row_f32_##A(                                \
+      const float* up, const float* z, float* dh, const float* gate, float* h, float* dz,    \
+      float* gacc, float* bacc, int64_t cols) {                                              \
+    hidden_backward_row<float, Activation::A>(up, z, dh, gate, h, dz, gacc, bacc, cols);     \
+  }
+STRUCTPRUNE_FLOAT_ROWS(Gelu)
+STRUCTPRUNE_FLOAT_ROWS(GeluTanh)
+STRUCTPRUNE_FLOAT_ROWS(Relu)
+STRUCTPRUNE_FLOAT_ROWS(Silu)
+#undef STRUCTPRUNE_FLOAT_ROWS
+
+template <typename T, Activation A>
+void forward_row(T* h, const T* up, const T* z, const T* gate, int64_t cols) {
+  if constexpr (std::is_same_v<T, float>) {
+    if constexpr (A == Activation::Gelu) return hidden_forward_row_f32_Gelu(h, up, z, gate, cols);
+    if constexpr (A == Activation::GeluTanh) return hidden_forward_row_f32_GeluTanh(h, up, z, gate, cols);
+    if constexpr (A == Activation::Relu) return hidden_forward_row_f32_Relu(h, up, z, gate, cols);
+    if constexpr (A == Activation::Silu) return hidden_forward_row_f32_Silu(h, up, z, gate, cols);
+  } else {
+    hidden_forward_row<T, A>(h, up, z, gate, cols);
+  }
+}
+
+template <typename T, Activation A>
+void backward_row(const T* up, const T* z, T* dh, const T* gate, T* h, T* dz, T* gacc, T* bacc,
+                  int64_t cols) {
+  if constexpr (std::is_same_v<T, float>) {
+    if constexpr (A == Activation::Gelu) return hidden_backward_row_f32_Gelu(up, z, dh, gate, h, dz, gacc, bacc, cols);
+    if constexpr (A == Activation::GeluTanh) return hidden_backward_row_f32_GeluTanh(up, z, dh, gate, h, dz, gacc, bacc, cols);
+    if constexpr (A == Activation::Relu) return hidden_backward_row_f32_Relu(up, z, dh, gate, h, dz, gacc, bacc, cols);
+    if constexpr (A == Activation::Silu) return hidden_backward_row_f32_Silu(up, z, dh, gate, h, dz, gacc, bacc, cols);
+  } else {
+    hidden_backward_row<T, A>(up, z, dh, gate, h, dz, gacc, bacc, cols);
+  }
+}
+
+// Rows per task of the pointwise passes; the backward pass keeps one row of column sums
+// per task, summed afterwards (deterministic for a given shape).
+constexpr int64_t kRowsPerTask = 64;
+
+template <typename T, Activation A>
+void hidden_forward(T* h, const T* up, const T* z, const T* gate, int64_t rows, int64_t cols) {
   at::parallel_for(0, rows, grain_for(cols), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      T* hr = h + r * cols;
-      if (z) {
-        const T* zr = z + r * cols;
-        for (int64_t c = 0; c < cols; ++c) hr[c] = activate<A, T>(zr[c], nullptr) * hr[c];
-      } else {
-        for (int64_t c = 0; c < cols; ++c) hr[c] = activate<A, T>(hr[c], nullptr);
-      }
-      if (gate) {
-        for (int64_t c = 0; c < cols; ++c) hr[c] *= gate[c];
-      }
+      const int64_t o = r * cols;
+      forward_row<T, A>(h + o, up + o, z ? z + o : nullptr, gate, cols);
     }
   });
 }
 
-// Pointwise part of the backward pass over [rows, cols] buffers, all updated in place:
-//   up:   in: up pre-activation u;        out: gated hidden h (needed for dW_down)
-//   z:    in: gate pre-activation (or null for a plain FFN); out: its gradient
-//   dh:   in: dL/dh;                      out: dL/du
-// and the column reductions gate_grad[c] = sum_r dh * act_out, up_bias_grad[c] = sum_r dL/du
-// (either may be null). Columns are split into blocks, one task per block, so the
-// reductions need no atomics and do not depend on the thread count.
+// Returns [tasks, 2, cols] partial column sums: gate gradient, up-bias gradient.
 template <typename T, Activation A>
-void hidden_backward(
-    T* up, T* z, T* dh, const T* gate, T* gate_grad, T* up_bias_grad, int64_t rows, int64_t cols) {
-  constexpr int64_t kBlock = 16;
-  const int64_t blocks = (cols + kBlock - 1) / kBlock;
-  at::parallel_for(0, blocks, grain_for(kBlock * rows), [&](int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t c0 = blk * kBlock;
-      const int64_t width = std::min(kBlock, cols - c0);
-      double gate_acc[kBlock] = {};
-      double bias_acc[kBlock] = {};
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t base = r * cols + c0;
-        for (int64_t j = 0; j < width; ++j) {
-          const int64_t i = base + j;
-          const T g = gate ? gate[c0 + j] : T(1);
-          const T d = dh[i];
-          T a;
-          T du;
-          if (z) {
-            T ds;
-            const T s = activate<A, T>(z[i], &ds);
-            const T u = up[i];
-            a = s * u;
-            const T da = d * g;
-            du = da * s;
-            z[i] = da * u * ds;
-          } else {
-            T da_du;
-            a = activate<A, T>(up[i], &da_du);
-            du = d * g * da_du;
-          }
-          gate_acc[j] += static_cast<double>(d) * static_cast<double>(a);
-          bias_acc[j] += static_cast<double>(du);
-          dh[i] = du;
-          up[i] = a * g;
-        }
-      }
-      for (int64_t j = 0; j < width; ++j) {
-        if (gate_grad) gate_grad[c0 + j] = static_cast<T>(gate_acc[j]);
-        if (up_bias_grad) up_bias_grad[c0 + j] = static_cast<T>(bias_acc[j]);
+at::Tensor hidden_backward(const T* up, const T* z, T* dh, const T* gate, T* h, T* dz,
+                           int64_t rows, int64_t cols, const at::TensorOptions& options) {
+  const int64_t tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
+  at::Tensor partial = at::zeros({tasks, 2, cols}, options);
+  T* acc = partial.data_ptr<T>();
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      T* gacc = acc + t * 2 * cols;
+      for (int64_t r = t * kRowsPerTask; r < std::min(rows, (t + 1) * kRowsPerTask); ++r) {
+        const int64_t o = r * cols;
+        backward_row<T, A>(up + o, z ? z + o : nullptr, dh + o, gate, h + o, dz ? dz + o : nullptr,
+                           gacc, gacc + cols, cols);
       }
     }
   });
+  return partial;
 }
 
 // A gradient computed for the alive units, placed into a zero tensor of the full size
@@ -296,36 +356,39 @@ std::vector<int64_t> out_sizes(const at::Tensor& x, int64_t d_out) {
 
 }  // namespace
 
-at::Tensor gated_ffn_fwd(const at::Tensor& x,
-                         const at::Tensor& w_up,
-                         const std::optional<at::Tensor>& b_up,
-                         const at::Tensor& w_down,
-                         const std::optional<at::Tensor>& b_down,
-                         const std::optional<at::Tensor>& neuron_gate,
-                         c10::string_view activation,
-                         const std::optional<at::Tensor>& w_gate) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_ffn_fwd(
+    const at::Tensor& x,
+    const at::Tensor& w_up,
+    const std::optional<at::Tensor>& b_up,
+    const at::Tensor& w_down,
+    const std::optional<at::Tensor>& b_down,
+    const std::optional<at::Tensor>& neuron_gate,
+    c10::string_view activation,
+    const std::optional<at::Tensor>& w_gate) {
   const FfnShape s = check_ffn_inputs(x, w_up, b_up, w_down, b_down, neuron_gate, w_gate);
   const Activation act = parse_activation(activation);
   const auto sizes = out_sizes(x, s.d_out);
   const AliveFfn a = gather_alive(x, w_up, b_up, w_down, neuron_gate, w_gate);
+  const at::Tensor x2 = x.reshape({s.tokens, s.d_in});
+  at::Tensor up = up_projection(x2, a);
+  at::Tensor z = a.w_gate.defined() ? at::mm(x2, a.w_gate.t()) : at::empty({0}, x.options());
   if (a.count == 0) {
     // Every neuron removed: the block contributes only its output bias.
     at::Tensor y = at::zeros({s.tokens, s.d_out}, x.options());
     if (b_down) y.add_(*b_down);
-    return y.view(sizes);
+    return {y.view(sizes), up, z};
   }
-  const at::Tensor x2 = x.reshape({s.tokens, s.d_in});
-  at::Tensor h = up_projection(x2, a);
-  const at::Tensor z = a.w_gate.defined() ? at::mm(x2, a.w_gate.t()) : at::Tensor();
+  at::Tensor h = at::empty_like(up);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gated_ffn_fwd", [&] {
     with_activation(act, [&](auto tag) {
       hidden_forward<scalar_t, decltype(tag)::value>(
-          h.data_ptr<scalar_t>(), z.defined() ? z.const_data_ptr<scalar_t>() : nullptr,
-          a.gate.defined() ? a.gate.const_data_ptr<scalar_t>() : nullptr, s.tokens, a.count);
+          h.data_ptr<scalar_t>(), up.const_data_ptr<scalar_t>(),
+          a.w_gate.defined() ? z.const_data_ptr<scalar_t>() : nullptr,
+          a.gate.const_data_ptr<scalar_t>(), s.tokens, a.count);
     });
   });
   at::Tensor y = b_down ? at::addmm(*b_down, h, a.w_down.t()) : at::mm(h, a.w_down.t());
-  return y.view(sizes);
+  return {y.view(sizes), up, z};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -338,6 +401,8 @@ gated_ffn_bwd(const at::Tensor& grad_out,
               const std::optional<at::Tensor>& neuron_gate,
               c10::string_view activation,
               const std::optional<at::Tensor>& w_gate,
+              const at::Tensor& up_pre,
+              const at::Tensor& gate_pre,
               std::array<bool, 7> output_mask) {
   const FfnShape s = check_ffn_inputs(x, w_up, b_up, w_down, b_down, neuron_gate, w_gate);
   const Activation act = parse_activation(activation);
@@ -374,27 +439,31 @@ gated_ffn_bwd(const at::Tensor& grad_out,
             zeros_if(need_w_gate, w_gate)};
   }
 
-  // Recompute the pre-activations of the alive neurons.
   const at::Tensor x2 = x.reshape({s.tokens, s.d_in});
-  at::Tensor up = up_projection(x2, a);                                         // -> gated hidden
-  at::Tensor z = a.w_gate.defined() ? at::mm(x2, a.w_gate.t()) : at::Tensor();  // -> its grad
-  at::Tensor dh = at::mm(g2, a.w_down);                                         // -> grad of up
-  at::Tensor gate_grad = need_gate ? at::empty({a.count}, x.options()) : at::Tensor();
-  at::Tensor b_up_grad = need_b_up ? at::empty({a.count}, x.options()) : at::Tensor();
+  TORCH_CHECK(up_pre.dim() == 2 && up_pre.size(0) == s.tokens && up_pre.size(1) == a.count,
+              "gated_ffn_bwd: up_pre has shape ", shape_str(up_pre), ", expected [", s.tokens,
+              ", ", a.count, "] (the forward pass's pre-activations of the alive neurons)");
+  const at::Tensor up = up_pre.contiguous();
+  const at::Tensor z = a.w_gate.defined() ? gate_pre.contiguous() : at::Tensor();
+  at::Tensor h = at::empty_like(up);                          // gated hidden, for dW_down
+  at::Tensor dz = z.defined() ? at::empty_like(z) : at::Tensor();
+  at::Tensor dh = at::mm(g2, a.w_down);                       // -> grad of up, in place
+  at::Tensor sums;  // [2, Fa]: gate gradient, up-bias gradient
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gated_ffn_bwd", [&] {
     with_activation(act, [&](auto tag) {
-      hidden_backward<scalar_t, decltype(tag)::value>(
-          up.data_ptr<scalar_t>(), z.defined() ? z.data_ptr<scalar_t>() : nullptr,
-          dh.data_ptr<scalar_t>(), a.gate.defined() ? a.gate.const_data_ptr<scalar_t>() : nullptr,
-          need_gate ? gate_grad.data_ptr<scalar_t>() : nullptr,
-          need_b_up ? b_up_grad.data_ptr<scalar_t>() : nullptr, s.tokens, a.count);
+      sums = hidden_backward<scalar_t, decltype(tag)::value>(
+                 up.const_data_ptr<scalar_t>(), z.defined() ? z.const_data_ptr<scalar_t>() : nullptr,
+                 dh.data_ptr<scalar_t>(), a.gate.const_data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
+                 dz.defined() ? dz.data_ptr<scalar_t>() : nullptr, s.tokens, a.count, x.options())
+                 .sum(0);
     });
   });
+  const at::Tensor gate_grad = sums[0], b_up_grad = sums[1];
 
   at::Tensor grad_x = absent();
   if (need_x) {
     grad_x = at::mm(dh, a.w_up);
-    if (z.defined()) grad_x.addmm_(z, a.w_gate);
+    if (dz.defined()) grad_x.addmm_(dz, a.w_gate);
     grad_x = grad_x.view(x.sizes());
   }
   const auto idx = a.index;
@@ -402,13 +471,13 @@ gated_ffn_bwd(const at::Tensor& grad_out,
       need_w_up ? scatter_alive(at::mm(dh.t(), x2), idx, 0, w_up.sizes()) : absent();
   at::Tensor grad_b_up = need_b_up ? scatter_alive(b_up_grad, idx, 0, b_up->sizes()) : absent();
   at::Tensor grad_w_down =
-      need_w_down ? scatter_alive(at::mm(g2.t(), up), idx, 1, w_down.sizes()) : absent();
+      need_w_down ? scatter_alive(at::mm(g2.t(), h), idx, 1, w_down.sizes()) : absent();
   at::Tensor grad_gate =
       need_gate
           ? scatter_alive(gate_grad, idx, 0, neuron_gate->sizes()).to(neuron_gate->scalar_type())
           : absent();
   at::Tensor grad_w_gate =
-      need_w_gate ? scatter_alive(at::mm(z.t(), x2), idx, 0, w_gate->sizes()) : absent();
+      need_w_gate ? scatter_alive(at::mm(dz.t(), x2), idx, 0, w_gate->sizes()) : absent();
   return {grad_x, grad_w_up, grad_b_up, grad_w_down, grad_b_down, grad_gate, grad_w_gate};
 }
 

@@ -14,10 +14,11 @@
 TORCH_LIBRARY(structprune, m) {
   m.def(
       "gated_ffn_fwd(Tensor x, Tensor w_up, Tensor? b_up, Tensor w_down, Tensor? b_down, "
-      "Tensor? neuron_gate, str activation, Tensor? w_gate) -> Tensor");
+      "Tensor? neuron_gate, str activation, Tensor? w_gate) -> (Tensor, Tensor, Tensor)");
   m.def(
       "gated_ffn_bwd(Tensor grad_out, Tensor x, Tensor w_up, Tensor? b_up, Tensor w_down, "
-      "Tensor? b_down, Tensor? neuron_gate, str activation, Tensor? w_gate, bool[7] output_mask) "
+      "Tensor? b_down, Tensor? neuron_gate, str activation, Tensor? w_gate, Tensor up_pre, "
+      "Tensor gate_pre, bool[7] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "masked_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? head_gate, "

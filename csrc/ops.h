@@ -14,8 +14,10 @@
 
 namespace structprune {
 
-// y = down(act(up(x)) * gate), or down(act(x @ w_gate^T) * up(x) * gate) when w_gate is set.
-at::Tensor gated_ffn_fwd(const at::Tensor& x,
+// (y, up_pre, gate_pre): y = down(act(up(x)) * gate), or down(act(x @ w_gate^T) * up(x) * gate)
+// when w_gate is set; up_pre / gate_pre are the [tokens, alive] pre-activations of the alive
+// neurons that gated_ffn_bwd takes (gate_pre is empty without w_gate).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_ffn_fwd(const at::Tensor& x,
                          const at::Tensor& w_up,
                          const std::optional<at::Tensor>& b_up,
                          const at::Tensor& w_down,
@@ -36,6 +38,8 @@ gated_ffn_bwd(const at::Tensor& grad_out,
               const std::optional<at::Tensor>& neuron_gate,
               c10::string_view activation,
               const std::optional<at::Tensor>& w_gate,
+              const at::Tensor& up_pre,
+              const at::Tensor& gate_pre,
               std::array<bool, 7> output_mask);
 
 // (out [B,H,Sq,D], lse [B,H,Sq]): gated attention output and the log-sum-exp of each

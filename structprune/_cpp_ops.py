@@ -48,8 +48,12 @@ def _gated_ffn_fwd_fake(
     neuron_gate: torch.Tensor | None,
     activation: str,
     w_gate: torch.Tensor | None,
-) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], w_down.shape[0]))
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # The saved pre-activations cover the alive neurons only, a data-dependent count.
+    alive = torch.library.get_ctx().new_dynamic_size() if neuron_gate is not None else w_up.shape[0]
+    tokens = x.numel() // x.shape[-1]
+    gate_pre = x.new_empty((tokens, alive)) if w_gate is not None else x.new_empty(0)
+    return x.new_empty((*x.shape[:-1], w_down.shape[0])), x.new_empty((tokens, alive)), gate_pre
 
 
 @torch.library.register_fake("structprune::gated_ffn_bwd")
@@ -63,6 +67,8 @@ def _gated_ffn_bwd_fake(
     neuron_gate: torch.Tensor | None,
     activation: str,
     w_gate: torch.Tensor | None,
+    up_pre: torch.Tensor,
+    gate_pre: torch.Tensor,
     output_mask: list[bool],
 ) -> tuple[torch.Tensor, ...]:
     # A gradient that is not requested (or whose input is absent) is an empty [0] tensor.
@@ -73,19 +79,23 @@ def _gated_ffn_bwd_fake(
     )
 
 
-def _gated_ffn_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+def _gated_ffn_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     x, w_up, b_up, w_down, b_down, neuron_gate, activation, w_gate = inputs
+    _y, up_pre, gate_pre = output
     ctx.activation = activation
-    # Only the inputs: the backward op recomputes the hidden activations.
-    ctx.save_for_backward(x, w_up, b_up, w_down, b_down, neuron_gate, w_gate)
+    # The pre-activations of the alive neurons are by-products for the backward pass.
+    ctx.mark_non_differentiable(up_pre, gate_pre)
+    ctx.save_for_backward(x, w_up, b_up, w_down, b_down, neuron_gate, w_gate, up_pre, gate_pre)
 
 
-def _gated_ffn_backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    x, w_up, b_up, w_down, b_down, neuron_gate, w_gate = ctx.saved_tensors
+def _gated_ffn_backward(
+    ctx: Any, grad_out: torch.Tensor, _grad_up_pre: torch.Tensor | None, _grad_gate_pre: torch.Tensor | None
+) -> tuple[torch.Tensor | None, ...]:
+    x, w_up, b_up, w_down, b_down, neuron_gate, w_gate, up_pre, gate_pre = ctx.saved_tensors
     needs = ctx.needs_input_grad
     mask = [needs[0], needs[1], needs[2], needs[3], needs[4], needs[5], needs[7]]
     grads = _ops.gated_ffn_bwd(
-        grad_out, x, w_up, b_up, w_down, b_down, neuron_gate, ctx.activation, w_gate, mask
+        grad_out, x, w_up, b_up, w_down, b_down, neuron_gate, ctx.activation, w_gate, up_pre, gate_pre, mask
     )
     dx, dw_up, db_up, dw_down, db_down, dgate, dw_gate = (g if m else None for g, m in zip(grads, mask))
     return dx, dw_up, db_up, dw_down, db_down, dgate, None, dw_gate
@@ -109,7 +119,8 @@ def gated_ffn(
     """FFN with a per-neuron gate on the C++ kernel; see :func:`structprune.reference.gated_ffn`."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-    return _ops.gated_ffn_fwd(x, w_up, b_up, w_down, b_down, neuron_gate, activation, w_gate)
+    out, _up_pre, _gate_pre = _ops.gated_ffn_fwd(x, w_up, b_up, w_down, b_down, neuron_gate, activation, w_gate)
+    return out
 
 
 # --------------------------------------------------------------------- masked_attention

@@ -438,6 +438,8 @@ def test_backward_ops_pass_opcheck() -> None:
     ffn = ffn_inputs(FfnCase((2, 3), 4, 6, 5, gated=True, gate="zeros"), torch.float32)
     ffn = {n: t.detach() if isinstance(t, torch.Tensor) else t for n, t in ffn.items()}
     grad = torch.randn(2, 3, 5)
+    args = (ffn["x"], ffn["w_up"], ffn["b_up"], ffn["w_down"], ffn["b_down"], ffn["neuron_gate"], "gelu", ffn["w_gate"])
+    _y, up_pre, gate_pre = torch.ops.structprune.gated_ffn_fwd(*args)
     for mask in ([True] * 7, [True, False, True, False, False, True, True]):
         torch.library.opcheck(
             torch.ops.structprune.gated_ffn_bwd.default,
@@ -451,6 +453,8 @@ def test_backward_ops_pass_opcheck() -> None:
                 ffn["neuron_gate"],
                 "gelu",
                 ffn["w_gate"],
+                up_pre,
+                gate_pre,
                 mask,
             ),
         )
