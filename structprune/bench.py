@@ -121,6 +121,25 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], warmup: int = 1, r
     return {name: LatencyStats.from_seconds(values) for name, values in samples.items()}
 
 
+def time_cuda(fns: Mapping[str, Callable[[], object]], rounds: int = 3, warmup_ms: float = 25.0,
+              rep_ms: float = 100.0) -> dict[str, float]:
+    """Median milliseconds per call of CUDA callables, timed with CUDA events.
+
+    Each round times every function with ``triton.testing.do_bench`` (its median over
+    ``rep_ms`` of calls after ``warmup_ms`` of warm-up; it clears the L2 cache between calls);
+    the functions alternate within a round, and the median over ``rounds`` is reported.
+    """
+    from triton.testing import do_bench
+
+    if not fns:
+        raise ValueError("time_cuda needs at least one function to time")
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name].append(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    return {name: float(np.median(values)) for name, values in samples.items()}
+
+
 def time_callable(fn: Callable[[], object], warmup: int = 1, repeats: int = 5, min_time: float = 0.0,
                   max_repeats: int = 1000, clock: Callable[[], float] = time.perf_counter) -> LatencyStats:
     """Latency of one zero-argument callable: ``warmup`` untimed calls, then timed calls until at
@@ -230,6 +249,8 @@ def machine_info() -> dict[str, str | int]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "",
+        "triton": _version("triton"),
         "transformers": _version("transformers"),
         "onnxruntime": _version("onnxruntime"),
         "onnx": _version("onnx"),

@@ -1,9 +1,10 @@
 """Public masked ops: ``masked_attention`` and ``gated_ffn``, with backend dispatch.
 
-Dispatch order: Triton for CUDA tensors (when available), the C++ extension
-``structprune._C`` for CPU tensors, the plain-torch reference otherwise. The environment
-variable ``STRUCTPRUNE_BACKEND=reference|cpp|triton`` forces one backend; forcing a backend
-that is not available raises an error that says how to get it.
+Dispatch order: the Triton kernels (:mod:`structprune.kernels`) for CUDA tensors, the C++
+extension ``structprune._C`` for CPU tensors, the plain-torch reference otherwise (other
+devices, dtypes or head dims the kernels do not cover). The environment variable
+``STRUCTPRUNE_BACKEND=reference|cpp|triton`` forces one backend; forcing a backend that is not
+available, or that cannot take the given tensors, raises an error that says what to do.
 
 Semantics (shapes, gates, padding) are documented in :mod:`structprune.reference`.
 """
@@ -27,8 +28,28 @@ def _cpp_available() -> bool:
     return True
 
 
+def _triton_module(op: str):
+    """The Triton kernel module of ``op``, or ``None`` when Triton is not installed."""
+    try:
+        if op == "masked_attention":
+            from structprune.kernels import masked_attention as module
+        else:
+            from structprune.kernels import gated_ffn as module
+    except ImportError:
+        return None
+    return module
+
+
+def _cpp_supports(op: str, t: torch.Tensor) -> bool:
+    from structprune import _cpp_ops
+
+    return _cpp_ops.supports(op, t)
+
+
 def backend_for(t: torch.Tensor, op: str) -> str:
-    """The backend that ``op`` would run on for tensors like ``t``."""
+    """The backend that ``op`` would run on for tensors like ``t`` (queries, or the FFN input)."""
+    if op not in ("masked_attention", "gated_ffn"):
+        raise ValueError(f"unknown op {op!r}; expected 'masked_attention' or 'gated_ffn'")
     forced = os.environ.get("STRUCTPRUNE_BACKEND", "").strip().lower()
     if forced:
         if forced not in BACKENDS:
@@ -39,17 +60,24 @@ def backend_for(t: torch.Tensor, op: str) -> str:
                 "`pip install --no-build-isolation -e .` on a machine with a C++ compiler"
             )
         if forced == "triton":
-            raise RuntimeError("STRUCTPRUNE_BACKEND=triton: the Triton kernels are not available yet")
+            module = _triton_module(op)
+            if module is None:
+                raise RuntimeError("STRUCTPRUNE_BACKEND=triton but Triton is not installed; `pip install triton`")
+            if not module.supports(t):
+                raise RuntimeError(
+                    f"STRUCTPRUNE_BACKEND=triton: the Triton {op} kernel cannot take a {t.dtype} tensor on "
+                    f"{t.device}{' with head dim ' + str(t.shape[-1]) if op == 'masked_attention' else ''}; it "
+                    "needs CUDA tensors (fp32/fp16/bf16, head dim 16/32/64/128), or TRITON_INTERPRET=1 for CPU "
+                    "tensors (fp32/fp16), set before Triton is imported"
+                )
         return forced
+    if t.is_cuda:
+        module = _triton_module(op)
+        if module is not None and module.supports(t):
+            return "triton"
     if t.device.type == "cpu" and _cpp_available() and _cpp_supports(op, t):
         return "cpp"
     return "reference"
-
-
-def _cpp_supports(op: str, t: torch.Tensor) -> bool:
-    from structprune import _cpp_ops
-
-    return _cpp_ops.supports(op, t)
 
 
 def masked_attention(
@@ -62,7 +90,10 @@ def masked_attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     """Softmax attention with a per-head output gate; see :func:`structprune.reference.masked_attention`."""
-    if backend_for(q, "masked_attention") == "cpp":
+    backend = backend_for(q, "masked_attention")
+    if backend == "triton":
+        return _triton_module("masked_attention").masked_attention(q, k, v, head_gate, key_padding_mask, causal, scale)
+    if backend == "cpp":
         from structprune import _cpp_ops
 
         return _cpp_ops.masked_attention(q, k, v, head_gate, key_padding_mask, causal, scale)
@@ -80,7 +111,10 @@ def gated_ffn(
     w_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FFN with a per-neuron gate; see :func:`structprune.reference.gated_ffn`."""
-    if backend_for(x, "gated_ffn") == "cpp":
+    backend = backend_for(x, "gated_ffn")
+    if backend == "triton":
+        return _triton_module("gated_ffn").gated_ffn(x, w_up, b_up, w_down, b_down, neuron_gate, activation, w_gate)
+    if backend == "cpp":
         from structprune import _cpp_ops
 
         return _cpp_ops.gated_ffn(x, w_up, b_up, w_down, b_down, neuron_gate, activation, w_gate)

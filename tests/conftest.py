@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (
+
+# The Triton kernels run on the CPU under Triton's interpreter, which has to be chosen before
+# triton is imported (DESIGN.md, Kernels), and transformers imports it; on a CUDA machine they
+# run compiled.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from transformers import (  # noqa: E402
     BertConfig,
     BertForSequenceClassification,
     ElectraConfig,
