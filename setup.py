@@ -136,7 +136,12 @@ setup(
         "scipy>=1.10",
         "matplotlib>=3.7",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    extras_require={
+        # Triton runs the GPU kernels (CUDA builds of torch bring it); the tests also run them on
+        # the CPU under its interpreter.
+        "triton": ["triton>=3.0; platform_system == 'Linux'"],
+        "test": ["pytest>=7", "hypothesis>=6", "triton>=3.0; platform_system == 'Linux'"],
+    },
     entry_points={"console_scripts": ["structprune=structprune.cli:main"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext_command},
