@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -20,11 +21,54 @@ from structprune import ops
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
 from structprune.masks import MaskSet
-from structprune.modeling_compact import AttentionContext, FeedForward, StructpruneForSequenceClassification
+from structprune.modeling_compact import (
+    Attention,
+    AttentionContext,
+    FeedForward,
+    StructpruneForSequenceClassification,
+    apply_rope,
+)
 
 
-def _attention(q, k, v, head_gate, ctx: AttentionContext, scale: float) -> torch.Tensor:
-    return ops.masked_attention(q, k, v, head_gate, ctx.key_padding, ctx.causal, scale)
+def _alive_rows(units: torch.Tensor, width: int) -> torch.Tensor:
+    """Weight rows of ``units`` (head indices) in a projection with ``width`` rows per unit."""
+    return (units[:, None] * width + torch.arange(width, device=units.device)).flatten()
+
+
+def _attention(x: torch.Tensor, attn: Attention, ctx: AttentionContext, rope, head_gate) -> torch.Tensor:
+    """The attention sublayer on ``ops.masked_attention``.
+
+    With a head gate, only the alive heads are computed at all: their rows of the q/k/v weights and
+    columns of the o weights are gathered (differentiably, so dead heads' weights get exact zero
+    gradients), as :func:`structprune.compact.compact` would keep them. A key/value head is kept
+    when any query head of its group is (the GQA rule of :mod:`structprune.masks`).
+    """
+    B, S, D = x.shape[0], x.shape[1], attn.head_dim
+    scale = D**-0.5
+    alive = None if head_gate is None else torch.nonzero(head_gate != 0).flatten()
+    if alive is None or alive.numel() == attn.heads:
+        q, k, v = attn.project(x, rope)
+        out = ops.masked_attention(q, k, v, head_gate, ctx.key_padding, ctx.causal, scale)
+        return attn.o(out.transpose(1, 2).reshape(B, S, attn.heads * D))
+    if alive.numel() == 0:  # the layer's removal rule zeroes this sublayer; nothing to compute
+        return x.new_zeros(B, S, attn.o.out_features)
+    kv_of = alive if attn.kv_map is None else torch.tensor(attn.kv_map, device=x.device)[alive]
+    kv_alive, kv_pos = torch.unique(kv_of, sorted=True, return_inverse=True)
+    q_rows, kv_rows = _alive_rows(alive, D), _alive_rows(kv_alive, D)
+
+    def project(linear: torch.nn.Linear, rows: torch.Tensor) -> torch.Tensor:
+        bias = linear.bias.index_select(0, rows) if linear.bias is not None else None
+        return F.linear(x, linear.weight.index_select(0, rows), bias).view(B, S, -1, D).transpose(1, 2)
+
+    q, k = apply_rope(project(attn.q, q_rows), project(attn.k, kv_rows), rope)
+    v = project(attn.v, kv_rows)
+    heads, kv_heads = alive.numel(), kv_alive.numel()
+    regular = heads % kv_heads == 0 and bool(
+        (kv_pos == torch.arange(heads, device=x.device) // (heads // kv_heads)).all())
+    if not regular:  # unequal groups: one key/value head per query head
+        k, v = k.index_select(1, kv_pos), v.index_select(1, kv_pos)
+    out = ops.masked_attention(q, k, v, head_gate.index_select(0, alive), ctx.key_padding, ctx.causal, scale)
+    return F.linear(out.transpose(1, 2).reshape(B, S, heads * D), attn.o.weight.index_select(1, q_rows), attn.o.bias)
 
 
 def _ffn(x: torch.Tensor, ffn: FeedForward, neuron_gate) -> torch.Tensor:

@@ -18,8 +18,8 @@ skipped, not multiplied by zero. In a post-LN model the LayerNorm of a removed s
 (``LN(x + 0) = LN(x)``); in a pre-LN model the residual stream passes on unchanged.
 
 The masked model of structprune reuses these modules at full size and passes ``gates``; the
-attention and FFN cores are attributes (``attention_fn``, ``ffn_fn``) so that it can route them
-through fused kernels. Without gates this file computes a plain dense forward whose ONNX graph
+attention and FFN sublayers call an attribute (``attention_fn``, ``ffn_fn``) when it is set, so
+that it can route them through fused kernels. Without gates this file computes a plain dense forward whose ONNX graph
 ONNX Runtime's transformer optimizer recognises.
 """
 
@@ -154,6 +154,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def apply_rope(q: torch.Tensor, k: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding on queries and keys; ``rope`` is ``(cos, sin)`` or ``None``."""
+    if rope is None:
+        return q, k
+    cos, sin = rope
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
 class Attention(nn.Module):
     """Multi-head (or grouped-query) self-attention with ``heads`` query heads.
 
@@ -172,25 +180,26 @@ class Attention(nn.Module):
         self.o = nn.Linear(heads * head_dim, hidden, bias=o_bias)
         self.attention_fn = None  # set by the masked model to route through structprune.ops
 
-    def forward(self, x, ctx: AttentionContext, rope, head_gate=None) -> torch.Tensor:
+    def project(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries ``[B, H, S, D]`` and keys, values ``[B, Hkv, S, D]``, rotary embedding applied."""
         B, S = x.shape[0], x.shape[1]
         q = self.q(x).view(B, S, self.heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            cos, sin = rope
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-        scale = self.head_dim**-0.5
+        q, k = apply_rope(q, k, rope)
+        return q, k, v
+
+    def forward(self, x, ctx: AttentionContext, rope, head_gate=None) -> torch.Tensor:
         if self.attention_fn is not None:
-            out = self.attention_fn(q, k, v, head_gate, ctx, scale)
-        else:
-            if self.kv_map is not None:
-                # built per call, not a buffer: transformers 5 leaves non-persistent buffers uninitialised on load
-                index = torch.tensor(self.kv_map, dtype=torch.long, device=k.device)
-                k = k.index_select(1, index)
-                v = v.index_select(1, index)
-            out = eager_attention(q, k, v, head_gate, ctx, scale)
+            return self.attention_fn(x, self, ctx, rope, head_gate)
+        B, S = x.shape[0], x.shape[1]
+        q, k, v = self.project(x, rope)
+        if self.kv_map is not None:
+            # built per call, not a buffer: transformers 5 leaves non-persistent buffers uninitialised on load
+            index = torch.tensor(self.kv_map, dtype=torch.long, device=k.device)
+            k = k.index_select(1, index)
+            v = v.index_select(1, index)
+        out = eager_attention(q, k, v, head_gate, ctx, self.head_dim**-0.5)
         return self.o(out.transpose(1, 2).reshape(B, S, self.heads * self.head_dim))
 
 

@@ -146,3 +146,37 @@ def test_masked_model_runs_on_the_cpp_ops(monkeypatch, arch):
     assert (logits - ref_logits).abs().max() <= 1e-5
     for name in gates:
         assert (grads[name] - ref_grads[name]).abs().max() <= 1e-5, name
+
+
+@pytest.mark.parametrize("arch_name", ["bert", "llama", "mistral"])
+def test_dead_heads_are_not_projected_and_gradients_match_the_eager_model(arch_name):
+    """With dead heads the masked model gathers the alive heads' q/k/v/o weights: same outputs and
+    gradients (weights, alive gates) as the plain eager forward multiplying head outputs by the
+    gate, including GQA groups left uneven by the dead heads. Dead gates get exactly 0 (the eager
+    forward differentiates through the multiplication by 0 instead)."""
+    masked = MaskedModel(make_hf(arch_name))
+    eager = copy.deepcopy(masked.model)
+    for layer in eager.layers:
+        layer.attn.attention_fn = None
+        layer.ffn.ffn_fn = None
+    structure = masked.structure
+    g = torch.Generator().manual_seed(3)
+    heads = torch.rand(structure.num_layers, structure.max_heads, generator=g) + 0.5
+    heads[0, 1] = heads[1, 0] = heads[1, 3] = 0.0  # uneven groups in the GQA models
+    neurons = torch.rand(structure.num_layers, structure.max_ffn, generator=g) + 0.5
+    neurons[:, ::4] = 0.0
+    inputs = make_inputs(masked.model)
+    results = []
+    for model in (masked.model, eager):
+        gates = {"head": heads.clone().requires_grad_(), "neuron": neurons.clone().requires_grad_()}
+        logits = model(**inputs, gates=effective_gates(gates)).logits
+        params = [model.layers[1].attn.q.weight, model.layers[1].attn.o.weight, model.layers[0].attn.k.weight]
+        grads = torch.autograd.grad(logits.square().sum(), [gates["head"], gates["neuron"], *params])
+        results.append((logits, grads))
+    (got, got_grads), (want, want_grads) = results
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    for gate, a, b in zip((heads, neurons), got_grads, want_grads):
+        torch.testing.assert_close(a[gate != 0], b[gate != 0], atol=1e-5, rtol=1e-4)
+        assert torch.equal(a[gate == 0], torch.zeros_like(a[gate == 0]))
+    for a, b in zip(got_grads[2:], want_grads[2:]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
