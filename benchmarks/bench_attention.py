@@ -114,6 +114,7 @@ def main() -> None:
                         help="default: fp32 on CPU, bf16 on CUDA")
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--head-dims", type=int, nargs="+", default=None, help="only these head dims")
+    parser.add_argument("--seqs", type=int, nargs="+", default=None, help="only these sequence lengths")
     parser.add_argument("--quick", action="store_true", help="one small shape; nothing written")
     parser.add_argument("--csv", default=str(RESULTS / "attention.csv"))
     args = parser.parse_args()
@@ -123,7 +124,8 @@ def main() -> None:
     fns = variants(args.device)
     baseline = BASELINE[args.device]
     shapes = cpu_shapes(args.quick) if args.device == "cpu" else cuda_shapes(args.quick)
-    shapes = [shape for shape in shapes if args.head_dims is None or shape[3] in args.head_dims]
+    shapes = [shape for shape in shapes if (args.head_dims is None or shape[3] in args.head_dims)
+              and (args.seqs is None or shape[2] in args.seqs)]
     rows: list[dict[str, object]] = []
     print(f"masked attention, {args.device} ({machine['gpu'] or machine['cpu']}), {dtype_name}, "
           f"causal={args.causal}; ms (ratio to {baseline}), TFLOP/s over alive heads")
