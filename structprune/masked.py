@@ -38,14 +38,17 @@ def _alive_rows(units: torch.Tensor, width: int) -> torch.Tensor:
 def _attention(x: torch.Tensor, attn: Attention, ctx: AttentionContext, rope, head_gate) -> torch.Tensor:
     """The attention sublayer on ``ops.masked_attention``.
 
-    With a head gate, only the alive heads are computed at all: their rows of the q/k/v weights and
-    columns of the o weights are gathered (differentiably, so dead heads' weights get exact zero
-    gradients), as :func:`structprune.compact.compact` would keep them. A key/value head is kept
-    when any query head of its group is (the GQA rule of :mod:`structprune.masks`).
+    With a head gate on the CPU, only the alive heads are computed at all: their rows of the q/k/v
+    weights and columns of the o weights are gathered (differentiably, so dead heads' weights get
+    exact zero gradients), as :func:`structprune.compact.compact` would keep them. A key/value head
+    is kept when any query head of its group is (the GQA rule of :mod:`structprune.masks`).
     """
     B, S, D = x.shape[0], x.shape[1], attn.head_dim
     scale = D**-0.5
-    alive = None if head_gate is None else torch.nonzero(head_gate != 0).flatten()
+    # On a GPU the kernels skip dead heads without a host sync; gathering would add syncs (nonzero,
+    # unique) per layer, which made a batch-16 x 128 training step slower on an H100 (BENCHMARKS.md).
+    gather = head_gate is not None and not x.is_cuda
+    alive = torch.nonzero(head_gate != 0).flatten() if gather else None
     if alive is None or alive.numel() == attn.heads:
         q, k, v = attn.project(x, rope)
         out = ops.masked_attention(q, k, v, head_gate, ctx.key_padding, ctx.causal, scale)
