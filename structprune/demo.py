@@ -131,19 +131,20 @@ class _Stopwatch:
         return dict(self.seconds)
 
 
-def _latency(dense_onnx: Path, pruned_onnx: Path, dense: StructpruneForSequenceClassification,
-             pruned: StructpruneForSequenceClassification, config: DemoConfig) -> dict[str, float | None]:
+def measure_latency(dense_onnx: Path, pruned_onnx: Path, dense: StructpruneForSequenceClassification,
+                    pruned: StructpruneForSequenceClassification, batch: int, seq: int, threads: int,
+                    timing: dict, seed: int = 0) -> dict[str, float | None]:
     """Median latency (ms) of both models on ONNX Runtime and torch eager, interleaved per backend.
 
-    ``other_cores`` is how many cores other processes kept busy meanwhile (``None``: unknown).
+    ``timing`` holds :func:`structprune.bench.time_interleaved` settings. ``other_cores`` is how
+    many cores other processes kept busy meanwhile (``None``: unknown).
     """
-    inputs = example_inputs(dense, config.latency_batch, config.latency_seq, seed=config.seed, padded=False)
-    timing = dict(config.latency_timing)
-    sessions = {name: session(path, threads=config.threads) for name, path in
+    inputs = example_inputs(dense, batch, seq, seed=seed, padded=False)
+    sessions = {name: session(path, threads=threads) for name, path in
                 (("dense", dense_onnx), ("pruned", pruned_onnx))}
     with bench.OtherCpuLoad() as load:
         ort = bench.time_interleaved({name: bench.ort_forward(s, inputs) for name, s in sessions.items()}, **timing)
-        with bench.torch_threads(config.threads):
+        with bench.torch_threads(threads):
             eager = bench.time_interleaved({"dense": bench.torch_forward(dense, inputs),
                                             "pruned": bench.torch_forward(pruned, inputs)}, **timing)
     medians = {f"{backend}_{name}": stats[name].median_ms for backend, stats in (("ort", ort), ("torch", eager))
@@ -210,7 +211,8 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), quick: b
         onnx_acc = {name: evaluate(session(tmp / f"onnx-{name}", config.threads), test_enc, task)[task.main_metric]
                     for name in ("dense", "pruned")}
         clock.start("latency", "measuring latency, dense and pruned interleaved")
-        latency = _latency(tmp / "onnx-dense", tmp / "onnx-pruned", dense, pruned, config)
+        latency = measure_latency(tmp / "onnx-dense", tmp / "onnx-pruned", dense, pruned, config.latency_batch,
+                                  config.latency_seq, config.threads, dict(config.latency_timing), config.seed)
         comparison = Comparison(
             title=f"structprune demo: {MODEL_NAME} on {TASK}" + (" (quick smoke test)" if quick else ""),
             metric=task.main_metric,

@@ -3,8 +3,9 @@
 :func:`finetune` trains any model that takes Hugging Face inputs and returns ``.loss`` (a Hugging
 Face classifier, a structprune model dense or compact, or a :class:`~structprune.masked.MaskedModel`)
 on encoded task tensors from :func:`structprune.data.encode`: AdamW, linear warm-up then linear
-decay to 0, gradient clipping, shuffled batches. Under one seed it is deterministic on a given
-machine and thread count (the shuffle order and dropout are seeded).
+decay to 0, gradient clipping, shuffled batches. It is the shared loop of :mod:`structprune.train`
+with the task loss (:class:`TaskLoss`), so it can checkpoint and resume. Under one seed it is
+deterministic on a given machine and thread count (the shuffle order and dropout are seeded).
 
 :func:`evaluate` scores a model, or an ONNX Runtime session, with :mod:`structprune.metrics`.
 
@@ -15,17 +16,17 @@ to the longest example of the whole data set, and most batches need far fewer co
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from structprune.data import TaskSpec, batches
 from structprune.metrics import compute_metrics
+from structprune.train import Objective, TrainConfig, TrainResult, train
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -86,73 +87,53 @@ class FinetuneConfig:
         return steps if self.max_steps is None else min(steps, self.max_steps)
 
 
-@dataclass
-class TrainLog:
-    """Per-step training losses and the wall time of a :func:`finetune` run."""
+class TaskLoss(Objective):
+    """The model's own task loss (cross-entropy, or MSE for regression): dense fine-tuning.
 
-    losses: list[float] = field(default_factory=list)
-    seconds: float = 0.0
+    AdamW decays matrices and embeddings only (not biases and norm weights); one learning rate
+    with linear warm-up and decay.
+    """
 
-    @property
-    def steps(self) -> int:
-        return len(self.losses)
+    def __init__(self, model: nn.Module, lr: float, weight_decay: float):
+        super().__init__()
+        self.model, self.lr, self.weight_decay = model, lr, weight_decay
 
+    def param_groups(self) -> list[dict]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.weight_decay, "lr": self.lr,
+             "schedule": "linear"},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": self.lr, "schedule": "linear"},
+        ]
 
-def _optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and embeddings only (not on biases and norm weights)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=config.lr)
-
-
-def _linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Learning rate rising linearly over ``warmup`` steps, then falling linearly to 0 at ``total``."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def forward(self, batch: Mapping[str, torch.Tensor], step: int, micro: int) -> tuple[torch.Tensor, dict]:
+        batch = trim_padding(batch)
+        return self.model(**model_inputs(batch), labels=batch["labels"]).loss, {}
 
 
 def finetune(model: nn.Module, encoded: Mapping[str, torch.Tensor], config: FinetuneConfig = FinetuneConfig(),
-             progress: bool = True, description: str = "fine-tune") -> TrainLog:
-    """Train ``model`` in place on ``encoded`` (with ``labels``); it is left in eval mode."""
+             progress: bool = True, description: str = "fine-tune", checkpoint_dir: str | os.PathLike | None = None,
+             fingerprint: Mapping | None = None, evaluate: Callable[[], dict[str, float]] | None = None,
+             eval_every: int | None = None) -> TrainResult:
+    """Train ``model`` in place on ``encoded`` (with ``labels``) with :func:`structprune.train.train`;
+    it is left in eval mode. ``checkpoint_dir`` makes the run resumable (see :mod:`structprune.train`)."""
     rows = _num_rows(encoded, description)
     if "labels" not in encoded:
         raise ValueError(f"{description}: the data has no labels; fine-tuning needs labelled examples")
-    total = config.total_steps(rows)
-    optimizer = _optimizer(model, config)
-    scheduler = _linear_schedule(optimizer, math.ceil(config.warmup_ratio * total), total)
-    torch.manual_seed(config.seed)
-    log = TrainLog()
-    start = time.perf_counter()
-    model.train()
-    with tqdm(total=total, desc=description, unit="step", disable=not progress) as bar:
-        for epoch in range(config.epochs):
-            for batch in batches(encoded, config.batch_size, shuffle=True, seed=config.seed + epoch):
-                if log.steps == total:
-                    break
-                batch = trim_padding(batch)
-                loss = model(**model_inputs(batch), labels=batch["labels"]).loss
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{description}: the loss became {loss.item()} at step {log.steps}; "
-                                             "lower the learning rate")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                log.losses.append(loss.item())
-                bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
-    log.seconds = time.perf_counter() - start
-    model.eval()
-    return log
+    train_config = TrainConfig(steps=config.total_steps(rows), batch_size=config.batch_size,
+                               warmup_ratio=config.warmup_ratio, max_grad_norm=config.max_grad_norm,
+                               seed=config.seed, eval_every=eval_every)
+    return train(TaskLoss(model, config.lr, config.weight_decay), encoded, train_config, checkpoint_dir,
+                 fingerprint, evaluate, progress, description)
+
+
+def mark_task(model: nn.Module, task: TaskSpec) -> None:
+    """Record in the model's config the task it was fine-tuned on and its label names, so a saved
+    model says what it predicts (``finetuned_task``, ``id2label``) and a teacher can be checked."""
+    model.config.finetuned_task = task.name
+    names = task.label_names or ("score",)
+    model.config.id2label = dict(enumerate(names))
+    model.config.label2id = {name: i for i, name in enumerate(names)}
 
 
 def _is_ort_session(model: object) -> bool:

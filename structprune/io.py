@@ -38,6 +38,25 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` for a writer (e.g. ``torch.save``); on success it is
+    synced and renamed onto ``path``, on error removed, so ``path`` is never half-written."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, _umask_mode(0o666))
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def check_output_dir(directory: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse a non-empty output folder unless ``overwrite``; return it as a Path."""
     directory = Path(directory)

@@ -1,0 +1,232 @@
+"""Learned structured pruning (``l0``) of all-MiniLM-L6-v2 under limited data: accuracy vs the dense model.
+
+For every task and seed, a dense baseline is fine-tuned on the same training subset (it is also the
+teacher and the starting point), then for every target sparsity ``l0`` learns masks, compacts and
+fine-tunes the compact model. Each cell (dense or pruned) appends one CSV row to
+``benchmarks/results/l0.csv`` with the task, train size, seed, target and reached sparsity
+(parameters; FLOPs at sequence 128), accuracy, wall time, the settings, machine and versions. A cell
+already in the CSV (same task, train size, seed, target, device and settings) is skipped, the dense
+models are cached and a running cell checkpoints under ``benchmarks/cache/l0/``, so an interrupted
+run picks up where it stopped. Examples::
+
+    python benchmarks/bench_l0.py --tasks sst2,cr,mrpc,rte --sparsities 0.5 --seeds 0
+    python benchmarks/bench_l0.py --tasks rte-full --sparsities 0.5,0.7,0.9 --seeds 0,1 --device cuda
+    python benchmarks/bench_l0.py --table          # print the table of what the CSV holds
+
+Tasks: ``sst2`` (1,000-example train.tsv, dev), ``cr`` (seeded split, test), ``mrpc`` (dev) and ``rte``
+(dev), each with ``--train-size`` examples drawn with the seed; ``rte-full``: all 2,490 RTE examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from structprune import bench
+from structprune.arch import from_hf
+from structprune.arch.structure import ModelStructure
+from structprune.compact import compact, from_pretrained, save
+from structprune.data import encode, load_task
+from structprune.demo import minilm_dir
+from structprune.finetune import FinetuneConfig, evaluate, finetune, mark_task
+from structprune.io import atomic_write_text
+from structprune.methods import Budget, l0
+
+HERE = Path(__file__).resolve().parent
+CSV = HERE / "results" / "l0.csv"
+CACHE = HERE / "cache" / "l0"
+MAX_LENGTH = 128
+FLOPS_SEQ = 128
+EVAL_SPLIT = {"sst2": "dev", "cr": "test", "mrpc": "dev", "rte": "dev"}
+DENSE = FinetuneConfig(epochs=3, batch_size=32, lr=1e-4)
+"""Dense fine-tuning (baseline and teacher), the same settings as the training-free benchmark's."""
+
+
+def _task(name: str) -> tuple[str, bool]:
+    """(registered task, whether the whole training split is used)."""
+    return (name.removesuffix("-full"), True) if name.endswith("-full") else (name, False)
+
+
+def _settings_key(settings: dict) -> str:
+    text = json.dumps(settings | {"dense": dataclasses.asdict(DENSE), "max_length": MAX_LENGTH}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _done(path: Path) -> set[tuple[str, ...]]:
+    import csv
+
+    if not path.is_file():
+        return set()
+    with path.open(newline="") as f:
+        return {(r["task"], r["train_size"], r["seed"], r["method"], r["target"], r["device"], r["settings_key"])
+                for r in csv.DictReader(f)}
+
+
+def _cell(task: str, train_size: int, seed: int, method: str, target: float, device: str, key: str) -> tuple:
+    return (task, str(train_size), str(seed), method, f"{target:g}", device, key)
+
+
+class Runner:
+    """Runs the cells of one (task, seed): the dense baseline first, then each target sparsity."""
+
+    def __init__(self, name: str, args: argparse.Namespace, seed: int, config: l0.L0Config):
+        self.name, self.args, self.seed, self.config = name, args, seed, config
+        task, full = _task(name)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
+        self.train = load_task(task, "train", train_size=None if full else args.train_size, seed=seed)
+        self.evaluation = load_task(task, EVAL_SPLIT[task])
+        self.train_enc = encode(self.train, self.tokenizer, MAX_LENGTH)
+        self.eval_enc = encode(self.evaluation, self.tokenizer, MAX_LENGTH)
+        self.key = _settings_key({"l0": dataclasses.asdict(config)})
+        self.dense_key = _settings_key({})
+        prefix = CACHE / f"{name}-{len(self.train)}-s{seed}-{args.device}"
+        self.dense_folder, self.folder = Path(f"{prefix}-dense-{self.dense_key}"), Path(f"{prefix}-l0-{self.key}")
+
+    def row(self, method: str, target: float, accuracy: float, seconds: float, summary: dict, extra: dict,
+            key: str) -> dict:
+        return {"task": self.name, "train_size": len(self.train), "eval_split": self.evaluation.split,
+                "eval_size": len(self.evaluation), "seed": self.seed, "method": method, "target": f"{target:g}",
+                "param_sparsity": round(summary["param_sparsity"], 4),
+                "flops_reduction": round(summary["flops_reduction"], 4), "flops_seq": FLOPS_SEQ,
+                "accuracy": round(accuracy, 2), "seconds": round(seconds, 1), "device": self.args.device,
+                "settings_key": key, "load_average": bench.load_average(),
+                "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())} | extra | bench.machine_info()
+
+    def dense(self):
+        """The fine-tuned dense model (cached on disk) and its CSV row."""
+        path = self.dense_folder / "model"
+        record_path = self.dense_folder / "dense.json"
+        if record_path.is_file():
+            return from_pretrained(path).to(self.args.device).eval(), json.loads(record_path.read_text())
+        torch.manual_seed(self.seed)
+        model = from_hf(AutoModelForSequenceClassification.from_pretrained(
+            str(minilm_dir()), num_labels=self.train.task.num_labels)).to(self.args.device)
+        start = time.perf_counter()
+        finetune(model, self.train_enc, dataclasses.replace(DENSE, seed=self.seed),
+                 description=f"dense {self.name} s{self.seed}", checkpoint_dir=self.dense_folder / "checkpoints",
+                 fingerprint={"task": self.name, "seed": self.seed, "rows": len(self.train)})
+        seconds = time.perf_counter() - start
+        mark_task(model, self.train.task)
+        accuracy = self._accuracy(model)
+        structure = ModelStructure.from_spec(model.spec)
+        summary = {"param_sparsity": 0.0, "flops_reduction": 0.0, "layers": [], "hidden": structure.hidden_size}
+        record = self.row("dense", 0.0, accuracy, seconds, summary, {"settings": json.dumps(dataclasses.asdict(DENSE))},
+                          self.dense_key)
+        save(model.cpu(), path, self.tokenizer, overwrite=True)
+        atomic_write_text(record_path, json.dumps(record, indent=2))
+        return model.to(self.args.device), record
+
+    def _accuracy(self, model) -> float:
+        device = next(model.parameters()).device
+        accuracy = evaluate(model.cpu(), self.eval_enc, self.train.task)[self.train.task.main_metric]
+        model.to(device)
+        return accuracy
+
+    def pruned(self, dense, target: float) -> dict:
+        start = time.perf_counter()
+        result = l0.prune(dense, self.train_enc, Budget(target, seq_len=FLOPS_SEQ), config=self.config,
+                          checkpoint_dir=self.folder / f"l0-{target:g}", progress=True)
+        seconds = time.perf_counter() - start
+        model = compact(dense, result.masks)
+        model.load_state_dict(result.weights)
+        summary = result.log["summary"]
+        accuracy = self._accuracy(model.eval())
+        extra = {"expected_sparsity_end": round(result.log["expected_sparsity_end"], 4),
+                 "prune_steps": result.log["prune_steps"], "finetune_steps": result.log["finetune_steps"],
+                 "kept_heads": " ".join(str(x["heads"]) for x in summary["layers"]),
+                 "kept_ffn": " ".join(str(x["ffn"]) for x in summary["layers"]), "kept_hidden": summary["hidden"],
+                 "settings": json.dumps(dataclasses.asdict(self.config))}
+        return self.row("l0", target, accuracy, seconds, summary, extra, self.key)
+
+
+def table(path: Path) -> str:
+    """Markdown: per task and target, mean accuracy (and spread over seeds), dense on the same data, the gap."""
+    import csv
+
+    if not path.is_file():
+        return f"(no results yet in {path})"
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["train_size"], r["device"], r["method"], r["target"]), []).append(r)
+
+    def stats(values: list[float]) -> str:
+        if len(values) == 1:
+            return f"{values[0]:.1f}"
+        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+    lines = [("| task | train | target | seeds | reached params / FLOPs | l0 accuracy | dense accuracy | gap | "
+              "wall time per run | device |"), "|---|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+    for (task, size, device, method, target), cell in sorted(groups.items()):
+        if method != "l0":
+            continue  # dense rows are matched to the l0 rows of the same task, size, device and seeds
+        seeds = sorted({r["seed"] for r in cell})
+        dense = [float(r["accuracy"]) for r in groups.get((task, size, device, "dense", "0"), []) if r["seed"] in seeds]
+        acc = [float(r["accuracy"]) for r in cell]
+        gap = f"{statistics.mean(acc) - statistics.mean(dense):+.1f}" if dense else "n/a"
+        reached = (f"{statistics.mean(float(r['param_sparsity']) for r in cell):.1%} / "
+                   f"{statistics.mean(float(r['flops_reduction']) for r in cell):.1%}")
+        minutes = statistics.mean(float(r["seconds"]) for r in cell) / 60
+        lines.append(f"| {task} | {size} | {float(target):.0%} | {','.join(seeds)} | {reached} | {stats(acc)} | "
+                     f"{stats(dense) if dense else 'n/a'} | {gap} | {minutes:.1f} min | {device} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", default="sst2,cr,mrpc,rte", help="comma-separated (default: %(default)s)")
+    parser.add_argument("--sparsities", default="0.5,0.7,0.9",
+                        help="target parameter sparsities (default: %(default)s)")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated (default: %(default)s)")
+    parser.add_argument("--train-size", type=int, default=1000, help="training examples (default: %(default)s)")
+    parser.add_argument("--prune-epochs", type=float, default=l0.L0Config.prune_epochs)
+    parser.add_argument("--finetune-epochs", type=float, default=l0.L0Config.finetune_epochs)
+    parser.add_argument("--gate-lr", type=float, default=l0.L0Config.gate_lr)
+    parser.add_argument("--lambda-lr", type=float, default=l0.L0Config.lambda_lr)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--threads", type=int, default=bench.CPU_THREADS, help="torch threads on CPU (default: 2)")
+    parser.add_argument("--csv", default=str(CSV), help="results file (default: benchmarks/results/l0.csv)")
+    parser.add_argument("--table", action="store_true", help="only print the table of the CSV")
+    args = parser.parse_args(argv)
+    if args.table:
+        print(table(Path(args.csv)))
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
+    torch.set_num_threads(args.threads)
+    config = l0.L0Config(prune_epochs=args.prune_epochs, finetune_epochs=args.finetune_epochs, gate_lr=args.gate_lr,
+                         lambda_lr=args.lambda_lr)
+    targets = [float(t) for t in args.sparsities.split(",")]
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for name in args.tasks.split(","):
+            runner = Runner(name, args, seed, config)
+            done = _done(Path(args.csv))
+            dense, record = runner.dense()
+            if _cell(name, len(runner.train), seed, "dense", 0.0, args.device, runner.dense_key) not in done:
+                bench.append_csv(args.csv, [record])
+            print(f"{name} seed {seed}: dense accuracy {record['accuracy']:.2f}", flush=True)
+            for target in targets:
+                if _cell(name, len(runner.train), seed, "l0", target, args.device, runner.key) in done:
+                    continue
+                row = runner.pruned(dense, target)
+                bench.append_csv(args.csv, [row])
+                print(f"{name} seed {seed} target {target:.0%}: accuracy {row['accuracy']:.2f} at parameter "
+                      f"sparsity {row['param_sparsity']:.3f} ({row['seconds'] / 60:.1f} min)", flush=True)
+    print(table(Path(args.csv)))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

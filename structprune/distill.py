@@ -1,0 +1,101 @@
+"""Distillation losses from a dense teacher: predictions, and hidden states with a dynamic layer mapping.
+
+* :func:`prediction_loss`: ``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` (Hinton et al.),
+  or the MSE between the outputs for regression (one output).
+* :class:`LayerDistillation`: CoFiPruning's layer-wise loss. A set of teacher layers
+  (:func:`teacher_layers`: 3, 6, 9, 12 of a 12-layer model) is matched to student layers by a
+  learned linear map ``W`` (initialised to the identity) and the mean squared error over each
+  example's real (non-padding) tokens, averaged over examples. The mapping is dynamic: at every
+  step, going from the last chosen teacher layer down, each is matched to the student layer with
+  the lowest error among those below the student layer matched just before (and leaving enough
+  layers for the rest), so the mapping stays monotone while layers are being pruned. The loss is
+  the sum over the chosen teacher layers.
+
+With a hidden-dimension mask the student's states are zero on removed dimensions in the masked
+model and absent in the compact one; :meth:`LayerDistillation.restrict` drops the matching columns
+of ``W`` so both give the same loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def prediction_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Distillation loss between logits ``[B, C]`` (KL at ``temperature``; MSE when ``C == 1``)."""
+    if student.shape[-1] == 1:
+        return F.mse_loss(student.float(), teacher.float())
+    t = temperature
+    return F.kl_div(F.log_softmax(student.float() / t, -1), F.log_softmax(teacher.float() / t, -1),
+                    reduction="batchmean", log_target=True) * t * t
+
+
+def teacher_layers(num_layers: int) -> tuple[int, ...]:
+    """Teacher layers to distil (1-based layer outputs): every quarter of the depth, as CoFi's 3/6/9/12."""
+    return tuple(sorted({max(1, num_layers * k // 4) for k in range(1, 5)}))
+
+
+class LayerDistillation(nn.Module):
+    """Hidden-state distillation with a learned map ``W`` and a dynamic teacher-to-student layer mapping.
+
+    Args:
+        student_hidden, teacher_hidden: hidden sizes (``W`` maps student states to teacher states).
+        layers: teacher layers to distil (1-based; default :func:`teacher_layers`).
+        num_student_layers: layers of the student (the mapping picks among them).
+    """
+
+    def __init__(self, student_hidden: int, teacher_hidden: int, num_student_layers: int,
+                 layers: Sequence[int]):
+        super().__init__()
+        if not layers or len(layers) > num_student_layers:
+            raise ValueError(f"distil between 1 and {num_student_layers} teacher layers, got {list(layers)}")
+        self.layers = tuple(layers)
+        self.num_student_layers = num_student_layers
+        self.transform = nn.Linear(student_hidden, teacher_hidden)
+        with torch.no_grad():
+            self.transform.weight.copy_(torch.eye(teacher_hidden, student_hidden))
+            self.transform.bias.zero_()
+
+    def restrict(self, kept_hidden: Sequence[int]) -> LayerDistillation:
+        """The same distillation for a student that keeps only ``kept_hidden`` dimensions."""
+        out = LayerDistillation(len(kept_hidden), self.transform.out_features, self.num_student_layers, self.layers)
+        with torch.no_grad():
+            out.transform.weight.copy_(self.transform.weight[:, list(kept_hidden)])
+            out.transform.bias.copy_(self.transform.bias)
+        return out.to(self.transform.weight.device)
+
+    def errors(self, student_states: Sequence[torch.Tensor], teacher_states: Sequence[torch.Tensor],
+               attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[len(layers), num_student_layers]`` errors of every teacher/student layer pair: the MSE over
+        each example's real tokens, averaged over examples (so a batch's loss is a mean over rows)."""
+        real = attention_mask.to(torch.float32).unsqueeze(-1)
+        count = real.sum(dim=(1, 2)) * self.transform.out_features
+        mapped = [self.transform(s.float()) for s in student_states[1:]]
+        rows = []
+        for t in self.layers:
+            target = teacher_states[t].float()
+            rows.append(torch.stack([((((m - target) ** 2) * real).sum(dim=(1, 2)) / count).mean() for m in mapped]))
+        return torch.stack(rows)
+
+    def mapping(self, errors: torch.Tensor) -> list[int]:
+        """Student layer (0-based) for each teacher layer: lowest error, monotone, searched from the last."""
+        chosen, upper = [], self.num_student_layers
+        values = errors.detach()
+        for k in range(len(self.layers) - 1, -1, -1):
+            lowest = k  # leave one student layer for each teacher layer still to match below
+            candidates = range(lowest, upper)
+            best = min(candidates, key=lambda j: (float(values[k, j]), j))
+            chosen.append(best)
+            upper = best
+        return chosen[::-1]
+
+    def forward(self, student_states: Sequence[torch.Tensor], teacher_states: Sequence[torch.Tensor],
+                attention_mask: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """(sum of the matched layers' errors, the mapping)."""
+        errors = self.errors(student_states, teacher_states, attention_mask)
+        mapping = self.mapping(errors)
+        return errors[torch.arange(len(mapping)), torch.tensor(mapping)].sum(), mapping

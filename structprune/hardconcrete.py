@@ -1,0 +1,229 @@
+"""Hard-concrete (L0) gates, their exact expected size and FLOPs, and deterministic mask extraction.
+
+A gate ``z`` in [0, 1] per unit (Louizos et al., 2018, as in CoFiPruning) is drawn during training as
+``z = clamp(sigmoid((log u - log(1 - u) + log_alpha) / BETA) * (R - L) + L, 0, 1)`` with
+``u ~ U(0, 1)``; ``log_alpha`` is learned. The stretch ``(L, R) = (-0.1, 1.1)`` makes exact 0 and
+exact 1 likely, so a unit is really removed (the kernels skip it) while the gate stays
+differentiable elsewhere. ``P(z != 0) = sigmoid(log_alpha - BETA * log(-L / R))``.
+
+Granularities are those of :mod:`structprune.masks` (``attn_layer``, ``head``, ``ffn_layer``,
+``neuron``, ``hidden``), any subset.
+
+**Expected cost.** :func:`expected_cost` gives the exact expectation of
+:func:`structprune.masks.count_params` and :func:`~structprune.masks.count_flops` of the compacted
+model when every unit is kept independently with probability ``P(z != 0)``, the removal rules
+included (a layer gate at 0 removes its heads or neurons; a sublayer's output bias goes with its
+last unit; a key/value head goes with the last query head of its group). Every count is a sum of
+products of independent factors (kept query dims x kept hidden dims, ...), so its expectation is
+the same sum of products of expectations, and "any unit of a group kept" has probability
+``1 - prod(1 - p)``. With 0/1 probabilities it equals the counts of the masks exactly.
+
+**Deterministic masks** (:meth:`HardConcreteGates.extract`). The rule (CoFi's, plus a shift): in
+every group (the heads of one layer, the neurons of one layer, all hidden dims, all attention layers,
+all FFN layers) keep ``round(sum of P(z != 0))`` units, those with the largest ``log_alpha`` (ties:
+the lower index), at least one hidden dim. Rounding groups separately can land off the budget when
+gates have not polarised, so if these masks miss the target by more than ``tolerance`` the same
+rule is applied to ``log_alpha + delta`` with one shift ``delta`` for every gate, the shift (found
+by bisection; the kept sets grow monotonically with it) whose masks land closest to the target.
+Every granularity moves together, so a whole layer can come back as well as single neurons. When
+the shift's steps are too coarse (tied gates, whole layers), a fine repair follows: FFN neurons,
+then hidden dims, then heads are added back (largest ``log_alpha`` first) or removed (smallest
+first), as few as bring the masks within ``tolerance`` (bisection over the ranked units).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from structprune.arch.structure import ModelStructure
+from structprune.masks import MASK_NAMES, MaskSet, mask_shapes
+
+LIMIT_LOW, LIMIT_HIGH = -0.1, 1.1
+BETA = 2.0 / 3.0
+EPS = 1e-6
+SHIFT_LIMIT = 40.0
+"""Largest ``log_alpha`` shift the extraction tries (it makes every keep probability 0 or 1)."""
+SHIFT_STEPS = 40
+REPAIR_ORDER = ("neuron", "hidden", "head")
+"""Granularities the final fine repair adjusts, finest first."""
+
+
+def _keep_probability(log_alpha: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(log_alpha - BETA * math.log(-LIMIT_LOW / LIMIT_HIGH))
+
+
+def expected_cost(structure: ModelStructure, spec: dict, probs: Mapping[str, torch.Tensor],
+                  seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expected (parameters, FLOPs) of the compacted model under independent keep probabilities.
+
+    ``probs`` holds ``P(unit kept)`` per mask name (an absent name keeps everything). The result
+    is differentiable in ``probs`` and equals ``count_params`` / ``count_flops`` of
+    ``MaskSet(probs).resolve(structure)`` when the probabilities are 0 or 1.
+    """
+    ref = next(iter(probs.values()))
+    one = torch.ones((), dtype=ref.dtype, device=ref.device)
+    hd, S = structure.head_dim, seq_len
+    D = probs["hidden"].sum() if "hidden" in probs else one * structure.hidden_size
+    params = one * 0.0
+    macs = S * spec["embedding_size"] * D if spec.get("embedding_project") else one * 0.0
+    mats = 3 if structure.gated_ffn else 2
+    for i, layer in enumerate(structure.layers):
+        if layer.heads:
+            p_layer = probs["attn_layer"][i] if "attn_layer" in probs else one
+            p_head = probs["head"][i, :layer.heads] if "head" in probs else one.expand(layer.heads)
+            q = hd * p_layer * p_head.sum()
+            alive = p_layer * (1 - torch.prod(1 - p_head))
+            if layer.kv_map is None:  # multi-head attention: one key/value head per query head
+                kv = q
+            else:
+                groups = layer.kv_map
+                kv_alive = [1 - torch.prod(1 - p_head[[h for h, g in enumerate(groups) if g == group]])
+                            for group in sorted(set(groups))]
+                kv = hd * p_layer * torch.stack(kv_alive).sum()
+            params = params + (2 * q + 2 * kv) * D + (q + 2 * kv) * spec["qkv_bias"] + D * alive * spec["o_bias"]
+            macs = macs + S * D * (2 * q + 2 * kv) + 2 * S * S * q
+        if layer.ffn:
+            p_layer = probs["ffn_layer"][i] if "ffn_layer" in probs else one
+            p_neuron = probs["neuron"][i, :layer.ffn] if "neuron" in probs else one.expand(layer.ffn)
+            f = p_layer * p_neuron.sum()
+            alive = p_layer * (1 - torch.prod(1 - p_neuron))
+            params = params + mats * f * D + (f + D * alive) * spec["ffn_bias"]
+            macs = macs + S * D * f * mats
+    return params, 2 * macs
+
+
+class HardConcreteGates(nn.Module):
+    """Learned hard-concrete gates over a model's units, one ``log_alpha`` tensor per granularity.
+
+    Args:
+        structure: the dense model's structure (mask shapes come from it).
+        names: the granularities to gate (a subset of :data:`structprune.masks.MASK_NAMES`).
+        init_log_alpha: the starting ``log_alpha`` of every gate. The default 2.0 keeps a unit with
+            probability 0.98 (mean gate 0.83), so pruning starts near the fine-tuned teacher.
+    """
+
+    def __init__(self, structure: ModelStructure, names: Sequence[str] = MASK_NAMES, init_log_alpha: float = 2.0):
+        super().__init__()
+        names = tuple(names)
+        unknown = set(names) - set(MASK_NAMES)
+        if not names or unknown:
+            raise ValueError(f"gate granularities must be a non-empty subset of {MASK_NAMES}, got {list(names)}")
+        self.structure = structure
+        self.names = tuple(name for name in MASK_NAMES if name in names)
+        shapes = mask_shapes(structure)
+        self.log_alpha = nn.ParameterDict(
+            {name: nn.Parameter(torch.full(shapes[name], float(init_log_alpha))) for name in self.names})
+
+    def keep_probabilities(self) -> dict[str, torch.Tensor]:
+        """``P(z != 0)`` of every gate (differentiable)."""
+        return {name: _keep_probability(a) for name, a in self.log_alpha.items()}
+
+    def sample(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """One draw of every gate (differentiable in ``log_alpha``), noise from ``generator`` (CPU)."""
+        out = {}
+        for name, log_alpha in self.log_alpha.items():
+            u = torch.rand(log_alpha.shape, generator=generator).clamp(EPS, 1 - EPS).to(log_alpha.device)
+            s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
+            out[name] = (s * (LIMIT_HIGH - LIMIT_LOW) + LIMIT_LOW).clamp(0.0, 1.0)
+        return out
+
+    def expected_cost(self, spec: dict, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expected (parameters, FLOPs) of the model these gates would leave (see :func:`expected_cost`)."""
+        return expected_cost(self.structure, spec, self.keep_probabilities(), seq_len)
+
+    @torch.no_grad()
+    def rounded_masks(self, shift: float = 0.0) -> MaskSet:
+        """CoFi's rule on ``log_alpha + shift``: in each group keep the round(expected count) units with
+        the largest ``log_alpha`` (ties: the lower index), at least one hidden dim."""
+        masks = {}
+        for name, log_alpha in self.log_alpha.items():
+            a = log_alpha.detach().double().cpu()
+            rows = a.view(1, -1) if name in ("hidden", "attn_layer", "ffn_layer") else a
+            keep = torch.round(_keep_probability(rows + shift).sum(-1)).long()
+            if name == "hidden":
+                keep = keep.clamp(min=1)
+            # rank within each row: largest log_alpha first, ties to the lower index (stable sort)
+            order = torch.sort(-rows, dim=-1, stable=True).indices
+            rank = torch.empty_like(order)
+            rank.scatter_(-1, order, torch.arange(rows.shape[-1]).expand_as(order).contiguous())
+            masks[name] = (rank < keep.unsqueeze(-1)).float().view_as(a)
+        return MaskSet(masks)
+
+    @torch.no_grad()
+    def extract(self, spec: dict, target: float, kind: str = "params", seq_len: int = 128,
+                tolerance: float = 0.005) -> MaskSet:
+        """Deterministic 0/1 masks: :meth:`rounded_masks`, shifted onto the target (module docstring)."""
+
+        def achieved(shift: float) -> float:
+            return _achieved(self.rounded_masks(shift), self.structure, spec, kind, seq_len)
+
+        if abs(achieved(0.0) - target) <= tolerance:
+            return self.rounded_masks(0.0)
+        # The reduction falls as the shift grows (every group keeps more): bisect for the crossing.
+        sparse, dense = -SHIFT_LIMIT, SHIFT_LIMIT
+        for _ in range(SHIFT_STEPS):
+            mid = (sparse + dense) / 2
+            sparse, dense = (mid, dense) if achieved(mid) >= target else (sparse, mid)
+        best = min((sparse, dense), key=lambda shift: (abs(achieved(shift) - target), shift))
+        return self._fine_repair(self.rounded_masks(best), spec, target, kind, seq_len, tolerance)
+
+    def _fine_repair(self, masks: MaskSet, spec: dict, target: float, kind: str, seq_len: int,
+                     tolerance: float) -> MaskSet:
+        """Add back (largest ``log_alpha`` first) or remove (smallest first) fine units, neurons, then hidden
+        dims, then heads, as few as bring ``masks`` within ``tolerance`` of the target (bisection)."""
+        units = [name for name in REPAIR_ORDER if name in self.names]
+        gap = _achieved(masks, self.structure, spec, kind, seq_len) - target
+        if not units or abs(gap) <= tolerance:
+            return masks
+        too_sparse = gap > 0
+        ranked = []
+        for unit in units:
+            a = self.log_alpha[unit].detach().float().cpu().flatten()
+            pool = masks.masks[unit].flatten() == (0 if too_sparse else 1)
+            order = sorted(pool.nonzero().flatten().tolist(),
+                           key=lambda j: (-float(a[j]), j) if too_sparse else (float(a[j]), j))
+            if unit == "hidden" and not too_sparse:
+                order = order[:-1]  # keep at least one hidden dim
+            ranked += [(unit, j) for j in order]
+
+        def flipped(n: int) -> MaskSet:
+            values = {unit: masks.masks[unit].clone().flatten() for unit in units}
+            for unit, j in ranked[:n]:
+                values[unit][j] = 1.0 if too_sparse else 0.0
+            return MaskSet(masks.masks | {unit: v.view_as(masks.masks[unit]) for unit, v in values.items()})
+
+        def reached(n: int) -> bool:
+            achieved = _achieved(flipped(n), self.structure, spec, kind, seq_len)
+            return achieved <= target + tolerance if too_sparse else achieved >= target - tolerance
+
+        lo, hi = 0, len(ranked)
+        if not reached(hi):
+            return flipped(hi)
+        while lo < hi:  # the fewest flips that reach the band (monotone in n)
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if reached(mid) else (mid + 1, hi)
+        return flipped(lo)
+
+
+def _achieved(masks: MaskSet, structure: ModelStructure, spec: dict, kind: str, seq_len: int) -> float:
+    summary = masks.summary(structure, spec, seq_len)
+    return summary["param_sparsity" if kind == "params" else "flops_reduction"]
+
+
+def max_sparsity(structure: ModelStructure, spec: dict, names: Sequence[str], kind: str = "params",
+                 seq_len: int = 128) -> float:
+    """The largest reduction gating ``names`` can reach (every gated unit removed, one hidden dim kept)."""
+    probs = {name: torch.zeros(shape, dtype=torch.float64) for name, shape in mask_shapes(structure).items()
+             if name in names}
+    if "hidden" in probs:
+        probs["hidden"][0] = 1.0
+    if not probs:
+        return 0.0
+    ones = {name: torch.ones_like(p) for name, p in probs.items()}
+    dense_params, dense_flops = expected_cost(structure, spec, ones, seq_len)
+    params, flops = expected_cost(structure, spec, probs, seq_len)
+    return float(1 - params / dense_params) if kind == "params" else float(1 - flops / dense_flops)

@@ -1,0 +1,256 @@
+"""The ``l0`` method: the Lagrangian reaches the target, distillation, bad input, exact resume after a
+real kill, DDP with two gloo processes, and the ``prune --method l0`` / ``finetune`` commands."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from structprune.arch import from_hf
+from structprune.arch.structure import ModelStructure
+from structprune.compact import compact, from_pretrained
+from structprune.data import get_task
+from structprune.distill import LayerDistillation, prediction_loss, teacher_layers
+from structprune.finetune import mark_task
+from structprune.methods import Budget, l0
+from tests.test_cli import cli, make_model, ok, write_task
+from tests.test_methods import encoded_data
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 100
+
+
+def tiny_bert(num_labels: int = 2) -> BertForSequenceClassification:
+    """Two layers, 4 heads, FFN 64, hidden 32, no dropout (so runs compare exactly)."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=32, num_labels=num_labels,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(config).eval()
+
+
+FAST = l0.L0Config(prune_epochs=30, finetune_epochs=2, batch_size=16, gate_lr=0.1, lambda_lr=0.1, lr=1e-3,
+                   checkpoint_every=None)
+
+
+@pytest.mark.parametrize("budget,granularities", [
+    (Budget(0.5), l0.L0Config.granularities),
+    (Budget(0.7), ("head", "neuron")),
+    (Budget(0.4, "flops", seq_len=16), ("attn_layer", "head", "ffn_layer", "neuron")),
+], ids=["params-0.5-all", "params-0.7-heads-neurons", "flops-0.4"])
+def test_lagrangian_drives_expected_sparsity_to_the_target(budget, granularities):
+    model = tiny_bert()
+    config = dataclasses.replace(FAST, granularities=granularities)
+    result = l0.prune(model, encoded_data(2, rows=64), budget, config=config)
+    # the controller did the work: the expected sparsity of the gates is at the target before extraction
+    assert abs(result.log["expected_sparsity_end"] - budget.target) < 0.03
+    assert abs(result.log["achieved"] - budget.target) <= 0.01
+    assert set(result.masks.masks) == set(granularities)
+    assert result.log["lambdas"][1] > 0  # the quadratic multiplier only ever grows under ascent
+    structure = ModelStructure.from_spec(from_hf(model).spec)
+    pruned = compact(from_hf(model), result.masks)
+    pruned.load_state_dict(result.weights)  # the weights are the fine-tuned compact model's
+    assert result.log["summary"] == result.masks.summary(structure, from_hf(model).spec, seq_len=budget.seq_len)
+
+
+def test_model_is_left_unchanged():
+    model = tiny_bert()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    l0.prune(model, encoded_data(2, rows=32), 0.3, config=dataclasses.replace(FAST, max_steps=3))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_unreachable_target_is_refused_before_training():
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"cannot be reached by gating only head: removing all of them gives at most"):
+        l0.prune(tiny_bert(), encoded_data(2), 0.9, config=l0.L0Config(granularities=("head",)))
+    assert time.perf_counter() - start < 5
+
+
+def test_teacher_for_other_labels_or_task_is_refused():
+    student = from_hf(tiny_bert())
+    with pytest.raises(ValueError, match="teacher has 3 outputs but the student has 2"):
+        l0.prune(tiny_bert(), encoded_data(2), 0.5, teacher=tiny_bert(num_labels=3))
+    teacher = from_hf(tiny_bert())
+    mark_task(teacher, get_task("rte"))
+    with pytest.raises(ValueError, match="fine-tuned on 'rte', not on 'sst2'"):
+        l0.check_teacher(teacher, student, "sst2", get_task("sst2").label_names)
+    mark_task(teacher, get_task("sst2"))
+    l0.check_teacher(teacher, student, "sst2", get_task("sst2").label_names)
+    with pytest.raises(ValueError, match="labels .* differ from the task's"):
+        l0.check_teacher(teacher, student, None, ("no", "yes"))
+    with pytest.raises(ValueError, match="labels range over 0..2 but the model has 2 outputs"):
+        l0.prune(tiny_bert(), encoded_data(3), 0.5)
+
+
+def test_prediction_and_layer_distillation():
+    logits = torch.randn(4, 3)
+    assert float(prediction_loss(logits, logits, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(prediction_loss(logits, logits.flip(0), 2.0)) > 0
+    assert teacher_layers(12) == (3, 6, 9, 12) and teacher_layers(6) == (1, 3, 4, 6) and teacher_layers(2) == (1, 2)
+    layers = LayerDistillation(8, 8, num_student_layers=4, layers=(2, 4))
+    teacher = [torch.randn(2, 5, 8) for _ in range(5)]
+    # student layer 1 (0-based) reproduces teacher layer 4; layer 0 reproduces teacher layer 2
+    student = [torch.zeros(2, 5, 8), teacher[2], teacher[4], torch.randn(2, 5, 8), torch.randn(2, 5, 8)]
+    mask = torch.ones(2, 5)
+    loss, mapping = layers(student, teacher, mask)
+    assert mapping == [0, 1] and float(loss) == pytest.approx(0.0, abs=1e-6)
+    # hidden dims removed: the compact student's states lack them and the restricted map gives the same loss
+    kept = [0, 2, 3, 5, 7]
+    zeroed = [s.clone() for s in student]
+    for s in zeroed:
+        s[..., [1, 4, 6]] = 0
+    full_loss, _ = layers(zeroed, teacher, mask)
+    small_loss, _ = layers.restrict(kept)([s[..., kept] for s in zeroed], teacher, mask)
+    assert float(small_loss) == pytest.approx(float(full_loss), rel=1e-6)
+
+
+RUN_SCRIPT = """
+import json, sys, torch
+sys.path.insert(0, {repo!r})
+from tests.test_l0 import tiny_bert
+from tests.test_methods import encoded_data
+from structprune.compact import compact
+from structprune.arch import from_hf
+from structprune.methods import Budget, l0
+from structprune.train import digest, init_distributed
+torch.set_num_threads(1)
+out, checkpoints, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rank, world = init_distributed()
+config = l0.L0Config(prune_epochs=steps / 4, finetune_epochs=1.5, batch_size=16, gate_lr=0.1, lambda_lr=0.1,
+                     lr=1e-3, checkpoint_every=1)
+data = encoded_data(2, rows=64)
+result = l0.prune(tiny_bert(), data, Budget(0.5), config=config,
+                  checkpoint_dir=None if checkpoints == "-" else checkpoints)
+model = compact(from_hf(tiny_bert()), result.masks)
+model.load_state_dict(result.weights)
+with torch.inference_mode():
+    logits = model(data["input_ids"], data["attention_mask"]).logits
+record = {{"masks": {{k: v.tolist() for k, v in result.masks.masks.items()}}, "weights": digest(result.weights),
+          "logits": logits.tolist(), "prune_losses": result.log["prune_losses"],
+          "finetune_losses": result.log["finetune_losses"], "achieved": result.log["achieved"]}}
+with open(f"{{out}}.rank{{rank}}.json", "w") as f:
+    json.dump(record, f)
+"""
+
+
+@pytest.fixture(scope="module")
+def run_script(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("l0-run") / "run.py"
+    path.write_text(RUN_SCRIPT.format(repo=str(REPO)))
+    return path
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(run_script, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("l0-ref") / "ref"
+    subprocess.run([sys.executable, str(run_script), str(out), "-", "40"], check=True, env=_env(), timeout=600)
+    return json.loads(Path(f"{out}.rank0.json").read_text())
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+@pytest.mark.parametrize("phase,at_step", [("prune", 15), ("finetune", 3)])
+def test_killed_run_resumes_to_identical_masks_and_metrics(run_script, uninterrupted, tmp_path, phase, at_step):
+    out, checkpoints = tmp_path / "run", tmp_path / "ckpt"
+    args = [sys.executable, str(run_script), str(out), str(checkpoints), "40"]
+    process = subprocess.Popen(args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = checkpoints / phase / "log.jsonl"
+    deadline = time.monotonic() + 300
+    while _lines(log) < at_step and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    subprocess.run(args, check=True, env=_env(), timeout=600)
+    resumed = json.loads(Path(f"{out}.rank0.json").read_text())
+    assert resumed["masks"] == uninterrupted["masks"]
+    assert resumed["weights"] == uninterrupted["weights"] and resumed["logits"] == uninterrupted["logits"]
+    assert resumed["prune_losses"] == uninterrupted["prune_losses"]
+    assert resumed["finetune_losses"] == uninterrupted["finetune_losses"]
+    assert abs(uninterrupted["achieved"] - 0.5) <= 0.01
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_gloo_processes_match_one_process(run_script, uninterrupted, tmp_path):
+    out = tmp_path / "ddp"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+                    f"--master_port={_free_port()}", str(run_script), str(out), str(tmp_path / "ckpt"), "40"],
+                   check=True, env=_env(), timeout=600, capture_output=True)
+    ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["masks"] == ranks[1]["masks"] and ranks[0]["weights"] == ranks[1]["weights"]
+    # each process takes half of every batch; the weighted, averaged gradient is the one-process gradient
+    one, two = torch.tensor(uninterrupted["prune_losses"]), torch.tensor(ranks[0]["prune_losses"])
+    assert torch.allclose(one[:10], two[:10], atol=1e-4)
+    assert torch.allclose(one, two, atol=5e-2)
+    assert abs(ranks[0]["achieved"] - 0.5) <= 0.01
+
+
+def test_cli_finetune_then_prune_l0_writes_everything(tmp_path):
+    model_dir = make_model(tmp_path / "model")
+    task = write_task(tmp_path / "task.tsv", rows=48)
+    out = ok("finetune", "--model", model_dir, "--task", task, "--epochs", 2, "--batch-size", 16, "--max-length", 32,
+             "--out", tmp_path / "dense", "--eval-split", "")
+    assert "fine-tuned on 48 task examples" in out
+    assert json.loads((tmp_path / "dense" / "config.json").read_text())["finetuned_task"] == "task"
+    out = ok("prune", "--method", "l0", "--model", tmp_path / "dense", "--task", task, "--target-sparsity", 0.5,
+             "--batch-size", 16, "--prune-epochs", 20, "--finetune-epochs", 1, "--gate-lr", 0.1, "--lambda-lr", 0.1,
+             "--seq-len", 16, "--max-length", 32, "--out", tmp_path / "l0")
+    assert "parameter sparsity" in out
+    folder = tmp_path / "l0"
+    for name in ("masks/masks.json", "pruned/config.json", "onnx-dense/model.onnx", "onnx-pruned/model.onnx",
+                 "report.md", "results.json", "l0-log.json"):
+        assert (folder / name).is_file(), name
+    results = json.loads((folder / "results.json").read_text())
+    assert abs(results["param_sparsity"] - 0.5) <= 0.01
+    assert results["pruned"]["accuracy"] == pytest.approx(results["pruned"]["accuracy_onnx"])
+    assert not (folder / "dense").exists()  # the given model was already fine-tuned on the task: it is the teacher
+    assert from_pretrained(folder / "pruned").config.finetuned_task == "task"
+    assert (tmp_path / "l0-checkpoints" / "l0" / "prune" / "checkpoint.pt").is_file()
+
+
+def test_cli_l0_refuses_a_teacher_of_another_task(tmp_path):
+    model_dir = make_model(tmp_path / "model")
+    task = write_task(tmp_path / "task.tsv", rows=16)
+    ok("finetune", "--model", model_dir, "--task", task, "--epochs", 1, "--max-length", 32, "--out",
+       tmp_path / "teacher", "--eval-split", "")
+    config_path = tmp_path / "teacher" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["finetuned_task"] = "rte"
+    config_path.write_text(json.dumps(config))
+    code, _, err = cli("prune", "--method", "l0", "--model", model_dir, "--teacher", tmp_path / "teacher", "--task",
+                       task, "--target-sparsity", 0.5, "--out", tmp_path / "out")
+    assert code == 1 and "teacher was fine-tuned on 'rte', not on 'task'" in err and "Traceback" not in err
+
+
+def test_cli_l0_fine_tunes_the_teacher_when_the_model_is_not(tmp_path):
+    model_dir = make_model(tmp_path / "model")
+    task = write_task(tmp_path / "task.tsv", rows=32)
+    ok("prune", "--method", "l0", "--model", model_dir, "--task", task, "--target-sparsity", 0.3, "--batch-size", 16,
+       "--max-steps", 2, "--seq-len", 16, "--max-length", 32, "--out", tmp_path / "l0",
+       "--checkpoint-dir", tmp_path / "ckpt")
+    dense = from_pretrained(tmp_path / "l0" / "dense")
+    assert dense.config.finetuned_task == "task"
+    assert (tmp_path / "ckpt" / "dense" / "checkpoint.pt").is_file()
+    assert "fine-tuned here" in (tmp_path / "l0" / "report.md").read_text()
