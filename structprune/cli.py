@@ -50,14 +50,17 @@ from structprune.export import (
     export,
     session,
 )
-from structprune.finetune import evaluate
+from structprune.finetune import FinetuneConfig, evaluate, finetune, mark_task
 from structprune.io import check_output_dir
+from structprune.latency import measure_table
 from structprune.masks import MaskSet
 from structprune.methods import Budget, get_method, list_methods
+from structprune.methods.l0 import L0Config
 from structprune.modeling_compact import (
     SECTION,
     StructpruneForSequenceClassification,
 )
+from structprune.prune_pipeline import run_l0
 
 USER_ERRORS = (ValueError, OSError, DemoError, ExportParityError, VaderDownloadError, FloatingPointError)
 """Failures caused by input or environment: reported as one line, exit status 1."""
@@ -141,14 +144,20 @@ def load_data(args: argparse.Namespace, split: str) -> TaskData:
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
-    budget = Budget(args.target_sparsity, args.budget_kind, args.seq_len)
+    budget = Budget(args.target_sparsity, args.budget_kind, args.seq_len, args.latency_table)
     method = get_method(args.method)
+    if args.method == "l0":
+        _prune_l0(args, budget)
+        return
     check_output_dir(args.out, args.overwrite)
     data = load_data(args, args.split)
     model = load_model(args.model, data.task.num_labels)
     encoded = encode(data, load_tokenizer(args.model), args.max_length)
     options = {"batch_size": args.batch_size, "calib_batches": args.calib_batches, "seed": args.seed,
-               "progress": True}
+               "progress": True, "grad_batch_size": args.batch_size}
+    training_free = {"objective": args.objective, "max_examples": args.calib_examples, "steps": args.steps,
+                     "scope": args.scope, "tune": args.tune, "teacher": args.tuning_teacher}
+    options |= {k: v for k, v in training_free.items() if v is not None}  # unset: the method's default
     accepted = inspect.signature(method).parameters  # each method takes only the options it uses
     result = method(model, encoded, budget, **{k: v for k, v in options.items() if k in accepted})
     result.masks.meta |= {"model": args.model, "task": data.task.name, "num_labels": data.task.num_labels,
@@ -162,6 +171,56 @@ def cmd_prune(args: argparse.Namespace) -> None:
     print(f"next: structprune compact {args.out} --model {args.model} --out PRUNED_DIR")
 
 
+def _l0_config(args: argparse.Namespace) -> L0Config:
+    granularities = tuple(name.strip() for name in args.granularities.split(",") if name.strip())
+    return L0Config(granularities=granularities, prune_epochs=args.prune_epochs, finetune_epochs=args.finetune_epochs,
+                    batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, gate_lr=args.gate_lr,
+                    lambda_lr=args.lambda_lr, task_weight=args.task_weight, pred_weight=args.pred_weight,
+                    layer_weight=args.layer_weight, temperature=args.temperature, seed=args.seed,
+                    max_steps=args.max_steps)
+
+
+def _prune_l0(args: argparse.Namespace, budget: Budget) -> None:
+    """``prune --method l0``: learned masks, compact model, ONNX export and report in one folder."""
+    config = _l0_config(args)
+    check_output_dir(args.out, args.overwrite)
+    train = load_data(args, args.split)
+    evaluation = load_task(args.task, args.eval_split, data_dir=args.data_dir) if Path(
+        args.task).suffix.lower() not in FILE_SUFFIXES else train
+    model = load_model(args.model, train.task.num_labels)
+    teacher = None if args.teacher is None else load_model(args.teacher, train.task.num_labels)
+    checkpoints = Path(args.checkpoint_dir or f"{Path(args.out).absolute()}-checkpoints")
+    comparison = run_l0(model, load_tokenizer(args.model), train, evaluation, args.out, budget, config,
+                        teacher=teacher, max_length=args.max_length, checkpoint_dir=checkpoints,
+                        latency_seq=args.seq_len, model_name=args.model, overwrite=args.overwrite)
+    print(f"written to {args.out}: masks/, pruned/, onnx-dense/, onnx-pruned/, report.md "
+          f"(checkpoints in {checkpoints}; delete them once you are done)")
+    print(f"{comparison.metric}: dense {comparison.dense.accuracy:.2f}%, pruned {comparison.pruned.accuracy:.2f}%; "
+          f"parameter sparsity {comparison.param_sparsity:.3f}; ONNX Runtime {comparison.ort_speedup:.2f}x faster "
+          f"(FLOPs-ideal {comparison.flops_speedup:.2f}x)")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    check_output_dir(args.out, args.overwrite)
+    train = load_data(args, args.split)
+    model = load_model(args.model, train.task.num_labels)
+    tokenizer = load_tokenizer(args.model)
+    config = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    log = finetune(model, encode(train, tokenizer, args.max_length), config,
+                   checkpoint_dir=args.checkpoint_dir,
+                   fingerprint={"model": args.model, "task": train.task.name, "rows": len(train),
+                                "config": dataclasses.asdict(config), "max_length": args.max_length})
+    mark_task(model, train.task)
+    save(model, args.out, tokenizer, overwrite=args.overwrite)
+    print(f"fine-tuned on {len(train)} {train.task.name} examples in {log.seconds:.0f} s "
+          f"({log.steps} steps, final loss {log.losses[-1]:.4f}); written to {args.out}")
+    if args.eval_split and Path(args.task).suffix.lower() not in FILE_SUFFIXES:
+        evaluation = load_task(args.task, args.eval_split, data_dir=args.data_dir)
+        metrics = evaluate(model, encode(evaluation, tokenizer, args.max_length), train.task)
+        print(f"{train.task.name} {args.eval_split} ({len(evaluation)} examples): "
+              + ", ".join(f"{name} {value:.2f}" for name, value in metrics.items()))
+
+
 def cmd_compact(args: argparse.Namespace) -> None:
     check_output_dir(args.out, args.overwrite)
     masks = MaskSet.load(args.masks)
@@ -171,6 +230,20 @@ def cmd_compact(args: argparse.Namespace) -> None:
     summary = masks.summary(ModelStructure.from_spec(model.spec), model.spec)
     print(f"compact model written to {args.out}: {summary['params_kept']:,} of {summary['params_dense']:,} "
           f"attention + FFN parameters kept (sparsity {summary['param_sparsity']:.3f})")
+
+
+def cmd_latency_table(args: argparse.Namespace) -> None:
+    if args.batch < 1 or args.seq < 1:
+        raise CliError(f"--batch and --seq must be >= 1, got {args.batch} and {args.seq}")
+    if Path(args.out).exists() and not args.overwrite:
+        raise CliError(f"{args.out} already exists; choose another file or pass --overwrite")
+    table = measure_table(load_model(args.model), args.batch, args.seq, args.ffn_points, args.threads)
+    table.save(args.out)
+    print(f"latency table written to {args.out}: ONNX Runtime CPU, batch {args.batch}, sequence {args.seq}, "
+          f"{args.threads} threads; all sublayers removed {table.base_ms:.2f} ms, per layer: "
+          f"{len(table.attn_ms) - 1} heads {table.attn_ms[-1]:.2f} ms, {table.ffn_widths[-1]} neurons "
+          f"{table.ffn_ms[-1]:.2f} ms")
+    print(f"use it: structprune prune ... --budget-kind latency --latency-table {args.out} --target-sparsity 0.5")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -284,15 +357,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-sparsity", type=float, required=True,
                    help="fraction to remove, in [0, 1): of attention + FFN parameters, or of FLOPs with "
                         "--budget-kind flops")
-    p.add_argument("--budget-kind", choices=("params", "flops"), default="params",
-                   help="what --target-sparsity counts (default: params)")
+    p.add_argument("--budget-kind", choices=("params", "flops", "latency"), default="params",
+                   help="what --target-sparsity counts (default: params); latency: the fraction of latency "
+                        "removed as predicted by --latency-table (0.5 = 2x faster)")
+    p.add_argument("--latency-table", default=None,
+                   help="latency table of MODEL (`structprune latency-table`), for --budget-kind latency")
     p.add_argument("--seq-len", type=int, default=128, help="sequence length of FLOPs counts (default: 128)")
     p.add_argument("--calib-batches", type=int, default=8,
                    help="batches of task data used to score units (taylor; default: 8)")
     p.add_argument("--batch-size", type=int, default=32, help="examples per calibration batch (default: 32)")
-    p.add_argument("--out", required=True, help="masks folder to write")
+    p.add_argument("--out", required=True, help="masks folder to write (l0: the output folder of masks, compact "
+                                                "model, ONNX exports and report)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds something")
+    l0 = p.add_argument_group("l0 method (learned hard-concrete masks with distillation)")
+    l0.add_argument("--teacher", default=None, help="dense teacher fine-tuned on the task (default: --model when "
+                                                    "it was fine-tuned on the task, else --model fine-tuned first)")
+    l0.add_argument("--eval-split", default="dev", help="split the report scores (default: dev)")
+    l0.add_argument("--checkpoint-dir", default=None, help="where to checkpoint, and resume from "
+                                                           "(default: OUT-checkpoints beside --out)")
+    l0.add_argument("--granularities", default=",".join(L0Config.granularities),
+                    help="units to gate, comma-separated (default: all: %(default)s)")
+    l0.add_argument("--prune-epochs", type=float, default=L0Config.prune_epochs,
+                    help="epochs of the pruning phase (default: %(default)s)")
+    l0.add_argument("--finetune-epochs", type=float, default=L0Config.finetune_epochs,
+                    help="epochs of fine-tuning the compact model (default: %(default)s)")
+    l0.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default: 1)")
+    l0.add_argument("--lr", type=float, default=L0Config.lr, help="weights' learning rate (default: %(default)s)")
+    l0.add_argument("--gate-lr", type=float, default=L0Config.gate_lr,
+                    help="gates' learning rate (default: %(default)s)")
+    l0.add_argument("--lambda-lr", type=float, default=L0Config.lambda_lr,
+                    help="Lagrange multipliers' learning rate, gradient ascent (default: %(default)s)")
+    l0.add_argument("--task-weight", type=float, default=L0Config.task_weight,
+                    help="weight of the task loss (default: %(default)s)")
+    l0.add_argument("--pred-weight", type=float, default=L0Config.pred_weight,
+                    help="weight of prediction distillation (default: %(default)s)")
+    l0.add_argument("--layer-weight", type=float, default=L0Config.layer_weight,
+                    help="weight of layer-wise hidden-state distillation (default: %(default)s)")
+    l0.add_argument("--temperature", type=float, default=L0Config.temperature,
+                    help="prediction distillation temperature (default: %(default)s)")
+    l0.add_argument("--max-steps", type=int, default=None, help="cap on the steps of each phase (smoke tests)")
+    free = p.add_argument_group("training-free methods (attribution, fisher, head_importance); unset: the method's "
+                                "default")
+    free.add_argument("--objective", choices=("supervised", "pseudo", "entropy"), default=None,
+                      help="supervised: gold labels; pseudo: the model's own predictions as labels; entropy: "
+                           "prediction entropy (attribution only); pseudo and entropy ignore the labels")
+    free.add_argument("--calib-examples", type=int, default=None,
+                      help="calibration examples drawn from the task data (default: 2048, head_importance 512)")
+    free.add_argument("--steps", type=int, default=None, help="attribution: points on each integration path")
+    free.add_argument("--scope", choices=("global", "layer"), default=None,
+                      help="attribution: rank units across all layers (global, default) or prune each layer alike")
+    free.add_argument("--tune", action=argparse.BooleanOptionalAction, default=None,
+                      help="least-squares mask tuning of the kept units (fisher: on by default; attribution: off)")
+    free.add_argument("--tuning-teacher", choices=("dense", "intermediate"), default=None,
+                      help="fisher: the sublayer outputs mask tuning reconstructs (default: dense)")
     p.set_defaults(run=cmd_prune)
+
+    p = sub.add_parser("finetune", help="fine-tune a dense model on a task (baseline and teacher)",
+                       description="Fine-tune MODEL on a task (all of it, or --train-size examples) and save it as a "
+                                   "structprune folder that records the task and labels, ready to be a teacher.")
+    p.add_argument("--model", required=True, help="model folder (structprune or Hugging Face) or hub name")
+    _add_task_options(p, split="train")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs (default: 3)")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per step (default: 32)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
+    p.add_argument("--eval-split", default="dev", help="split to score after training ('' to skip; default: dev)")
+    p.add_argument("--checkpoint-dir", default=None, help="checkpoint here and resume from it (default: none)")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds something")
+    p.set_defaults(run=cmd_finetune)
 
     p = sub.add_parser("compact", help="apply a masks folder to a model and save the smaller model",
                        description="Remove the masked heads and neurons from MODEL for real and save the smaller "
@@ -302,6 +434,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds something")
     p.set_defaults(run=cmd_compact)
+
+    p = sub.add_parser("latency-table", help="measure a per-layer latency table for latency budgets",
+                       description="Measure how long MODEL's attention (per head count) and FFN (per width) "
+                                   "sublayers take on ONNX Runtime CPU, for `prune --budget-kind latency`.")
+    p.add_argument("--model", required=True, help="the dense model (folder or hub name)")
+    p.add_argument("--out", required=True, help="table file (JSON) to write")
+    p.add_argument("--batch", type=int, default=8, help="examples per call (default: 8)")
+    p.add_argument("--seq", type=int, default=128, help="tokens per example (default: 128)")
+    p.add_argument("--ffn-points", type=int, default=8, help="FFN widths measured besides 0 (default: 8)")
+    p.add_argument("--threads", type=int, default=bench.CPU_THREADS,
+                   help=f"ONNX Runtime intra-op threads (default: {bench.CPU_THREADS})")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(run=cmd_latency_table)
 
     p = sub.add_parser("export", help="export a model to ONNX (with a PyTorch parity check)",
                        description="Export MODEL to an ONNX folder (model.onnx, config.json, tokenizer) that "

@@ -41,25 +41,29 @@ from transformers import PreTrainedModel
 from structprune.arch import from_hf
 from structprune.arch.structure import LayerStructure, ModelStructure
 from structprune.masked import MaskedModel
+from structprune.latency import LatencyTable
 from structprune.masks import MaskSet, count_flops, count_params
 from structprune.modeling_compact import StructpruneForSequenceClassification
 
-BUDGET_KINDS = ("params", "flops")
+BUDGET_KINDS = ("params", "flops", "latency")
 DEFAULT_TOLERANCE = 0.005
 
 
 @dataclass(frozen=True)
 class Budget:
-    """How much to remove: a fraction of parameters or of FLOPs.
+    """How much to remove: a fraction of parameters, of FLOPs, or of measured latency.
 
     ``target`` in [0, 1): with ``kind="params"`` the parameter sparsity (attention and FFN
     projections, embeddings excluded, as in :mod:`structprune.masks`); with ``kind="flops"`` the
-    fraction of forward FLOPs removed at sequence length ``seq_len``.
+    fraction of forward FLOPs removed at sequence length ``seq_len``; with ``kind="latency"`` the
+    fraction of latency removed as predicted by the :class:`~structprune.latency.LatencyTable` saved
+    at ``latency_table`` (0.5: 2x faster on the backend and input shape the table was measured on).
     """
 
     target: float
     kind: str = "params"
     seq_len: int = 128
+    latency_table: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target, bool) or not isinstance(self.target, (int, float)):
@@ -71,12 +75,17 @@ class Budget:
             )
         if self.kind not in BUDGET_KINDS:
             raise ValueError(f"budget kind {self.kind!r} is not one of {BUDGET_KINDS}")
+        if (self.kind == "latency") != (self.latency_table is not None):
+            raise ValueError(f"a budget of kind {self.kind!r} with latency_table={self.latency_table!r}: kind "
+                             "'latency' needs latency_table (a table file from structprune.latency), and only "
+                             "kind 'latency' takes one")
         if self.seq_len < 1:
             raise ValueError(f"budget seq_len must be >= 1, got {self.seq_len}")
 
     def achieved(self, summary: Mapping[str, float]) -> float:
         """The fraction a :meth:`MaskSet.summary` shows removed, in this budget's kind."""
-        return summary["param_sparsity" if self.kind == "params" else "flops_reduction"]
+        return summary[{"params": "param_sparsity", "flops": "flops_reduction",
+                        "latency": "latency_reduction_predicted"}[self.kind]]
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -113,9 +122,15 @@ class _Costs:
 
     def __init__(self, structure: ModelStructure, spec: dict, budget: Budget):
         self.structure, self.spec, self.budget = structure, spec, budget
+        self.table = None
+        if budget.kind == "latency":
+            self.table = LatencyTable.load(budget.latency_table)
+            self.table.check(structure)
         self.total = self._count(structure)
 
-    def _count(self, structure: ModelStructure) -> int:
+    def _count(self, structure: ModelStructure) -> float:
+        if self.table is not None:
+            return self.table.estimate(structure)
         if self.budget.kind == "params":
             return count_params(structure, self.spec)
         return count_flops(structure, self.spec, self.budget.seq_len)
@@ -263,9 +278,21 @@ def result_from_scores(method: str, model: StructpruneForSequenceClassification,
     how it was made); they must include ``min_heads``, ``min_neurons`` and ``tolerance``.
     """
     structure = ModelStructure.from_spec(model.spec)
-    masks = select_units(structure, model.spec, scores, budget, options["min_heads"], options["min_neurons"],
-                         options["tolerance"])
+    select = selection.select_per_layer if options.get("scope") == "layer" else select_units
+    masks = select(structure, model.spec, scores, budget, options["min_heads"], options["min_neurons"],
+                   options["tolerance"])
+    return result_from_masks(method, model, masks, budget, options, log)
+
+
+def result_from_masks(method: str, model: StructpruneForSequenceClassification, masks: MaskSet, budget: Budget,
+                      options: Mapping[str, object], log: Mapping[str, object]) -> PruneResult:
+    """The :class:`PruneResult` of ``masks``: a summary (with the predicted latency reduction under a
+    latency budget) and the method's settings in the masks' metadata."""
+    structure = ModelStructure.from_spec(model.spec)
     summary = masks.summary(structure, model.spec, seq_len=budget.seq_len)
+    if budget.kind == "latency":
+        costs = _Costs(structure, model.spec, budget)
+        summary["latency_reduction_predicted"] = 1.0 - costs.table.estimate(masks.resolve(structure)) / costs.total
     masks.meta = {"method": method, "budget": budget.as_dict(), "options": dict(options)}
     return PruneResult(masks, None, {**log, "method": method, "achieved": budget.achieved(summary), "summary": summary})
 
@@ -284,7 +311,9 @@ def get_method(name: str) -> PruneFn:
 
 
 # Imported last: the method modules import the definitions above.
-from structprune.methods import magnitude, taylor
+from structprune.methods import attribution, fisher, head_importance, l0, magnitude, selection, taylor
 
-METHODS: Mapping[str, PruneFn] = MappingProxyType({"taylor": taylor.prune, "magnitude": magnitude.prune})
+METHODS: Mapping[str, PruneFn] = MappingProxyType({"taylor": taylor.prune, "magnitude": magnitude.prune,
+                                                   "l0": l0.prune, "attribution": attribution.prune,
+                                                   "fisher": fisher.prune, "head_importance": head_importance.prune})
 """Every pruning method by name."""

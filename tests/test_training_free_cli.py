@@ -1,0 +1,55 @@
+"""The training-free methods and latency budgets from the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from structprune.compact import from_pretrained
+from structprune.masks import MaskSet
+from test_cli import cli, make_model, ok, write_task
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training-free-cli")
+    return {"root": root, "model": make_model(root / "model"), "task": write_task(root / "task.tsv", rows=48)}
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("fisher", ["--calib-examples", 32]),
+    ("attribution", ["--steps", 2, "--objective", "entropy"]),
+    ("attribution", ["--scope", "layer", "--tune"]),
+    ("head_importance", ["--objective", "pseudo"]),
+])
+def test_prune_then_compact(setup, method, extra):
+    name = f"{method}-{len(extra)}"
+    masks_dir, pruned_dir = setup["root"] / f"masks-{name}", setup["root"] / f"pruned-{name}"
+    out = ok("prune", "--model", setup["model"], "--task", setup["task"], "--method", method, "--budget-kind", "flops",
+             "--target-sparsity", 0.3, "--out", masks_dir, "--batch-size", 8, "--max-length", 16, *extra)
+    assert "FLOPs reduction 0.3" in out
+    info = json.loads((masks_dir / "masks.json").read_text())
+    assert info["meta"]["method"] == method
+    if method == "fisher" or "--tune" in extra:
+        assert info["scales"] == ["head", "neuron"]
+    ok("compact", masks_dir, "--model", setup["model"], "--out", pruned_dir)
+    assert from_pretrained(pruned_dir) is not None
+
+
+def test_latency_table_then_latency_budget(setup):
+    table = setup["root"] / "table.json"
+    out = ok("latency-table", "--model", setup["model"], "--out", table, "--batch", 2, "--seq", 16, "--ffn-points", 2)
+    assert "latency table written" in out
+    masks_dir = setup["root"] / "masks-latency"
+    ok("prune", "--model", setup["model"], "--task", setup["task"], "--method", "fisher", "--budget-kind", "latency",
+       "--latency-table", table, "--target-sparsity", 0.3, "--out", masks_dir, "--batch-size", 8, "--max-length", 16)
+    info = json.loads((masks_dir / "masks.json").read_text())
+    assert info["meta"]["budget"]["kind"] == "latency"
+    assert MaskSet.load(masks_dir).masks["head"].sum() < torch.numel(MaskSet.load(masks_dir).masks["head"])
+    code, _, err = cli("latency-table", "--model", setup["model"], "--out", table)
+    assert code == 1 and "already exists" in err
+    code, _, err = cli("prune", "--model", setup["model"], "--task", setup["task"], "--method", "fisher",
+                       "--budget-kind", "latency", "--target-sparsity", 0.3, "--out", setup["root"] / "x")
+    assert code == 1 and "latency_table" in err
