@@ -26,7 +26,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from kernel_timing import MODES, RESULTS, dead_gate, mode_callables, prepare, time_all, write_rows
+from kernel_timing import (
+    MODES,
+    RESULTS,
+    add_device_options,
+    dead_gate,
+    dtype_of,
+    mode_callables,
+    prepare,
+    time_all,
+    write_rows,
+)
 
 from structprune import ops, reference
 
@@ -109,9 +119,7 @@ def relative_error(attn: Callable[..., torch.Tensor], q, k, v, gate, causal: boo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
-                        help="default: fp32 on CPU, bf16 on CUDA")
+    add_device_options(parser)
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--head-dims", type=int, nargs="+", default=None, help="only these head dims")
     parser.add_argument("--seqs", type=int, nargs="+", default=None, help="only these sequence lengths")
@@ -119,8 +127,7 @@ def main() -> None:
     parser.add_argument("--csv", default=str(RESULTS / "attention.csv"))
     args = parser.parse_args()
     machine = prepare(args.device)
-    dtype_name = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+    dtype_name, dtype = dtype_of(args)
     fns = variants(args.device)
     baseline = BASELINE[args.device]
     shapes = cpu_shapes(args.quick) if args.device == "cpu" else cuda_shapes(args.quick)

@@ -21,7 +21,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from kernel_timing import MODES, RESULTS, dead_gate, mode_callables, prepare, time_all, write_rows
+from kernel_timing import (
+    MODES,
+    RESULTS,
+    add_device_options,
+    dead_gate,
+    dtype_of,
+    mode_callables,
+    prepare,
+    time_all,
+    write_rows,
+)
 
 from structprune import ops, reference
 
@@ -41,15 +51,12 @@ def shapes(device: str, quick: bool) -> list[tuple[int, int, int, str, bool]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
-                        help="default: fp32 on CPU, bf16 on CUDA")
+    add_device_options(parser)
     parser.add_argument("--quick", action="store_true", help="one small shape; nothing written")
     parser.add_argument("--csv", default=str(RESULTS / "ffn.csv"))
     args = parser.parse_args()
     machine = prepare(args.device)
-    dtype_name = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+    dtype_name, dtype = dtype_of(args)
     kernel = "cpp" if args.device == "cpu" else "triton"
     rows: list[dict[str, object]] = []
     print(f"gated FFN, {args.device} ({machine['gpu'] or machine['cpu']}), {dtype_name}; "

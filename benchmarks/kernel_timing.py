@@ -9,6 +9,7 @@ callables of one configuration are timed in alternating turns with 2 threads
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -51,6 +52,21 @@ def dead_gate(units: int, dead_fraction: float, device: str, seed: int = 0) -> t
     gate = torch.rand(units, generator=g) * 0.5 + 0.5
     gate[torch.randperm(units, generator=g)[: round(units * dead_fraction)]] = 0.0
     return gate.to(device)
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype``, shared by the kernel benchmarks."""
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: fp32 on CPU, bf16 on CUDA")
+
+
+def dtype_of(args: argparse.Namespace) -> tuple[str, torch.dtype]:
+    """The benchmark's dtype (name, torch dtype) from ``--dtype`` or the device's default."""
+    name = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
+    return name, DTYPES[name]
 
 
 def prepare(device: str) -> dict[str, object]:

@@ -270,6 +270,29 @@ def dense_model(model: PreTrainedModel | MaskedModel) -> StructpruneForSequenceC
     return full
 
 
+@dataclass(frozen=True)
+class PruningInputs:
+    """What a data-driven method starts from: see :func:`prepare_pruning`."""
+
+    budget: Budget
+    full: StructpruneForSequenceClassification
+    structure: ModelStructure
+    masked: MaskedModel
+
+
+def prepare_pruning(model: PreTrainedModel | MaskedModel, budget: Budget | float, min_heads: int = 1,
+                    min_neurons: int = 1) -> PruningInputs:
+    """The budget as a :class:`Budget`, the full-size model and its structure, and a
+    :class:`MaskedModel` over it (``model`` itself when it is one; a structprune model is copied).
+    Raises before any work when the budget cannot be met with ``min_heads`` / ``min_neurons``."""
+    budget = as_budget(budget)
+    full = dense_model(model)
+    structure = ModelStructure.from_spec(full.spec)
+    check_reachable(structure, full.spec, budget, min_heads, min_neurons)
+    masked = model if isinstance(model, MaskedModel) else MaskedModel(full)
+    return PruningInputs(budget, full, structure, masked)
+
+
 def result_from_scores(method: str, model: StructpruneForSequenceClassification, scores: Mapping[str, torch.Tensor],
                        budget: Budget, options: Mapping[str, object], log: Mapping[str, object]) -> PruneResult:
     """Select units from ``scores`` (see :func:`select_units`) and record what was done.

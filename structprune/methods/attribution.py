@@ -59,9 +59,7 @@ from structprune.methods import (
     DEFAULT_TOLERANCE,
     Budget,
     PruneResult,
-    as_budget,
-    check_reachable,
-    dense_model,
+    prepare_pruning,
     result_from_scores,
 )
 from structprune.methods.calibration import calibration_batches, gate_gradient, prepare, unit_gates
@@ -188,10 +186,8 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
         raise ValueError(f"attribution: scope {scope!r} is not one of {SCOPES}")
     if aggregate not in AGGREGATES:
         raise ValueError(f"attribution: aggregate {aggregate!r} is not one of {AGGREGATES}")
-    budget = as_budget(budget)
-    full = dense_model(model)
-    check_reachable(ModelStructure.from_spec(full.spec), full.spec, budget, min_heads, min_neurons)
-    masked = model if isinstance(model, MaskedModel) else MaskedModel(full)
+    inputs = prepare_pruning(model, budget, min_heads, min_neurons)
+    budget, full, masked = inputs.budget, inputs.full, inputs.masked
     start = time.perf_counter()
     attributions = attribution_scores(masked, task_data, steps, objective, path, batch_size, max_examples, stratify,
                                       seed, progress)

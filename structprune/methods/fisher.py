@@ -49,9 +49,8 @@ from structprune.methods import (
     PruneResult,
     _Costs,
     _Layer,
-    as_budget,
     check_reachable,
-    dense_model,
+    prepare_pruning,
     result_from_masks,
     select_units,
 )
@@ -187,11 +186,8 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
         raise ValueError("fisher needs a loss over labels: use objective='supervised' or 'pseudo'")
     if teacher not in TEACHERS:
         raise ValueError(f"fisher: teacher {teacher!r} is not one of {TEACHERS}")
-    budget = as_budget(budget)
-    full = dense_model(model)
-    structure = ModelStructure.from_spec(full.spec)
-    check_reachable(structure, full.spec, budget, min_heads, min_neurons)
-    masked = model if isinstance(model, MaskedModel) else MaskedModel(full)
+    inputs = prepare_pruning(model, budget, min_heads, min_neurons)
+    budget, full, structure, masked = inputs.budget, inputs.full, inputs.structure, inputs.masked
     start = time.perf_counter()
     was_training = masked.training
     masked.eval()

@@ -27,16 +27,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from structprune.arch.structure import ModelStructure
 from structprune.masked import MaskedModel
 from structprune.masks import MaskSet
 from structprune.methods import (
     DEFAULT_TOLERANCE,
     Budget,
     PruneResult,
-    as_budget,
-    check_reachable,
-    dense_model,
+    prepare_pruning,
     result_from_masks,
     select_units,
 )
@@ -100,11 +97,8 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
         raise ValueError(f"head_importance: iterations must be >= 1, got {iterations}")
     if objective == "entropy":
         raise ValueError("head_importance differentiates a loss over labels: use objective='supervised' or 'pseudo'")
-    budget = as_budget(budget)
-    full = dense_model(model)
-    structure = ModelStructure.from_spec(full.spec)
-    check_reachable(structure, full.spec, budget, min_heads, min_neurons)
-    masked = model if isinstance(model, MaskedModel) else MaskedModel(full)
+    inputs = prepare_pruning(model, budget, min_heads, min_neurons)
+    budget, full, structure, masked = inputs.budget, inputs.full, inputs.structure, inputs.masked
     start = time.perf_counter()
     was_training = masked.training
     masked.eval()

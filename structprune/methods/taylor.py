@@ -21,7 +21,6 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from structprune.arch.structure import ModelStructure
 from structprune.data import batches
 from structprune.finetune import model_inputs, trim_padding
 from structprune.masked import MaskedModel
@@ -29,9 +28,7 @@ from structprune.methods import (
     DEFAULT_TOLERANCE,
     Budget,
     PruneResult,
-    as_budget,
-    check_reachable,
-    dense_model,
+    prepare_pruning,
     result_from_scores,
 )
 
@@ -90,10 +87,8 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
         batch_size, calib_batches, seed: the calibration batches (see :func:`taylor_scores`).
         min_heads, min_neurons, tolerance: see :func:`structprune.methods.select_units`.
     """
-    budget = as_budget(budget)
-    full = dense_model(model)
-    check_reachable(ModelStructure.from_spec(full.spec), full.spec, budget, min_heads, min_neurons)
-    masked = model if isinstance(model, MaskedModel) else MaskedModel(full)  # MaskedModel copies a structprune model
+    inputs = prepare_pruning(model, budget, min_heads, min_neurons)
+    budget, full, masked = inputs.budget, inputs.full, inputs.masked
     start = time.perf_counter()
     scores = taylor_scores(masked, task_data, batch_size, calib_batches, seed, progress)
     options = {"batch_size": batch_size, "calib_batches": calib_batches, "seed": seed, "min_heads": min_heads,
