@@ -27,6 +27,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,7 +41,7 @@ from structprune.data import encode, load_task
 from structprune.demo import minilm_dir
 from structprune.finetune import FinetuneConfig, evaluate, finetune, mark_task
 from structprune.io import atomic_write_text
-from structprune.methods import Budget, l0
+from structprune.methods import Budget, PruneResult, l0
 
 HERE = Path(__file__).resolve().parent
 CSV = HERE / "results" / "l0.csv"
@@ -89,8 +90,8 @@ class Runner:
         self.eval_enc = encode(self.evaluation, self.tokenizer, MAX_LENGTH)
         self.key = _settings_key({"l0": dataclasses.asdict(config)})
         self.dense_key = _settings_key({})
-        prefix = CACHE / f"{name}-{len(self.train)}-s{seed}-{args.device}"
-        self.dense_folder, self.folder = Path(f"{prefix}-dense-{self.dense_key}"), Path(f"{prefix}-l0-{self.key}")
+        self.prefix = CACHE / f"{name}-{len(self.train)}-s{seed}-{args.device}"
+        self.dense_folder = Path(f"{self.prefix}-dense-{self.dense_key}")
 
     def row(self, method: str, target: float, accuracy: float, seconds: float, summary: dict, extra: dict,
             key: str) -> dict:
@@ -127,15 +128,19 @@ class Runner:
         return model.to(self.args.device), record
 
     def _accuracy(self, model) -> float:
-        device = next(model.parameters()).device
-        accuracy = evaluate(model.cpu(), self.eval_enc, self.train.task)[self.train.task.main_metric]
-        model.to(device)
-        return accuracy
+        return evaluate(model, self.eval_enc, self.train.task)[self.train.task.main_metric]
 
     def pruned(self, dense, target: float) -> dict:
+        """Prune ``dense`` with ``l0`` at ``target`` and measure the compact model: the cell's CSV row."""
+        return self.measure(dense, "l0", target, self.key, dataclasses.asdict(self.config),
+                            lambda checkpoint: l0.prune(dense, self.train_enc, Budget(target, seq_len=FLOPS_SEQ),
+                                                        config=self.config, checkpoint_dir=checkpoint, progress=True))
+
+    def measure(self, dense, method: str, target: float, key: str, settings: dict,
+                run: Callable[[Path], PruneResult], extra: dict | None = None) -> dict:
+        """Run ``run(checkpoint_dir)``, rebuild its compact model from ``dense`` and score it: the CSV row."""
         start = time.perf_counter()
-        result = l0.prune(dense, self.train_enc, Budget(target, seq_len=FLOPS_SEQ), config=self.config,
-                          checkpoint_dir=self.folder / f"l0-{target:g}", progress=True)
+        result = run(Path(f"{self.prefix}-{method}-{key}") / f"{target:g}")
         seconds = time.perf_counter() - start
         model = compact(dense, result.masks)
         model.load_state_dict(result.weights)
@@ -145,8 +150,8 @@ class Runner:
                  "prune_steps": result.log["prune_steps"], "finetune_steps": result.log["finetune_steps"],
                  "kept_heads": " ".join(str(x["heads"]) for x in summary["layers"]),
                  "kept_ffn": " ".join(str(x["ffn"]) for x in summary["layers"]), "kept_hidden": summary["hidden"],
-                 "settings": json.dumps(dataclasses.asdict(self.config))}
-        return self.row("l0", target, accuracy, seconds, summary, extra, self.key)
+                 "settings": json.dumps(settings)} | (extra or {})
+        return self.row(method, target, accuracy, seconds, summary, extra, key)
 
 
 def table(path: Path) -> str:
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="sst2,cr,mrpc,rte", help="comma-separated (default: %(default)s)")
     parser.add_argument("--sparsities", default="0.5,0.7,0.9",
-                        help="target parameter sparsities (default: %(default)s)")
+                        help="target parameter sparsities; empty: dense baselines only (default: %(default)s)")
     parser.add_argument("--seeds", default="0,1", help="comma-separated (default: %(default)s)")
     parser.add_argument("--train-size", type=int, default=1000, help="training examples (default: %(default)s)")
     parser.add_argument("--prune-epochs", type=float, default=l0.L0Config.prune_epochs)
@@ -207,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     config = l0.L0Config(prune_epochs=args.prune_epochs, finetune_epochs=args.finetune_epochs, gate_lr=args.gate_lr,
                          lambda_lr=args.lambda_lr)
-    targets = [float(t) for t in args.sparsities.split(",")]
+    targets = [float(t) for t in args.sparsities.split(",") if t]  # none: only the dense baselines
     for seed in (int(s) for s in args.seeds.split(",")):
         for name in args.tasks.split(","):
             runner = Runner(name, args, seed, config)

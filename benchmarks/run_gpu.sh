@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# The GPU checks of the kernels in one go, on a lent CUDA machine with torch and Triton and
-# nothing installed from this repo: the kernel tests compiled on CUDA, then the kernel
-# benchmarks with --device cuda. Logs and CSVs go to the folder given as $1 (default gpu-out).
-# PARTS picks and orders the steps (default: "tests attention ffn train_step"); TESTS,
-# ATTN_ARGS and STEP_ARGS narrow them, *_TIMEOUT bound them.
+# The GPU runs in one go, on a lent CUDA machine with torch and Triton and nothing installed
+# from this repo: the kernel tests compiled on CUDA, the kernel benchmarks with --device cuda,
+# and (parts l0 and transfer, not in the default) the learned-pruning grids. Logs and CSVs go to
+# the folder given as $1 (default gpu-out). PARTS picks and orders the steps (default: "tests
+# attention ffn train_step"); TESTS, ATTN_ARGS and STEP_ARGS narrow them, *_TIMEOUT bound them.
+# Parts l0 and transfer (bench_transfer.py) run one process per task and seed at once (the GPU
+# is mostly idle under one MiniLM-sized run): L0_TASKS, L0_SEEDS, L0_ARGS, TRANSFER_TARGETS,
+# TRANSFER_SEEDS, TRANSFER_ARGS, SHARD_TIMEOUT, SHARD_METHODS (one process per method too); the CSV in benchmarks/results/ is copied first, so
+# cells already there are skipped. They need the weights and data the benchmarks read
+# ($STRUCTPRUNE_MINILM_DIR, $STRUCTPRUNE_DATA_DIR, $STRUCTPRUNE_CACHE for the VADER corpus).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-gpu-out}
@@ -17,6 +22,51 @@ cp -r kernels "$site/structprune/kernels"
 export PYTHONPATH="$site"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
+# shards NAME TASKS SEEDS ARGS...: benchmarks/bench_NAME.py once per task and seed, all at once,
+# each on its own copy of benchmarks/results/NAME.csv; the rows are merged into $out/NAME.csv.
+shards() {
+  local name=$1 tasks=$2 seeds=$3 work task seed method
+  shift 3
+  work=$(mktemp -d)
+  run_shard() {  # run_shard TAG ARGS...: one process on its own CSV copy and log
+    local tag=$1
+    shift
+    [ -f "$work/$name-$tag.csv" ] || cp "benchmarks/results/$name.csv" "$work/$name-$tag.csv" 2>/dev/null
+    OMP_NUM_THREADS=1 STRUCTPRUNE_TRITON_AUTOTUNE=0 timeout "${SHARD_TIMEOUT:-540}" python3 "benchmarks/bench_$name.py" \
+      --device cuda --threads 1 --csv "$work/$name-$tag.csv" "$@" >> "$work/$name-$tag.log" 2>&1
+  }
+  local select=--targets
+  [ "$name" = l0 ] && select=--tasks
+  if [ -n "${SHARD_METHODS:-}" ]; then  # dense baselines first, so the method shards share them
+    for task in $tasks; do for seed in $seeds; do
+      run_shard "$task-s$seed-dense" "$@" $select "$task" --seeds "$seed" --sparsities "" &
+    done; done
+    wait
+  fi
+  for task in $tasks; do for seed in $seeds; do for method in ${SHARD_METHODS:-all}; do
+    if [ "$method" = all ]; then
+      run_shard "$task-s$seed" "$@" $select "$task" --seeds "$seed" &
+    else
+      run_shard "$task-s$seed-$method" "$@" $select "$task" --seeds "$seed" --methods "$method" &
+    fi
+  done; done; done
+  wait
+  python3 - "$work" "$name" "$out/$name.csv" <<'PY'
+import csv, glob, sys
+rows, fields = {}, []
+for path in sorted(glob.glob(f"{sys.argv[1]}/{sys.argv[2]}-*.csv")):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields += [k for k in reader.fieldnames if k not in fields]
+        for row in reader:
+            rows[tuple(row.items())] = row
+with open(sys.argv[3], "w", newline="") as f:
+    writer = csv.DictWriter(f, fields, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows.values())
+PY
+  for log in "$work"/*.log; do echo "== $log"; grep -vE "step/s|s/step" "$log" | tail -8; done | tee "$out/$name.log"
+}
 for part in ${PARTS:-tests attention ffn train_step}; do
   case $part in
     tests) STRUCTPRUNE_TRITON_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -v -p no:cacheprovider \
@@ -25,6 +75,9 @@ for part in ${PARTS:-tests attention ffn train_step}; do
     attention) timeout "${ATTN_TIMEOUT:-300}" python3 benchmarks/bench_attention.py --device cuda \
                  --csv "$out/attention.csv" ${ATTN_ARGS:-} 2>&1 | tee "$out/attention.log" ;;
     ffn) timeout "${FFN_TIMEOUT:-90}" python3 benchmarks/bench_ffn.py --device cuda --csv "$out/ffn.csv" 2>&1 | tee "$out/ffn.log" ;;
+    l0) shards l0 "${L0_TASKS:-sst2 cr mrpc rte rte-full mrpc-full}" "${L0_SEEDS:-0 1}" ${L0_ARGS:-} ;;
+    transfer) shards transfer "${TRANSFER_TARGETS:-rte cr mrpc vader-tweets}" "${TRANSFER_SEEDS:-0 1}" \
+                ${TRANSFER_ARGS:-} ;;
     train_step) timeout "${STEP_TIMEOUT:-90}" python3 benchmarks/bench_train_step.py --device cuda \
                   --csv "$out/train_step.csv" ${STEP_ARGS:-} 2>&1 | tee "$out/train_step.log" ;;
   esac

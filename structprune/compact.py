@@ -77,7 +77,7 @@ def compact(model: PreTrainedModel | MaskedModel, masks: MaskSet) -> Structprune
         for dim, keep in dim_keep.items():
             t = _index(t, dim, keep)
         if scale_cols is not None:
-            t = t * scale_cols.to(t.dtype)
+            t = t * scale_cols.to(device=t.device, dtype=t.dtype)
         state[name] = t.contiguous()
 
     def take_linear(prefix: str, rows: list[int] | None, cols: list[int] | None, col_scale=None, out_scale=None):
@@ -135,7 +135,7 @@ def compact(model: PreTrainedModel | MaskedModel, masks: MaskSet) -> Structprune
     setattr(config, SECTION, spec)
     out = CLASS_FOR_MODEL_TYPE[config.model_type](config)
     out.load_state_dict(state, strict=True)
-    out.to(full.embeddings.word.weight.dtype)
+    out.to(device=full.embeddings.word.weight.device, dtype=full.embeddings.word.weight.dtype)
     return out.train(full.training)
 
 

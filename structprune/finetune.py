@@ -157,9 +157,11 @@ def predict(model, encoded: Mapping[str, torch.Tensor], batch_size: int = 64) ->
         return torch.cat(outputs)
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     with torch.inference_mode():
         for batch in batches(encoded, batch_size):
-            outputs.append(model(**model_inputs(trim_padding(batch))).logits.float())
+            inputs = {k: v.to(device) for k, v in model_inputs(trim_padding(batch)).items()}
+            outputs.append(model(**inputs).logits.float().cpu())
     model.train(was_training)
     return torch.cat(outputs)
 

@@ -123,6 +123,17 @@ def test_gqa_drops_whole_groups_only_when_empty():
     assert compacted.layers[1].attn.kv_map == [0, 1, 2, 2]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compact_on_cuda_stays_there_and_equals_cpu():
+    hf = make_hf("bert")
+    masks = _random_masks(MaskedModel(hf).structure, torch.Generator().manual_seed(3))
+    on_cpu = compact(hf, masks)
+    on_gpu = compact(hf.cuda(), masks)
+    assert next(on_gpu.parameters()).is_cuda
+    for name, value in on_cpu.state_dict().items():
+        torch.testing.assert_close(on_gpu.state_dict()[name].cpu(), value)
+
+
 def test_compact_is_smaller_and_shapes_are_ints():
     hf = make_hf("bert")
     masked = MaskedModel(hf)

@@ -50,7 +50,8 @@ def from_hf(hf_model: PreTrainedModel) -> StructpruneForSequenceClassification:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"adapter {adapter.__name__} mapped weights badly: missing {missing}, unexpected {unexpected}")
-    model.to(next(hf_model.parameters()).dtype)
+    reference = next(hf_model.parameters())
+    model.to(device=reference.device, dtype=reference.dtype)
     model.train(hf_model.training)
     return model
 
