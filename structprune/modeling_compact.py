@@ -399,17 +399,17 @@ class StructpruneForSequenceClassification(PreTrainedModel):
             additive = additive.masked_fill(future, neg)
         return AttentionContext(additive, attention_mask.bool(), causal)
 
-    def forward(
+    def backbone(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
         gates: dict | None = None,
-        output_hidden_states: bool = False,
-        return_dict: bool = True,
-        **unused,
-    ):
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The encoder without its head: the final hidden states ``[B, S, D]`` the head reads (after the
+        final norm), and the states after the embeddings and after each layer. Other heads (e.g. the
+        auxiliary-task heads of structprune's transfer learning) read the final states exactly as the
+        model's own head does."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         g = gates or {}
@@ -426,6 +426,20 @@ class StructpruneForSequenceClassification(PreTrainedModel):
             states.append(x)
         if self.final_norm is not None:
             x = normalise(self.final_norm, x, hidden)
+        return x, states
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        gates: dict | None = None,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+        **unused,
+    ):
+        x, states = self.backbone(input_ids, attention_mask, token_type_ids, gates)
         logits = self.head(x, input_ids)
         loss = None
         if labels is not None:

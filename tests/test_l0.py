@@ -21,8 +21,8 @@ from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
 from structprune.compact import compact, from_pretrained
 from structprune.data import get_task
-from structprune.distill import LayerDistillation, prediction_loss, teacher_layers
-from structprune.finetune import mark_task
+from structprune.distill import LayerDistillation, TeacherCache, prediction_loss, teacher_layers
+from structprune.finetune import mark_task, model_inputs, trim_padding
 from structprune.methods import Budget, l0
 from tests.test_cli import cli, make_model, ok, write_task
 from tests.test_methods import encoded_data
@@ -62,6 +62,34 @@ def test_lagrangian_drives_expected_sparsity_to_the_target(budget, granularities
     pruned = compact(from_hf(model), result.masks)
     pruned.load_state_dict(result.weights)  # the weights are the fine-tuned compact model's
     assert result.log["summary"] == result.masks.summary(structure, from_hf(model).spec, seq_len=budget.seq_len)
+
+
+def test_teacher_cache_gives_the_live_teachers_outputs():
+    teacher = from_hf(tiny_bert()).eval()
+    data = encoded_data(2, rows=24, seq=10)
+    layers = teacher_layers(len(teacher.layers))
+    cache = TeacherCache(teacher, data, layers, batch_size=5)  # batches padded differently from the lookup's
+    rows = torch.tensor([7, 0, 13, 21])
+    batch = trim_padding({name: value[rows] for name, value in data.items()} | {"row": rows})
+    logits, states = TeacherCache.outputs(teacher, batch, model_inputs(batch))  # not attached: a forward pass
+    cache.attach(teacher)
+    cached_logits, cached_states = TeacherCache.outputs(teacher, batch, model_inputs(batch))
+    torch.testing.assert_close(cached_logits, logits, rtol=1e-5, atol=1e-6)
+    for t in layers:
+        real = batch["attention_mask"].bool()
+        torch.testing.assert_close(cached_states[t][real], states[t][real], rtol=1e-5, atol=1e-6)
+
+
+def test_l0_trains_on_the_cached_teacher_when_it_fits():
+    setup = l0.prepare(tiny_bert(), encoded_data(2), 0.5, FAST, None)
+    assert torch.equal(setup.data["row"], torch.arange(24))
+    row = trim_padding({name: value[:1] for name, value in setup.data.items()})
+    with torch.no_grad():
+        real = setup.teacher(**model_inputs(row)).logits
+    other = {"input_ids": torch.full((1, 4), 7)}  # the cache answers by row index, whatever the inputs
+    torch.testing.assert_close(TeacherCache.outputs(setup.teacher, {"row": torch.tensor([0])}, other)[0], real,
+                               rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(TeacherCache.outputs(setup.teacher, {}, other)[0], real)
 
 
 def test_model_is_left_unchanged():

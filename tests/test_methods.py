@@ -48,8 +48,9 @@ def encoded_data(num_labels: int, rows: int = 24, seq: int = 10) -> dict[str, to
 MODELS = {"bert": tiny_bert, "llama": tiny_llama}
 
 
-SCORING = sorted(name for name in METHODS if name != "l0")
-"""Methods that score units and select them with select_units (l0 learns its masks: tests/test_l0.py)."""
+SCORING = sorted(name for name in METHODS if name not in ("l0", "transfer"))
+"""Methods that score units and select them with select_units (l0 and transfer learn their masks:
+tests/test_l0.py, tests/test_transfer.py)."""
 
 
 def run(method: str, model, budget: Budget):

@@ -334,9 +334,10 @@ def get_method(name: str) -> PruneFn:
 
 
 # Imported last: the method modules import the definitions above.
-from structprune.methods import attribution, fisher, head_importance, l0, magnitude, selection, taylor
+from structprune.methods import attribution, fisher, head_importance, l0, magnitude, selection, taylor, transfer
 
 METHODS: Mapping[str, PruneFn] = MappingProxyType({"taylor": taylor.prune, "magnitude": magnitude.prune,
-                                                   "l0": l0.prune, "attribution": attribution.prune,
-                                                   "fisher": fisher.prune, "head_importance": head_importance.prune})
+                                                   "l0": l0.prune, "transfer": transfer.prune,
+                                                   "attribution": attribution.prune, "fisher": fisher.prune,
+                                                   "head_importance": head_importance.prune})
 """Every pruning method by name."""

@@ -41,14 +41,14 @@ from transformers import PreTrainedModel
 
 from structprune.arch.structure import ModelStructure
 from structprune.compact import compact
-from structprune.distill import LayerDistillation, prediction_loss, teacher_layers
+from structprune.distill import CACHE_LIMIT_BYTES, LayerDistillation, TeacherCache, prediction_loss, teacher_layers
 from structprune.finetune import model_inputs, trim_padding
 from structprune.hardconcrete import HardConcreteGates, max_sparsity
 from structprune.masked import MaskedModel
 from structprune.masks import MASK_NAMES, count_flops, count_params
 from structprune.methods import Budget, PruneResult, as_budget, dense_model
 from structprune.modeling_compact import StructpruneForSequenceClassification
-from structprune.train import Objective, TrainConfig, digest, train
+from structprune.train import Objective, TrainConfig, TrainResult, digest, train
 
 
 @dataclass(frozen=True)
@@ -162,30 +162,50 @@ class DistillObjective(Objective):
         start = min(self.initial_sparsity, self.budget.target)
         return start + (self.budget.target - start) * step / self.warmup_steps
 
-    def expected_sparsity(self) -> torch.Tensor:
-        params, flops = self.gates.expected_cost(self.student.spec, self.budget.seq_len)
+    def expected_sparsity(self, gates: HardConcreteGates | None = None) -> torch.Tensor:
+        """Expected sparsity of the budget's kind under ``gates`` (default: this objective's gates)."""
+        gates = self.gates if gates is None else gates
+        params, flops = gates.expected_cost(self.student.spec, self.budget.seq_len)
         return 1 - (params if self.budget.kind == "params" else flops) / self.dense_cost
 
-    def forward(self, batch: Mapping[str, torch.Tensor], step: int, micro: int) -> tuple[torch.Tensor, dict]:
+    def sample_gates(self, step: int, micro: int) -> dict[str, torch.Tensor] | None:
+        """One draw of the gates for ``(step, micro)`` (noise seeded by ``(seed, step, micro)``), or ``None``."""
+        if self.gates is None:
+            return None
+        noise = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step * 1_009 + micro)
+        return self.gates.sample(noise)
+
+    def distill_loss(self, batch: Mapping[str, torch.Tensor],
+                     gates: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, dict]:
+        """``task_weight * task + pred_weight * prediction + layer_weight * layer distillation`` of ``batch``
+        under ``gates`` (the loss without the Lagrangian), and its parts."""
         c = self.config
         batch = trim_padding(batch)
         inputs = model_inputs(batch)
-        extra = {}
-        if self.gates is not None:
-            noise = torch.Generator().manual_seed(c.seed * 1_000_003 + step * 1_009 + micro)
-            extra["gates"] = self.gates.sample(noise)
+        extra = {} if gates is None else {"gates": gates}
         out = self.student(**inputs, labels=batch["labels"], output_hidden_states=True, **extra)
-        with torch.no_grad():
-            teacher = self.teacher(**inputs, output_hidden_states=True)
-        pred = prediction_loss(out.logits, teacher.logits, c.temperature)
-        layer, _ = self.layers(out.hidden_states, teacher.hidden_states, batch["attention_mask"])
+        teacher_logits, teacher_states = TeacherCache.outputs(self.teacher, batch, inputs)
+        pred = prediction_loss(out.logits, teacher_logits, c.temperature)
+        layer, _ = self.layers(out.hidden_states, teacher_states, batch["attention_mask"])
         loss = c.task_weight * out.loss + c.pred_weight * pred + c.layer_weight * layer
-        values = {"task": out.loss.item(), "pred": pred.item(), "layer": layer.item()}
+        return loss, {"task": out.loss.item(), "pred": pred.item(), "layer": layer.item()}
+
+    def constraint(self, step: int, gates: HardConcreteGates | None = None, lagrangian: Lagrangian | None = None,
+                   prefix: str = "") -> tuple[torch.Tensor, dict]:
+        """The Lagrangian term driving ``gates`` (default: this objective's) to the target at ``step``, and
+        the values to log (names prefixed with ``prefix``)."""
+        lagrangian = self.lagrangian if lagrangian is None else lagrangian
+        sparsity, target = self.expected_sparsity(gates), self.target(step)
+        return lagrangian(sparsity, target), {
+            f"{prefix}sparsity": sparsity.item(), f"{prefix}target": target,
+            f"{prefix}lambda1": lagrangian.lambdas[0].item(), f"{prefix}lambda2": lagrangian.lambdas[1].item()}
+
+    def forward(self, batch: Mapping[str, torch.Tensor], step: int, micro: int) -> tuple[torch.Tensor, dict]:
+        loss, values = self.distill_loss(batch, self.sample_gates(step, micro))
         if self.gates is not None:
-            sparsity, target = self.expected_sparsity(), self.target(step)
-            loss = loss + self.lagrangian(sparsity, target)
-            values |= {"sparsity": sparsity.item(), "target": target,
-                       "lambda1": self.lagrangian.lambdas[0].item(), "lambda2": self.lagrangian.lambdas[1].item()}
+            penalty, more = self.constraint(step)
+            loss = loss + penalty
+            values |= more
         return loss, values
 
 
@@ -210,28 +230,50 @@ def check_teacher(teacher: StructpruneForSequenceClassification, student: Struct
                              "use a teacher fine-tuned on this task")
 
 
-def _train_config(config: L0Config, steps: int) -> TrainConfig:
+def train_config(config: L0Config, steps: int) -> TrainConfig:
+    """The :class:`~structprune.train.TrainConfig` of a phase of ``steps`` steps under ``config``."""
     return TrainConfig(steps=steps, batch_size=config.batch_size, grad_accum=config.grad_accum,
                        warmup_ratio=config.lr_warmup_ratio, max_grad_norm=config.max_grad_norm, seed=config.seed,
                        checkpoint_every=config.checkpoint_every)
 
 
-def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Tensor], budget: Budget | float, *,
-          config: L0Config = L0Config(), teacher: StructpruneForSequenceClassification | None = None,
-          checkpoint_dir: str | os.PathLike | None = None,
-          evaluate: Callable[[nn.Module], dict[str, float]] | None = None, eval_every: int | None = None,
-          progress: bool = False) -> PruneResult:
-    """Learn masks meeting ``budget`` and fine-tune the compacted model (see the module docstring).
+@dataclass(frozen=True)
+class PruneSetup:
+    """What a learned pruning run starts from, checked (see :func:`prepare`); shared by ``l0`` and ``transfer``."""
 
-    Args:
-        model: the model fine-tuned on the task (Hugging Face, structprune full size, or MaskedModel);
-            it is not changed.
-        task_data: encoded, labelled training rows (:func:`structprune.data.encode`).
-        teacher: the distillation teacher (default: ``model``); checked with :func:`check_teacher`.
-        checkpoint_dir: makes the run resumable (and rank 0 of a DDP run writes there).
-        evaluate: called with the compact model during fine-tuning (every ``eval_every`` steps and at
-            the end) for the log and ``log["evaluations"]``; it must not use the global RNG.
-    """
+    budget: Budget
+    full: StructpruneForSequenceClassification
+    structure: ModelStructure
+    teacher: StructpruneForSequenceClassification
+    rows: int
+    prune_steps: int
+    finetune_steps: int
+    fingerprint: dict
+    data: Mapping[str, torch.Tensor]
+    """The task data the phases train on: with each row's index (``row``) when the teacher's outputs are
+    cached (:class:`~structprune.distill.TeacherCache`, built by :func:`prepare` when it fits in
+    :data:`~structprune.distill.CACHE_LIMIT_BYTES`)."""
+
+    def parts(self, config: L0Config, student: MaskedModel | None = None
+              ) -> tuple[MaskedModel, HardConcreteGates, LayerDistillation]:
+        """A fresh student (a copy of the model, unless ``student`` is given), fresh gates and a fresh layer
+        distillation map, on the model's device."""
+        device = next(self.full.parameters()).device
+        student = MaskedModel(self.full) if student is None else student  # copies: ``model`` is left as it was
+        gates = HardConcreteGates(self.structure, config.granularities, config.init_log_alpha).to(device)
+        layers = LayerDistillation(self.structure.hidden_size, self.teacher.spec["hidden_size"],
+                                   self.structure.num_layers, teacher_layers(len(self.teacher.layers))).to(device)
+        return student, gates, layers
+
+    def warmup_steps(self, config: L0Config, steps: int | None = None) -> int:
+        """Sparsity warm-up steps of a pruning phase of ``steps`` steps (default: the pruning phase)."""
+        return round(config.sparsity_warmup * (self.prune_steps if steps is None else steps))
+
+
+def prepare(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Tensor], budget: Budget | float,
+            config: L0Config, teacher: StructpruneForSequenceClassification | None) -> PruneSetup:
+    """Check the budget (reachable with ``config.granularities``), the teacher and the labels before any
+    training, and lay out the phases; the fingerprint identifies the run for checkpoints."""
     budget = as_budget(budget)
     if budget.kind not in ("params", "flops"):
         raise ValueError(f"the l0 method takes a params or flops budget, not {budget.kind!r}: its sparsity "
@@ -252,45 +294,76 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
                          f"{full.spec['num_labels']} outputs: the model and teacher must be trained for this task")
     for p in teacher.parameters():
         p.requires_grad_(False)
-    device = next(full.parameters()).device
     rows = len(task_data["input_ids"])
-    prune_steps = config.steps(config.prune_epochs, rows)
-    finetune_steps = config.steps(config.finetune_epochs, rows) if config.finetune_epochs else 0
     fingerprint = {"method": "l0", "config": dataclasses.asdict(config), "budget": budget.as_dict(),
                    "data": digest(task_data), "model": digest(full.state_dict()),
                    "teacher": digest(teacher.state_dict())}
-    directory = None if checkpoint_dir is None else Path(checkpoint_dir)
+    data = task_data
+    layers = teacher_layers(len(teacher.layers))
+    if TeacherCache.nbytes(rows, task_data["input_ids"].shape[1], teacher.spec["hidden_size"],
+                           (*layers, 0)) <= CACHE_LIMIT_BYTES:
+        TeacherCache(teacher, task_data, layers).attach(teacher)
+        data = dict(task_data) | {"row": torch.arange(rows)}
+    return PruneSetup(budget, full, structure, teacher, rows, config.steps(config.prune_epochs, rows),
+                      config.steps(config.finetune_epochs, rows) if config.finetune_epochs else 0, fingerprint, data)
 
-    student = MaskedModel(full)  # copies the weights: ``model`` is left as it was
-    gates = HardConcreteGates(structure, config.granularities, config.init_log_alpha).to(device)
-    layers = LayerDistillation(structure.hidden_size, teacher.spec["hidden_size"], structure.num_layers,
-                               teacher_layers(len(teacher.layers))).to(device)
-    objective = DistillObjective(student, teacher, layers, config, gates, budget,
-                                 warmup_steps=round(config.sparsity_warmup * prune_steps))
-    pruning = train(objective, task_data, _train_config(config, prune_steps),
-                    None if directory is None else directory / "prune", fingerprint | {"phase": "prune"},
-                    progress=progress, description="l0 pruning")
+
+def finish(method: str, setup: PruneSetup, objective: DistillObjective, pruning: TrainResult,
+           config: L0Config, options: Mapping[str, object],
+           directory: Path | None, fingerprint: Mapping, evaluate: Callable[[nn.Module], dict[str, float]] | None,
+           eval_every: int | None, progress: bool) -> PruneResult:
+    """Steps 2 and 3 of the module docstring after a pruning phase trained ``objective``: extract masks from
+    its gates, compact its student and fine-tune it (under ``directory / "finetune"``)."""
+    budget, structure, full, teacher = setup.budget, setup.structure, setup.full, setup.teacher
     with torch.no_grad():
         expected = float(objective.expected_sparsity())
-    masks = gates.extract(full.spec, budget.target, budget.kind, budget.seq_len, config.tolerance)
+    masks = objective.gates.extract(full.spec, budget.target, budget.kind, budget.seq_len, config.tolerance)
     summary = masks.summary(structure, full.spec, seq_len=budget.seq_len)
-    log = {"method": "l0", "prune_steps": prune_steps, "finetune_steps": finetune_steps,
+    log = {"method": method, "prune_steps": setup.prune_steps, "finetune_steps": setup.finetune_steps,
            "prune_seconds": pruning.seconds, "prune_losses": pruning.losses, "expected_sparsity_end": expected,
            "lambdas": objective.lagrangian.lambdas.detach().cpu().tolist(), "summary": summary,
            "achieved": budget.achieved(summary), "evaluations": []}
 
-    pruned = compact(student, masks)
+    pruned = compact(objective.student, masks)
     kept_hidden = masks.kept(structure)[1]
     tuned = DistillObjective(pruned, teacher, objective.layers.restrict(kept_hidden), config)
-    if finetune_steps:
-        finetuning = train(tuned, task_data, dataclasses.replace(_train_config(config, finetune_steps),
+    if setup.finetune_steps:
+        finetuning = train(tuned, setup.data, dataclasses.replace(train_config(config, setup.finetune_steps),
                                                                  eval_every=eval_every),
                            None if directory is None else directory / "finetune",
-                           fingerprint | {"phase": "finetune", "masks": digest(masks.masks)},
+                           dict(fingerprint) | {"phase": "finetune", "masks": digest(masks.masks)},
                            evaluate=None if evaluate is None else (lambda: evaluate(pruned)), progress=progress,
-                           description="l0 fine-tuning")
+                           description=f"{method} fine-tuning")
         log |= {"finetune_seconds": finetuning.seconds, "finetune_losses": finetuning.losses,
                 "evaluations": finetuning.evaluations}
     pruned.eval()
-    masks.meta = {"method": "l0", "budget": budget.as_dict(), "options": dataclasses.asdict(config)}
+    masks.meta = {"method": method, "budget": budget.as_dict(), "options": dict(options)}
     return PruneResult(masks, {k: v.detach().clone() for k, v in pruned.state_dict().items()}, log)
+
+
+def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Tensor], budget: Budget | float, *,
+          config: L0Config = L0Config(), teacher: StructpruneForSequenceClassification | None = None,
+          checkpoint_dir: str | os.PathLike | None = None,
+          evaluate: Callable[[nn.Module], dict[str, float]] | None = None, eval_every: int | None = None,
+          progress: bool = False) -> PruneResult:
+    """Learn masks meeting ``budget`` and fine-tune the compacted model (see the module docstring).
+
+    Args:
+        model: the model fine-tuned on the task (Hugging Face, structprune full size, or MaskedModel);
+            it is not changed.
+        task_data: encoded, labelled training rows (:func:`structprune.data.encode`).
+        teacher: the distillation teacher (default: ``model``); checked with :func:`check_teacher`.
+        checkpoint_dir: makes the run resumable (and rank 0 of a DDP run writes there).
+        evaluate: called with the compact model during fine-tuning (every ``eval_every`` steps and at
+            the end) for the log and ``log["evaluations"]``; it must not use the global RNG.
+    """
+    setup = prepare(model, task_data, budget, config, teacher)
+    directory = None if checkpoint_dir is None else Path(checkpoint_dir)
+    student, gates, layers = setup.parts(config)
+    objective = DistillObjective(student, setup.teacher, layers, config, gates, setup.budget,
+                                 warmup_steps=setup.warmup_steps(config))
+    pruning = train(objective, setup.data, train_config(config, setup.prune_steps),
+                    None if directory is None else directory / "prune", setup.fingerprint | {"phase": "prune"},
+                    progress=progress, description="l0 pruning")
+    return finish("l0", setup, objective, pruning, config, dataclasses.asdict(config), directory,
+                  setup.fingerprint, evaluate, eval_every, progress)

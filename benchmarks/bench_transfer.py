@@ -1,0 +1,223 @@
+"""Transfer learning for structured pruning under limited data: does an auxiliary task help ``l0``?
+
+For every target task, training size and seed, the dense baseline of :mod:`bench_l0` is fine-tuned on
+the target's training subset (cached; it is also the teacher and the starting point). Then, for every
+target sparsity, each method prunes it and the compact model is scored on the target's evaluation split:
+
+* ``l0``: learned masks on the target data only (:mod:`structprune.methods.l0`);
+* ``joint``, ``separate-masks``, ``sequential``: :mod:`structprune.methods.transfer` with that coupling,
+  the auxiliary sources of ``AUX`` (or ``--aux``), and the transfer / schedule / guard settings given.
+
+Each cell appends a CSV row to ``benchmarks/results/transfer.csv`` (the columns of ``bench_l0`` plus the
+auxiliary sources, how many auxiliary rows deduplication removed, coupling, transfer, schedule and guard).
+A cell already there is skipped, and running cells checkpoint under ``benchmarks/cache/l0/``, so an
+interrupted run resumes. Examples::
+
+    python benchmarks/bench_transfer.py --targets cr --sizes 1000 --sparsities 0.8 --methods l0,joint
+    python benchmarks/bench_transfer.py --targets cr=agnews --methods joint         # negative control
+    python benchmarks/bench_transfer.py --table --plot     # table of the CSV, and the plot for BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+import bench_l0
+from bench_l0 import FLOPS_SEQ, MAX_LENGTH, Runner, _cell, _done, _settings_key
+from structprune import bench
+from structprune.auxiliary import load_auxiliary, parse_aux
+from structprune.data import load_task
+from structprune.methods import Budget, l0, transfer
+
+HERE = Path(__file__).resolve().parent
+CSV = HERE / "results" / "transfer.csv"
+PLOT = HERE / "results" / "transfer.png"
+AUX = {"rte": "mnli", "cr": "sst2-full", "mrpc": "qqp", "vader-tweets": "vader-movies"}
+"""The auxiliary source of each target (the natural pairs of the data README)."""
+COUPLINGS = ("joint", "separate-masks", "sequential")
+bench_l0.EVAL_SPLIT.setdefault("vader-tweets", "test")
+
+
+class TransferRunner(Runner):
+    """bench_l0's runner (dense baseline, ``l0`` cells) plus the transfer cells of one target and seed."""
+
+    def __init__(self, name: str, args: argparse.Namespace, seed: int, config: l0.L0Config, aux: str):
+        super().__init__(name, args, seed, config)
+        self.aux_spec = aux
+        evaluations = [load_task(self.train.task.name, split) for split in self.train.task.splits if split != "train"]
+        self.aux, self.dedup = load_auxiliary(parse_aux(aux), self.train, evaluations, self.tokenizer, MAX_LENGTH,
+                                              seed)
+
+    def transferred(self, dense, target: float, config: transfer.TransferConfig) -> dict:
+        settings = dataclasses.asdict(config) | {"aux": self.aux_spec}
+        key = _settings_key({"transfer": settings})
+        extra = {"aux": self.aux_spec, "aux_rows": sum(len(a.encoded["input_ids"]) for a in self.aux),
+                 "aux_removed": sum(v["removed"] for v in self.dedup.values()), "coupling": config.coupling,
+                 "transfer": config.transfer, "schedule": config.schedule, "guard": config.guard}
+        return self.measure(dense, config.coupling, target, key, settings,
+                            lambda checkpoint: transfer.prune(dense, self.train_enc,
+                                                              Budget(target, seq_len=FLOPS_SEQ), aux=self.aux,
+                                                              config=config, checkpoint_dir=checkpoint,
+                                                              progress=True), extra)
+
+
+def _label(row: dict) -> str:
+    """``coupling (aux; the settings that differ from the defaults)`` of a transfer row."""
+    default = transfer.TransferConfig(coupling=row["method"])
+    changed = [f"{name} {row[name]}" for name in ("transfer", "schedule", "guard")
+               if row[name] != getattr(default, name) and not (name == "transfer" and row["method"] == "joint")]
+    return f"{row['method']} ({'; '.join([row['aux'], *changed])})"
+
+
+def table(path: Path) -> str:
+    """Markdown: per target, size and sparsity, mean ± spread of every method, and the best coupling's gain."""
+    import csv
+
+    if not path.is_file():
+        return f"(no results yet in {path})"
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    cells: dict[tuple, dict[str, list[float]]] = {}
+    for r in rows:
+        label = r["method"] if r["method"] in ("dense", "l0") else _label(r)
+        cells.setdefault((r["task"], r["train_size"], r["device"]), {}).setdefault(
+            (label, r["target"]), []).append(float(r["accuracy"]))
+
+    def stats(values: list[float]) -> str:
+        if len(values) == 1:
+            return f"{values[0]:.1f}"
+        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+    lines = ["| target | train | device | sparsity | method | seeds | accuracy | vs l0 |", "|---|---:|---|---:|---|---:|---:|---:|"]
+    for (task, size, device), methods in sorted(cells.items()):
+        dense = methods.get(("dense", "0"))
+        if dense:
+            lines.append(f"| {task} | {size} | {device} | 0% | dense | {len(dense)} | {stats(dense)} | |")
+        for (label, target), values in sorted(methods.items(), key=lambda kv: (kv[0][1], kv[0][0] != "l0", kv[0][0])):
+            if label == "dense":
+                continue
+            base = methods.get(("l0", target))
+            gain = f"{statistics.mean(values) - statistics.mean(base):+.1f}" if base and label != "l0" else ""
+            lines.append(f"| {task} | {size} | {device} | {float(target):.0%} | {label} | {len(values)} | "
+                         f"{stats(values)} | {gain} |")
+    return "\n".join(lines)
+
+
+def plot(path: Path, out: Path) -> Path:
+    """Accuracy gain over ``l0`` (mean over seeds) of each coupling, per target and sparsity."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with path.open(newline="") as f:  # target-only l0 and each coupling with its defaults and natural source
+        rows = [r for r in csv.DictReader(f) if r["train_size"] == "1000" and (
+            r["method"] == "l0" or r["method"] in COUPLINGS and _label(r) == f"{r['method']} ({AUX[r['task']]})")]
+    groups = sorted({(r["task"], r["target"]) for r in rows if r["method"] != "dense"})
+    means = {}
+    for r in rows:
+        means.setdefault((r["task"], r["target"], r["method"], r.get("aux", "")), []).append(float(r["accuracy"]))
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    width = 0.8 / len(COUPLINGS)
+    for i, coupling in enumerate(COUPLINGS):
+        gains = []
+        for task, target in groups:
+            base = means.get((task, target, "l0", ""))
+            mine = [v for (t, s, m, _), v in means.items() if (t, s, m) == (task, target, coupling)]
+            gains.append(statistics.mean(mine[0]) - statistics.mean(base) if base and mine else float("nan"))
+        ax.bar([g + i * width for g in range(len(groups))], gains, width, label=coupling)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks([g + width for g in range(len(groups))],
+                  [f"{t.removeprefix('vader-')}\n{float(s):.0%}" for t, s in groups])
+    ax.set_ylabel("accuracy - l0 (points)")
+    ax.set_title("Transfer (default settings) vs target-only l0, all-MiniLM-L6-v2, 1,000 target examples")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", default="rte,cr,mrpc,vader-tweets",
+                        help="comma-separated; TARGET=AUX gives one target its own auxiliary sources, e.g. cr=agnews "
+                             "(default: %(default)s)")
+    parser.add_argument("--sizes", default="1000", help="target training sizes (default: %(default)s)")
+    parser.add_argument("--sparsities", default="0.8,0.6",
+                        help="target parameter sparsities; empty: dense baselines only (default: %(default)s)")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated (default: %(default)s)")
+    parser.add_argument("--methods", default="l0,joint,separate-masks,sequential",
+                        help="l0 and/or couplings (default: %(default)s)")
+    parser.add_argument("--aux", default=None, help="auxiliary sources for every target, e.g. agnews or mnli:1,mlm "
+                        "(default: the natural source of each target)")
+    parser.add_argument("--transfer", default=transfer.TransferConfig.transfer)
+    parser.add_argument("--schedule", default=transfer.TransferConfig.schedule)
+    parser.add_argument("--guard", default=transfer.TransferConfig.guard)
+    parser.add_argument("--aux-weight", type=float, default=transfer.TransferConfig.aux_weight)
+    parser.add_argument("--prune-epochs", type=float, default=l0.L0Config.prune_epochs)
+    parser.add_argument("--finetune-epochs", type=float, default=l0.L0Config.finetune_epochs)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--threads", type=int, default=bench.CPU_THREADS, help="torch threads on CPU (default: 2)")
+    parser.add_argument("--csv", default=str(CSV), help="results file (default: benchmarks/results/transfer.csv)")
+    parser.add_argument("--table", action="store_true", help="only print the table of the CSV")
+    parser.add_argument("--plot", action="store_true", help="with --table: also draw benchmarks/results/transfer.png")
+    args = parser.parse_args(argv)
+    if args.table:
+        print(table(Path(args.csv)))
+        if args.plot:
+            print(f"plot: {plot(Path(args.csv), PLOT)}")
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
+    methods = args.methods.split(",")
+    unknown = set(methods) - {"l0", *COUPLINGS}
+    if unknown:
+        parser.error(f"--methods: unknown {sorted(unknown)}; choose from l0, {', '.join(COUPLINGS)}")
+    torch.set_num_threads(args.threads)
+    config = l0.L0Config(prune_epochs=args.prune_epochs, finetune_epochs=args.finetune_epochs)
+    for size in (int(n) for n in args.sizes.split(",")):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for entry in args.targets.split(","):
+                name, _, aux = entry.partition("=")
+                runner = TransferRunner(name, argparse.Namespace(**vars(args) | {"train_size": size}), seed, config,
+                                        aux or args.aux or AUX[name])
+                print(f"{name}: auxiliary {runner.aux_spec}, deduplication {runner.dedup}", flush=True)
+                dense, record = runner.dense()
+                done = _done(Path(args.csv))
+                if _cell(name, len(runner.train), seed, "dense", 0.0, args.device, runner.dense_key) not in done:
+                    bench.append_csv(args.csv, [record])
+                for target in (float(t) for t in args.sparsities.split(",") if t):
+                    for method in methods:
+                        if method == "l0":
+                            if _cell(name, len(runner.train), seed, "l0", target, args.device, runner.key) in done:
+                                continue
+                            row = runner.pruned(dense, target)
+                        else:
+                            options = transfer.TransferConfig(
+                                l0=config, coupling=method,
+                                transfer="both" if method == "joint" else args.transfer,
+                                schedule="start" if method == "sequential" else args.schedule,
+                                guard=args.guard, aux_weight=args.aux_weight)
+                            key = _settings_key({"transfer": dataclasses.asdict(options) | {"aux": runner.aux_spec}})
+                            if _cell(name, len(runner.train), seed, method, target, args.device, key) in done:
+                                continue
+                            row = runner.transferred(dense, target, options)
+                        bench.append_csv(args.csv, [row])
+                        print(f"{name} n={size} seed {seed} {method} at {target:.0%}: accuracy {row['accuracy']:.2f} "
+                              f"(dense {record['accuracy']:.2f}, {row['seconds'] / 60:.1f} min)", flush=True)
+    print(table(Path(args.csv)))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

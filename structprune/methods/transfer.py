@@ -1,0 +1,399 @@
+"""``transfer``: learned structured pruning (``l0``) helped by auxiliary tasks under limited target data.
+
+The target side is the ``l0`` method unchanged (:mod:`structprune.methods.l0`: hard-concrete gates,
+task loss + prediction and layer distillation from the dense teacher, Lagrangian to the budget,
+extraction, fine-tuning of the compact model). Auxiliary sources (:mod:`structprune.auxiliary`:
+labelled tasks with their own heads, and MLM on the target's text with a tied decoder) add losses
+during the pruning phase. The fine-tuning phase (compact model, masks frozen) is target-only.
+
+Couplings (``TransferConfig.coupling``):
+
+* ``joint``: one set of weights, one set of gates; loss = the full l0 objective
+  + ``w(step) * sum_i weight_i * guard_i * aux_loss_i``, the auxiliary losses computed under the SAME
+  gate sample as the target batch. Weights and mask are both shared, so only ``transfer="both"``.
+* ``separate-masks``: shared weights; a second set of gates for the auxiliary data, driven to the
+  same target by its own Lagrangian; the auxiliary losses use samples of those gates.
+  ``transfer="weights"``: the auxiliary loss trains the shared weights, no tie between the masks;
+  ``"masks"``: a tie penalty ``tie_weight * f(step) * mean((log_alpha - log_alpha_aux)^2)`` over all
+  gate logits (``f``: the schedule factor below), and the auxiliary forward runs on detached shared weights
+  (``torch.func.functional_call``), so the auxiliary loss reaches only the auxiliary gates and heads
+  and, through the tie, the target gates; ``"both"``: both. The target mask is extracted.
+* ``sequential``: phase A prunes on the auxiliary data only (auxiliary heads and losses, Lagrangian
+  to the target, no distillation: there is no auxiliary teacher) for ``aux_epochs`` epochs counted
+  in TARGET steps (``ceil(target rows / batch_size)`` per epoch, so phase A costs what the same
+  number of target epochs would); phase B is ordinary l0 on the target, starting from
+  ``"weights"``: the weights after phase A with fresh gates; ``"masks"``: the gate logits after
+  phase A with the original weights; ``"both"``: both. Only schedule ``start`` applies.
+
+Schedules (``joint``, ``separate-masks``) give a factor ``f(step)`` in [0, 1], ``w(step) = aux_weight * f``:
+``start``: 1; ``after:N``: 0 before step N, then 1; ``anneal``: ``1 - step / prune_steps`` (linear to 0
+at the end of the pruning phase); ``warmup``: 1 during the sparsity warm-up steps, then 0. The tie
+penalty is scaled by the same factor. When ``w(step) = 0`` nothing auxiliary is computed, so
+``joint`` with ``aux_weight=0`` is the ``l0`` method bit for bit.
+
+Harm guard ``cosine`` (Du et al. 2018, "Adapting auxiliary losses using gradient similarity"): at every
+step the gradients of the target loss (task + distillation) and of each auxiliary loss are taken with
+respect to a small shared set of parameters, the last encoder layer (``torch.autograd.grad``,
+retaining the graph, so only its top is traversed), and the source's weight is multiplied by
+``max(0, cos)``. With ``separate-masks`` / ``"masks"`` the auxiliary loss does not reach the weights,
+so the gradients compared are those of the gate logits (target loss vs. target gates, auxiliary loss
+vs. auxiliary gates). A zero gradient on either side gives ``cos = 0``. ``sequential`` has no target
+loss in phase A, so the guard does not apply there. The log holds every step's factor, applied
+weight and cosine per source (``log["aux_steps"]``).
+
+Auxiliary batches: the training loop draws target batches; each auxiliary source draws
+``aux_batch_size / grad_accum`` rows per micro-batch from a generator seeded by
+``(seed, step, micro, source)``, and MLM masks them from the same generator, so a resumed run draws
+the same rows. The auxiliary heads, the auxiliary gates and multipliers and the per-step log are in
+the objective's state, so checkpoints hold them (exact resume, as for ``l0``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from structprune.auxiliary import IGNORE_INDEX, AuxData, MLMHead, classification_head
+from structprune.distill import LayerDistillation
+from structprune.finetune import model_inputs, trim_padding
+from structprune.hardconcrete import HardConcreteGates
+from structprune.masked import MaskedModel, effective_gates
+from structprune.methods import Budget, PruneResult
+from structprune.methods.l0 import DistillObjective, L0Config, Lagrangian, finish, prepare, train_config
+from structprune.modeling_compact import StructpruneForSequenceClassification
+from structprune.train import TrainResult, digest, train
+
+COUPLINGS = ("joint", "separate-masks", "sequential")
+TRANSFERS = ("weights", "masks", "both")
+SCHEDULES = ("start", "after:N", "anneal", "warmup")
+GUARDS = ("cosine", "none")
+
+
+def _after_step(schedule: str) -> int | None:
+    """N of ``after:N``, ``None`` for the other schedules; a clear error for an unknown schedule."""
+    if schedule in ("start", "anneal", "warmup"):
+        return None
+    kind, _, steps = schedule.partition(":")
+    if kind != "after" or not steps.strip().isdigit():
+        raise ValueError(f"schedule must be one of start, after:N (N steps, e.g. after:100), anneal, warmup; "
+                         f"got {schedule!r}")
+    return int(steps)
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """Settings of the ``transfer`` method (semantics in the module docstring).
+
+    ``l0``: the target-side settings (and the seed, batch size, step caps of every phase).
+    ``tie_weight``: the separate-masks tie penalty's weight (transfer ``masks`` / ``both``).
+    ``aux_epochs``: sequential only, length of phase A in epochs of the target data's steps.
+    ``aux_batch_size``: auxiliary rows per source and step (default: ``l0.batch_size``).
+    """
+
+    l0: L0Config = L0Config()
+    coupling: str = "separate-masks"  # the default chosen from the experiment in BENCHMARKS.md
+    transfer: str = "both"
+    schedule: str = "start"
+    aux_weight: float = 1.0
+    tie_weight: float = 1.0
+    aux_epochs: float = 5.0
+    guard: str = "cosine"
+    aux_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("coupling", COUPLINGS), ("transfer", TRANSFERS), ("guard", GUARDS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        _after_step(self.schedule)  # validates the schedule
+        if self.coupling == "joint" and self.transfer != "both":
+            raise ValueError(f"coupling 'joint' shares both weights and mask, so transfer={self.transfer!r} means "
+                             "nothing there; use transfer 'both', or coupling 'separate-masks' or 'sequential' to "
+                             "transfer only weights or masks")
+        if self.coupling == "sequential" and self.schedule != "start":
+            raise ValueError(f"schedule {self.schedule!r} applies to joint and separate-masks training; sequential "
+                             "runs the auxiliary phase before the target phase, so use schedule 'start'")
+        for name in ("aux_weight", "tie_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.coupling == "sequential" and self.aux_weight == 0:
+            raise ValueError("sequential with aux_weight 0 gives the auxiliary phase no loss to learn from; use a "
+                             "positive aux_weight, or method l0")
+        if not self.aux_epochs > 0:
+            raise ValueError(f"aux_epochs must be > 0, got {self.aux_epochs}")
+        if self.aux_batch_size is not None and self.aux_batch_size < 1:
+            raise ValueError(f"aux_batch_size must be >= 1 when given, got {self.aux_batch_size}")
+
+    @property
+    def after_step(self) -> int | None:
+        """N of schedule ``after:N`` (``None`` for the other schedules)."""
+        return _after_step(self.schedule)
+
+    @property
+    def batch_size(self) -> int:
+        return self.l0.batch_size if self.aux_batch_size is None else self.aux_batch_size
+
+    def factor(self, step: int, prune_steps: int, warmup_steps: int) -> float:
+        """``f(step)`` in [0, 1] of the schedule (``w(step) = aux_weight * f(step)``)."""
+        if self.schedule == "start":
+            return 1.0
+        if self.schedule == "anneal":
+            return max(0.0, 1.0 - step / prune_steps)
+        if self.schedule == "warmup":
+            return 1.0 if step < warmup_steps else 0.0
+        return 0.0 if step < self.after_step else 1.0
+
+
+def _generator(*key: object) -> torch.Generator:
+    """A CPU generator seeded from ``key`` (a stable hash: the same on every machine and run)."""
+    seed = int.from_bytes(hashlib.sha256("/".join(map(str, key)).encode()).digest()[:8], "little") >> 1
+    return torch.Generator().manual_seed(seed)
+
+
+def flat_gradient(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The gradient of ``loss`` w.r.t. ``params`` as one float64 vector (zeros where ``loss`` does not depend
+    on a parameter); the graph is retained for the backward pass that follows."""
+    grads = torch.autograd.grad(loss, list(params), retain_graph=True, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).detach().double().flatten()
+                      for g, p in zip(grads, params)])
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The cosine of two vectors; 0 when either is zero (no evidence that the auxiliary loss helps)."""
+    norms = float(a.norm() * b.norm())
+    return float(a @ b) / norms if norms > 0 else 0.0
+
+
+def gradient_cosine(target_loss: torch.Tensor, aux_loss: torch.Tensor, target_params: Sequence[torch.Tensor],
+                    aux_params: Sequence[torch.Tensor]) -> float:
+    """The cosine between the gradient of ``target_loss`` w.r.t. ``target_params`` and that of ``aux_loss``
+    w.r.t. ``aux_params`` (the same shapes); 0 when either gradient is zero. The graphs are retained."""
+    return cosine(flat_gradient(target_loss, target_params), flat_gradient(aux_loss, aux_params))
+
+
+class _Encoder(nn.Module):
+    """The student's encoder followed by a read-out, as a module forward, so that
+    ``torch.func.functional_call`` can run it on detached weights (the read-out runs inside, so a tied
+    MLM decoder reads the detached embedding too)."""
+
+    def __init__(self, model: StructpruneForSequenceClassification):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: Mapping[str, torch.Tensor], gates: dict[str, torch.Tensor] | None,
+                readout: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        hidden, _ = self.model.backbone(**inputs, gates=effective_gates(gates) if gates else None)
+        return readout(hidden)
+
+
+class TransferObjective(DistillObjective):
+    """The pruning-phase loss of ``joint`` and ``separate-masks``, and (``target=False``) phase A of
+    ``sequential``: the l0 objective plus the auxiliary losses (module docstring).
+
+    Args:
+        prune_steps: steps of this phase (the ``anneal`` schedule ends there).
+        aux: the encoded auxiliary sources.
+        target: include the target loss (False: sequential phase A, auxiliary losses only).
+    """
+
+    def __init__(self, student: MaskedModel, teacher: StructpruneForSequenceClassification, layers: LayerDistillation,
+                 config: TransferConfig, gates: HardConcreteGates, budget: Budget, warmup_steps: int,
+                 prune_steps: int, aux: Sequence[AuxData], target: bool = True):
+        super().__init__(student, teacher, layers, config.l0, gates, budget, warmup_steps)
+        self.transfer, self.prune_steps, self.with_target = config, prune_steps, target
+        self.aux = list(aux)  # data, not modules
+        device = next(student.parameters()).device
+        init = _generator(config.l0.seed, "aux-heads")
+        self.aux_heads = nn.ModuleList(
+            MLMHead(student.spec, student.model.embeddings.word, init) if source.is_mlm
+            else classification_head(student.spec, source.task.num_labels, init) for source in self.aux).to(device)
+        separate = config.coupling == "separate-masks"
+        self.aux_gates = (HardConcreteGates(gates.structure, gates.names, config.l0.init_log_alpha).to(device)
+                          if separate else None)
+        self.aux_lagrangian = Lagrangian().to(device) if separate else None
+        self.tied = separate and config.transfer in ("masks", "both")
+        self.detached = separate and config.transfer == "masks"
+        self.__dict__["encoder"] = _Encoder(student.model)  # a view of the student, not a second copy
+        self.history: list[dict] = []
+
+    def get_extra_state(self) -> dict:
+        return {"history": self.history}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.history = list(state["history"])
+
+    def param_groups(self) -> list[dict]:
+        c = self.config
+        heads = list(self.aux_heads.parameters())
+        groups = super().param_groups() + [
+            {"params": [p for p in heads if p.ndim >= 2], "lr": c.lr, "weight_decay": c.weight_decay,
+             "schedule": "linear"},
+            {"params": [p for p in heads if p.ndim < 2], "lr": c.lr, "weight_decay": 0.0, "schedule": "linear"},
+        ]
+        if self.aux_gates is not None:
+            groups += [
+                {"params": list(self.aux_gates.parameters()), "lr": c.gate_lr, "weight_decay": 0.0,
+                 "schedule": "constant", "clip": False},
+                {"params": list(self.aux_lagrangian.parameters()), "lr": c.lambda_lr, "weight_decay": 0.0,
+                 "schedule": "constant", "clip": False, "maximize": True},
+            ]
+        return [g for g in groups if g["params"]]
+
+    def tie(self) -> torch.Tensor:
+        """``mean((log_alpha - log_alpha_aux)^2)`` over every gate logit."""
+        gaps = [(self.gates.log_alpha[name] - self.aux_gates.log_alpha[name]).flatten() for name in self.gates.names]
+        return torch.cat(gaps).pow(2).mean()
+
+    def guard_params(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The parameters the cosine guard compares gradients on: (target side, auxiliary side)."""
+        if self.detached:
+            return list(self.gates.parameters()), list(self.aux_gates.parameters())
+        shared = [p for p in self.student.model.layers[-1].parameters() if p.requires_grad]
+        return shared, shared
+
+    def aux_loss(self, index: int, step: int, micro: int, gates: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss of auxiliary source ``index`` on its batch of ``(step, micro)`` under ``gates``."""
+        source, head = self.aux[index], self.aux_heads[index]
+        size = max(1, self.transfer.batch_size // self.config.grad_accum)
+        device = next(head.parameters()).device
+        drawn = source.draw(_generator(self.config.seed, "aux-batch", step, micro, index), size)
+        batch = trim_padding({name: t.to(device) for name, t in drawn.items()})
+        inputs, labels = model_inputs(batch), batch["labels"]
+        if source.is_mlm:
+            chosen = labels != IGNORE_INDEX
+            logits = self._run(inputs, gates, lambda h: head(h[chosen]))
+            return F.cross_entropy(logits.float(), labels[chosen], reduction="sum") / chosen.sum().clamp(min=1)
+        logits = self._run(inputs, gates, lambda h: head(h, inputs["input_ids"]))
+        if source.task.num_labels == 1:
+            return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+        return F.cross_entropy(logits.float(), labels)
+
+    def _run(self, inputs: Mapping[str, torch.Tensor], gates: dict[str, torch.Tensor],
+             readout: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        if not self.detached:
+            return self.encoder(inputs, gates, readout)
+        weights = {f"model.{name}": p.detach() for name, p in self.student.model.named_parameters()}
+        return torch.func.functional_call(self.encoder, weights, (inputs, gates, readout))
+
+    def forward(self, batch: Mapping[str, torch.Tensor], step: int, micro: int) -> tuple[torch.Tensor, dict]:
+        t = self.transfer
+        gates = self.sample_gates(step, micro)
+        if self.with_target:
+            loss, values = self.distill_loss(batch, gates)
+        else:
+            loss, values = torch.zeros((), device=self.gates.log_alpha[self.gates.names[0]].device), {}
+        factor = t.factor(step, self.prune_steps, self.warmup_steps)
+        record = {"step": step, "factor": factor, "weights": {}, "cosines": {}}
+        if factor * t.aux_weight > 0:
+            aux_gates = gates if self.aux_gates is None else self.aux_gates.sample(
+                _generator(self.config.seed, "aux-gates", step, micro))
+            losses = [self.aux_loss(i, step, micro, aux_gates) for i in range(len(self.aux))]
+            guarded = t.guard == "cosine" and self.with_target
+            if guarded:
+                ours, theirs = self.guard_params()
+                target_gradient = flat_gradient(loss, ours)
+            for source, aux_loss in zip(self.aux, losses):
+                weight = t.aux_weight * factor * source.weight
+                if guarded:
+                    similarity = cosine(target_gradient, flat_gradient(aux_loss, theirs))
+                    weight *= max(0.0, similarity)
+                    record["cosines"][source.name] = values[f"cos/{source.name}"] = similarity
+                loss = loss + weight * aux_loss
+                record["weights"][source.name] = values[f"w/{source.name}"] = weight
+                values[f"aux/{source.name}"] = aux_loss.item()
+        if self.tied and factor > 0:
+            tie = self.tie()
+            loss = loss + t.tie_weight * factor * tie
+            values["tie"] = record["tie"] = tie.item()
+        penalty, more = self.constraint(step)
+        loss = loss + penalty
+        values |= more
+        if self.aux_gates is not None:
+            penalty, more = self.constraint(step, self.aux_gates, self.aux_lagrangian, prefix="aux_")
+            loss = loss + penalty
+            values |= more
+        if micro == 0:
+            self.history.append(record)
+        return loss, values
+
+
+def _check_aux(aux: Sequence[AuxData]) -> None:
+    if not aux:
+        raise ValueError("the transfer method needs auxiliary data: pass aux=load_auxiliary(...)[0] with at least "
+                         "one source, or use method l0 for target-only pruning")
+    names = [source.name for source in aux]
+    if len(set(names)) != len(names):
+        raise ValueError(f"auxiliary sources must have distinct names, got {names}")
+    for source in aux:
+        if len(source) == 0:
+            raise ValueError(f"auxiliary source {source.name!r} has no examples; drop it")
+        labels = source.encoded.get("labels")
+        if source.task is not None and source.task.num_labels > 1 and (
+                int(labels.min()) < 0 or int(labels.max()) >= source.task.num_labels):
+            raise ValueError(f"auxiliary source {source.name!r} has labels {int(labels.min())}..{int(labels.max())} "
+                             f"but its task has {source.task.num_labels} classes")
+
+
+def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Tensor], budget: Budget | float, *,
+          aux: Sequence[AuxData], config: TransferConfig = TransferConfig(),
+          teacher: StructpruneForSequenceClassification | None = None,
+          checkpoint_dir: str | os.PathLike | None = None,
+          evaluate: Callable[[nn.Module], dict[str, float]] | None = None, eval_every: int | None = None,
+          progress: bool = False) -> PruneResult:
+    """Learn masks meeting ``budget`` with help from ``aux`` and fine-tune the compact model on the target.
+
+    Arguments as :func:`structprune.methods.l0.prune`, plus ``aux`` (:func:`structprune.auxiliary.load_auxiliary`)
+    and ``config``. Checkpoints go to ``checkpoint_dir/aux`` (sequential phase A), ``/prune`` and
+    ``/finetune``. ``result.log`` adds the coupling, transfer, schedule, guard, the sources and
+    ``aux_steps``: per pruning step the schedule factor, each source's applied weight and cosine.
+    """
+    _check_aux(aux)
+    c = config.l0
+    setup = prepare(model, task_data, budget, c, teacher)
+    for source in aux:
+        if source.is_mlm and source.vocab_size > setup.full.spec["vocab_size"]:
+            raise ValueError(f"the MLM data's tokenizer has {source.vocab_size} tokens, more than the model's "
+                             f"{setup.full.spec['vocab_size']}: use the model's own tokenizer")
+    directory = None if checkpoint_dir is None else Path(checkpoint_dir)
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "l0"}
+    fingerprint = setup.fingerprint | {"method": "transfer", "transfer": settings,
+                                       "aux": [[s.name, s.weight, digest(s.encoded)] for s in aux]}
+
+    def run(objective: DistillObjective, steps: int, phase: str) -> TrainResult:
+        return train(objective, setup.data, train_config(c, steps), None if directory is None else directory / phase,
+                     fingerprint | {"phase": phase}, progress=progress, description=f"transfer {phase}")
+
+    if config.coupling == "sequential":
+        aux_steps = c.steps(config.aux_epochs, setup.rows)
+        student, gates, layers = setup.parts(c)
+        phase_a = TransferObjective(student, setup.teacher, layers, config, gates, setup.budget,
+                                    setup.warmup_steps(c, aux_steps), aux_steps, aux, target=False)
+        run(phase_a, aux_steps, "aux")
+        history = phase_a.history
+        student, gates, layers = setup.parts(c, student if config.transfer in ("weights", "both") else None)
+        if config.transfer in ("masks", "both"):
+            gates.load_state_dict(phase_a.gates.state_dict())
+        objective = DistillObjective(student, setup.teacher, layers, c, gates, setup.budget, setup.warmup_steps(c))
+    else:
+        student, gates, layers = setup.parts(c)
+        objective = TransferObjective(student, setup.teacher, layers, config, gates, setup.budget,
+                                      setup.warmup_steps(c), setup.prune_steps, aux)
+    pruning = run(objective, setup.prune_steps, "prune")
+    if config.coupling != "sequential":
+        history = objective.history
+    result = finish("transfer", setup, objective, pruning, c, dataclasses.asdict(config), directory,
+                    fingerprint, evaluate, eval_every, progress)
+    result.log |= settings | {"aux_sources": [{"name": s.name, "weight": s.weight, "rows": len(s),
+                                               "task": "mlm" if s.is_mlm else s.task.name} for s in aux],
+                              "aux_steps": history}
+    return result

@@ -1,0 +1,187 @@
+"""Choosing how to use auxiliary tasks for one target: a small, budgeted sweep scored on held-out rows.
+
+:func:`transfer_search` holds out a seeded :data:`SEARCH_DEV_FRACTION` of the target's training rows as
+a search dev set (the rest trains every run, teacher included, so the choice never sees the real
+evaluation data), loads the auxiliary sources once (deduplicated against all of the target's rows
+and evaluation splits, :func:`structprune.auxiliary.load_auxiliary`) and runs :func:`sweep`:
+
+1. target-only ``l0`` (the baseline every transfer setting has to beat);
+2. each coupling with transfer ``both`` and schedule ``start``, ``base``'s coupling first (the default,
+   ``separate-masks``, so a budget of two runs compares it with the baseline);
+3. the best coupling so far with its other settings: for ``joint`` the schedules ``after:N``
+   (N = a quarter of the pruning steps), ``anneal``, ``warmup``; for ``separate-masks`` those
+   schedules, then transfers ``weights`` and ``masks``; for ``sequential`` transfers ``weights``
+   and ``masks``;
+
+stopping when ``budget_runs`` runs are done or, before starting another run, ``budget_minutes``
+have passed (the baseline always runs). The choice is the run with the best search-dev score (the
+task's main metric); ties go to the earlier run, so the baseline wins a tie. Settings not varied
+(aux weight, guard, the l0 options) come from ``base``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from structprune.auxiliary import AuxSource, load_auxiliary
+from structprune.compact import compact
+from structprune.data import TaskData, encode
+from structprune.finetune import FinetuneConfig, evaluate
+from structprune.io import atomic_write_text
+from structprune.methods import Budget, l0, transfer
+from structprune.methods.transfer import TransferConfig
+from structprune.modeling_compact import StructpruneForSequenceClassification
+from structprune.prune_pipeline import dense_teacher
+
+SEARCH_DEV_FRACTION = 0.2
+BASELINE = "l0 (target only)"
+
+
+def run_name(config: TransferConfig | None) -> str:
+    """``coupling/transfer/schedule``, or :data:`BASELINE` for target-only l0 (``None``)."""
+    return BASELINE if config is None else f"{config.coupling}/{config.transfer}/{config.schedule}"
+
+
+def _followups(best: TransferConfig, prune_steps: int) -> list[TransferConfig]:
+    """Step 3 of the module docstring for the best coupling."""
+    schedules = [f"after:{max(1, prune_steps // 4)}", "anneal", "warmup"]
+    if best.coupling == "joint":
+        return [dataclasses.replace(best, schedule=s) for s in schedules]
+    transfers = [dataclasses.replace(best, transfer=t, schedule="start") for t in ("weights", "masks")]
+    if best.coupling == "sequential":
+        return transfers
+    return [dataclasses.replace(best, schedule=s) for s in schedules] + transfers
+
+
+def sweep(score: Callable[[TransferConfig | None], Mapping[str, float]], base: TransferConfig, prune_steps: int,
+          budget_runs: int, budget_minutes: float | None = None) -> list[dict]:
+    """Run the sweep of the module docstring; ``score(config)`` prunes with ``config`` (``None``: target-only
+    l0) and returns at least ``{"score": ...}``. Returns one record per run, in order."""
+    if budget_runs < 1:
+        raise ValueError(f"budget_runs must be >= 1, got {budget_runs}")
+    started = time.perf_counter()
+    runs: list[dict] = []
+
+    def spent() -> bool:  # the baseline always runs
+        return len(runs) >= budget_runs or (budget_minutes is not None and bool(runs)
+                                            and time.perf_counter() - started >= 60 * budget_minutes)
+
+    def attempt(config: TransferConfig | None) -> None:
+        begin = time.perf_counter()
+        outcome = dict(score(config))
+        settings = {} if config is None else {"coupling": config.coupling, "transfer": config.transfer,
+                                              "schedule": config.schedule}
+        runs.append({"name": run_name(config), **settings, **outcome, "seconds": time.perf_counter() - begin,
+                     "config": config})
+
+    start = dataclasses.replace(base, transfer="both", schedule="start")
+    couplings = [base.coupling] + [c for c in transfer.COUPLINGS if c != base.coupling]  # the default first
+    queue: list[TransferConfig | None] = [None] + [dataclasses.replace(start, coupling=c) for c in couplings]
+    while queue and not spent():
+        attempt(queue.pop(0))
+    if not spent():
+        tried = [run for run in runs if run["config"] is not None]
+        best = max(tried, key=lambda run: run["score"])["config"]  # max keeps the first of equal scores
+        for config in _followups(best, prune_steps):
+            if spent():
+                break
+            attempt(config)
+    return runs
+
+
+@dataclass
+class SearchResult:
+    """Every run of a search (``name``, settings, ``score``, ``achieved`` sparsity, ``seconds``) and the choice."""
+
+    task: str
+    metric: str
+    runs: list[dict]
+    setup: dict = field(default_factory=dict)
+
+    @property
+    def choice(self) -> dict:
+        """The run with the best score (the first of equal ones)."""
+        return max(self.runs, key=lambda run: run["score"])
+
+    def table(self) -> str:
+        lines = [f"{'run':<34} {self.metric + ' %':>12} {'sparsity':>9} {'seconds':>8}"]
+        for run in self.runs:
+            mark = "  <- choice" if run is self.choice else ""
+            lines.append(f"{run['name']:<34} {run['score']:>12.2f} {run['achieved']:>9.3f} {run['seconds']:>8.0f}"
+                         + mark)
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        def plain(run: dict) -> dict:
+            config = run["config"]
+            return {k: v for k, v in run.items() if k != "config"} | {
+                "config": None if config is None else dataclasses.asdict(config)}
+
+        runs = [plain(run) for run in self.runs]
+        return {"task": self.task, "metric": self.metric, "setup": self.setup, "runs": runs,
+                "choice": plain(self.choice)}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write :meth:`as_dict` as JSON (atomically)."""
+        atomic_write_text(Path(path), json.dumps(self.as_dict(), indent=2, default=float))
+
+
+def split_search_dev(train: TaskData, seed: int) -> tuple[TaskData, TaskData]:
+    """(search train, search dev): a seeded :data:`SEARCH_DEV_FRACTION` of the rows held out (at least one
+    row each side), both kept in file order."""
+    if len(train) < 2:
+        raise ValueError(f"transfer search needs at least 2 training examples to hold some out, got {len(train)}")
+    held = min(len(train) - 1, max(1, round(SEARCH_DEV_FRACTION * len(train))))
+    order = np.random.default_rng(seed).permutation(len(train))
+    return train.select(sorted(order[held:].tolist())), train.select(sorted(order[:held].tolist()))
+
+
+def transfer_search(model: StructpruneForSequenceClassification, tokenizer, train: TaskData,
+                    sources: Sequence[AuxSource], budget: Budget, *, base: TransferConfig = TransferConfig(),
+                    budget_runs: int = 6, budget_minutes: float | None = None, target_eval: Sequence[TaskData] = (),
+                    data_dir: str | None = None, max_length: int = 128,
+                    dense_config: FinetuneConfig = FinetuneConfig(epochs=3, lr=1e-4),
+                    checkpoint_dir: str | os.PathLike | None = None, model_name: str = "model",
+                    progress: bool = True) -> SearchResult:
+    """Search how to use ``sources`` for pruning ``model`` on ``train.task`` (see the module docstring).
+
+    ``model`` is the teacher when it is fine-tuned on the task (it may then have seen the search dev
+    rows: fine-tune from the pre-trained model for a clean search); otherwise a copy is fine-tuned
+    on the search-train rows. ``checkpoint_dir`` makes every run resumable (one folder per run).
+    """
+    seed = base.l0.seed
+    search_train, search_dev = split_search_dev(train, seed)
+    aux, dedup = load_auxiliary(sources, train, target_eval, tokenizer, max_length, seed, data_dir)
+    train_enc, dev_enc = encode(search_train, tokenizer, max_length), encode(search_dev, tokenizer, max_length)
+    directory = None if checkpoint_dir is None else Path(checkpoint_dir)
+    teacher, trained_here = dense_teacher(model, train_enc, train.task, dense_config, directory, progress, model_name,
+                                          "transfer-search")
+    task = train.task
+
+    def score(config: TransferConfig | None) -> dict[str, float]:
+        where = None if directory is None else directory / run_name(config).replace("/", "-").replace(" ", "-")
+        if config is None:
+            result = l0.prune(teacher, train_enc, budget, config=base.l0, teacher=teacher, checkpoint_dir=where,
+                              progress=progress)
+        else:
+            result = transfer.prune(teacher, train_enc, budget, aux=aux, config=config, teacher=teacher,
+                                    checkpoint_dir=where, progress=progress)
+        pruned = compact(teacher, result.masks)
+        pruned.load_state_dict(result.weights)
+        return {"score": evaluate(pruned.eval(), dev_enc, task)[task.main_metric], "achieved": result.log["achieved"]}
+
+    prune_steps = base.l0.steps(base.l0.prune_epochs, len(search_train))
+    runs = sweep(score, base, prune_steps, budget_runs, budget_minutes)
+    setup = {"model": model_name, "train_size": len(train), "search_train": len(search_train),
+             "search_dev": len(search_dev), "seed": seed, "budget": budget.as_dict(),
+             "teacher": "fine-tuned here on the search-train rows" if trained_here else "the given model",
+             "aux": dedup, "budget_runs": budget_runs, "budget_minutes": budget_minutes}
+    return SearchResult(task.name, task.main_metric, runs, setup)

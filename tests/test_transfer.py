@@ -1,0 +1,355 @@
+"""The ``transfer`` method: every coupling, transfer and schedule changes what is trained (asserted on
+gradients, phase starts and logs), the cosine guard, exact resume, bad input, the sweep of
+``transfer-search``, and the ``prune --method transfer`` / ``transfer-search`` commands."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from structprune.auxiliary import MLM, AuxData
+from structprune.data import get_task
+from structprune.methods import l0, transfer
+from structprune.methods.l0 import L0Config
+from structprune.methods.transfer import TransferConfig, TransferObjective, gradient_cosine
+from structprune.transfer_search import BASELINE, SearchResult, run_name, sweep
+from tests.test_cli import make_model, ok, write_task
+from tests.test_l0 import FAST, VOCAB, tiny_bert
+from tests.test_methods import encoded_data
+
+SHORT = dataclasses.replace(FAST, max_steps=6)
+"""6 steps per phase (64 rows, batch 16: 4 steps per epoch)."""
+DATA = encoded_data(2, rows=64)
+BATCH = {name: t[:16] for name, t in DATA.items()}
+
+
+def toy_aux(name: str = "toy", weight: float = 1.0) -> AuxData:
+    """A 3-class pair task on other token ids than the target's."""
+    data = encoded_data(3, rows=48, seq=8)
+    real = data["attention_mask"].bool()
+    data["input_ids"] = torch.where(real, (data["input_ids"] * 7 + 3) % (VOCAB - 5) + 5, data["input_ids"])
+    return AuxData(name, weight, data, get_task("mnli"))
+
+
+def toy_mlm(weight: float = 1.0) -> AuxData:
+    data = encoded_data(2, rows=40, seq=9)
+    data.pop("labels")
+    special = torch.zeros_like(data["input_ids"], dtype=torch.bool)
+    special[:, 0] = True
+    return AuxData(MLM, weight, data | {"special_tokens_mask": special}, None, mask_token_id=4, vocab_size=VOCAB)
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def grads(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: torch.zeros_like(p) if p.grad is None else p.grad.clone() for name, p in module.named_parameters()}
+
+
+def build(config: TransferConfig, aux: list[AuxData], cls: type = TransferObjective):
+    """A transfer objective and the l0 objective over identical copies of the model (same gate noise)."""
+    setup = l0.prepare(tiny_bert(), DATA, 0.5, config.l0, None)
+    student, gates, layers = setup.parts(config.l0)
+    objective = cls(student, setup.teacher, layers, config, gates, setup.budget, setup.warmup_steps(config.l0),
+                    setup.prune_steps, aux)
+    student, gates, layers = setup.parts(config.l0)
+    reference = l0.DistillObjective(student, setup.teacher, layers, config.l0, gates, setup.budget,
+                                    setup.warmup_steps(config.l0))
+    return objective, reference
+
+
+def test_joint_with_aux_weight_zero_is_l0_bit_for_bit_and_a_positive_weight_changes_it():
+    reference = l0.prune(tiny_bert(), DATA, 0.5, config=SHORT)
+    aux = [toy_aux(), toy_mlm()]
+    zero = transfer.prune(tiny_bert(), DATA, 0.5, aux=aux, config=TransferConfig(l0=SHORT, coupling="joint", aux_weight=0.0))
+    assert zero.log["prune_losses"] == reference.log["prune_losses"]
+    assert zero.log["finetune_losses"] == reference.log["finetune_losses"]
+    assert same(zero.masks.masks, reference.masks.masks) and same(zero.weights, reference.weights)
+    assert [step["weights"] for step in zero.log["aux_steps"]] == [{}] * 6
+    on = transfer.prune(tiny_bert(), DATA, 0.5, aux=aux, config=TransferConfig(l0=SHORT, coupling="joint", guard="none"))
+    assert on.log["prune_losses"][0] > reference.log["prune_losses"][0]  # the auxiliary losses are added
+    assert not same(on.weights, reference.weights)
+    assert [step["weights"] for step in on.log["aux_steps"]] == [{"toy": 1.0, "mlm": 1.0}] * 6
+    assert on.log["coupling"] == "joint" and on.log["aux_sources"][1] == {"name": "mlm", "weight": 1.0, "rows": 40,
+                                                                          "task": "mlm"}
+
+
+@pytest.mark.parametrize("schedule,expected", [
+    ("start", [1.0, 1.0, 1.0, 1.0]),
+    ("after:25", [0.0, 0.0, 1.0, 1.0]),
+    ("anneal", [1.0, 0.76, 0.5, 0.01]),
+    ("warmup", [1.0, 1.0, 0.0, 0.0]),
+])
+def test_schedule_factor_formula(schedule, expected):
+    config = TransferConfig(schedule=schedule)
+    factors = [config.factor(step, prune_steps=100, warmup_steps=30) for step in (0, 24, 50, 99)]
+    assert factors == pytest.approx(expected)
+
+
+def test_applied_weights_follow_the_anneal_schedule_and_the_cosine_guard():
+    config = TransferConfig(l0=SHORT, coupling="joint", schedule="anneal", aux_weight=2.0)
+    result = transfer.prune(tiny_bert(), DATA, 0.5, aux=[toy_aux(weight=0.5)], config=config)
+    steps = result.log["aux_steps"]
+    assert [s["step"] for s in steps] == list(range(6))
+    for s in steps:
+        factor = 1 - s["step"] / 6
+        assert s["factor"] == pytest.approx(factor)
+        cosine = s["cosines"]["toy"]
+        assert -1 <= cosine <= 1
+        assert s["weights"]["toy"] == pytest.approx(2.0 * factor * 0.5 * max(0.0, cosine))
+    assert any(s["cosines"]["toy"] != 0 for s in steps)
+    assert (result.log["schedule"], result.log["guard"], result.log["aux_weight"]) == ("anneal", "cosine", 2.0)
+
+
+def test_gradient_cosine():
+    p = nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    q = nn.Parameter(torch.ones(3))
+    a, b = torch.tensor([1.0, 2.0, 0.0]), torch.tensor([2.0, -1.0, 3.0])  # a . b = 0
+    target = (p * a).sum()
+    assert gradient_cosine(target, 2 * (p * a).sum(), [p], [p]) == pytest.approx(1.0)
+    assert gradient_cosine(target, -3 * (p * a).sum(), [p], [p]) == pytest.approx(-1.0)
+    assert gradient_cosine(target, (p * b).sum(), [p], [p]) == pytest.approx(0.0)
+    assert gradient_cosine(target, q.sum(), [p], [p]) == 0.0  # no gradient on the compared parameters
+
+
+class Opposed(TransferObjective):
+    """An auxiliary loss whose gradient is exactly the negative of the target loss's."""
+
+    def distill_loss(self, batch, gates):
+        loss, values = super().distill_loss(batch, gates)
+        self.last = loss
+        return loss, values
+
+    def aux_loss(self, index, step, micro, gates):
+        return -2.0 * self.last
+
+
+def test_cosine_guard_gives_an_opposed_auxiliary_loss_weight_zero():
+    objective, reference = build(TransferConfig(l0=SHORT, coupling="joint"), [toy_aux()], Opposed)
+    loss, values = objective(BATCH, 2, 0)
+    assert values["cos/toy"] == pytest.approx(-1.0, abs=1e-6) and values["w/toy"] == 0.0
+    assert objective.history[-1]["weights"] == {"toy": 0.0}
+    assert torch.equal(loss, reference(BATCH, 2, 0)[0])  # the opposed loss contributes nothing
+    unguarded, _ = build(TransferConfig(l0=SHORT, coupling="joint", guard="none"), [toy_aux()], Opposed)
+    assert unguarded(BATCH, 2, 0)[1]["w/toy"] == 1.0
+
+
+def _separate(kind: str):
+    """One backward of separate-masks with ``kind`` transfer and of l0, on the same batch and gate noise."""
+    config = TransferConfig(l0=SHORT, coupling="separate-masks", transfer=kind, guard="none", tie_weight=5.0)
+    objective, reference = build(config, [toy_aux(), toy_mlm()])
+    with torch.no_grad():  # start the two masks apart, so the tie pulls
+        for name, a in objective.aux_gates.log_alpha.items():
+            a.add_(torch.randn(a.shape, generator=torch.Generator().manual_seed(len(name))))
+    loss, values = objective(BATCH, 2, 0)
+    loss.backward()
+    reference(BATCH, 2, 0)[0].backward()
+    return objective, reference, values
+
+
+def _nonzero(module: nn.Module) -> bool:
+    """Every parameter of ``module`` got a gradient."""
+    return all(float(g.abs().sum()) > 0 for g in grads(module).values())
+
+
+def _touched(gates: nn.Module) -> bool:
+    """Some gate got a gradient (a gate sampled at exactly 0 or 1 gets none)."""
+    return any(float(g.abs().sum()) > 0 for g in grads(gates).values())
+
+
+def test_separate_masks_transfer_masks_reaches_only_gates_and_heads():
+    objective, reference, values = _separate("masks")
+    # the shared weights get exactly the target's gradient: the auxiliary forward ran on detached weights
+    assert same(grads(objective.student), grads(reference.student))
+    assert same(grads(objective.layers), grads(reference.layers))
+    assert not same(grads(objective.gates), grads(reference.gates))  # the tie pulls the target gates
+    assert _nonzero(objective.aux_gates) and _nonzero(objective.aux_heads)  # the tie reaches every aux gate
+    assert values["tie"] > 0 and "aux_sparsity" in values
+
+
+def test_separate_masks_transfer_weights_has_no_tie():
+    objective, reference, values = _separate("weights")
+    assert same(grads(objective.gates), grads(reference.gates))  # zero tie gradient: only the target loss
+    assert not same(grads(objective.student), grads(reference.student))  # the auxiliary loss trains the weights
+    assert _touched(objective.aux_gates) and _nonzero(objective.aux_heads) and "tie" not in values
+
+
+def test_separate_masks_transfer_both_moves_weights_and_target_gates():
+    objective, reference, values = _separate("both")
+    assert not same(grads(objective.student), grads(reference.student))
+    assert not same(grads(objective.gates), grads(reference.gates))
+    assert values["tie"] > 0
+
+
+@pytest.mark.parametrize("kind", ["weights", "masks", "both"])
+def test_sequential_phase_b_starts_from_phase_a(kind, monkeypatch):
+    starts, ends = {}, {}
+    real = transfer.train
+
+    def snapshot(objective):
+        return ({k: v.detach().clone() for k, v in objective.gates.state_dict().items()},
+                {k: v.detach().clone() for k, v in objective.student.state_dict().items()})
+
+    def spy(objective, data, config, directory, fingerprint, **options):
+        starts[fingerprint["phase"]] = snapshot(objective)
+        result = real(objective, data, config, directory, fingerprint, **options)
+        ends[fingerprint["phase"]] = snapshot(objective)
+        return result
+
+    monkeypatch.setattr(transfer, "train", spy)
+    config = TransferConfig(l0=SHORT, coupling="sequential", transfer=kind, aux_epochs=1.0)
+    result = transfer.prune(tiny_bert(), DATA, 0.5, aux=[toy_aux(), toy_mlm()], config=config)
+    assert set(starts) == {"aux", "prune"}
+    (gates_a0, weights_a0), (gates_a1, weights_a1) = starts["aux"], ends["aux"]
+    gates_b0, weights_b0 = starts["prune"]
+    assert not same(gates_a0, gates_a1) and not same(weights_a0, weights_a1)  # phase A trained both
+    assert same(gates_b0, gates_a1 if kind in ("masks", "both") else gates_a0)
+    assert same(weights_b0, weights_a1 if kind in ("weights", "both") else weights_a0)
+    # phase A: one target epoch of steps (4), auxiliary losses only, no guard (no target loss there)
+    assert [s["weights"] for s in result.log["aux_steps"]] == [{"toy": 1.0, "mlm": 1.0}] * 4
+    assert abs(result.log["achieved"] - 0.5) <= 0.01
+
+
+def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
+    config = TransferConfig(l0=dataclasses.replace(SHORT, checkpoint_every=1), coupling="separate-masks",
+                            schedule="anneal")
+    aux = [toy_aux(), toy_mlm()]
+    reference = transfer.prune(tiny_bert(), DATA, 0.5, aux=aux, config=config)
+    real = TransferObjective.aux_loss
+
+    def killed(self, index, step, micro, gates):
+        if step == 3:
+            raise RuntimeError("killed")
+        return real(self, index, step, micro, gates)
+
+    monkeypatch.setattr(TransferObjective, "aux_loss", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        transfer.prune(tiny_bert(), DATA, 0.5, aux=aux, config=config, checkpoint_dir=tmp_path)
+    assert (tmp_path / "prune" / "checkpoint.pt").is_file()
+    monkeypatch.undo()
+    resumed = transfer.prune(tiny_bert(), DATA, 0.5, aux=aux, config=config, checkpoint_dir=tmp_path)
+    assert resumed.log["prune_losses"] == reference.log["prune_losses"]
+    assert resumed.log["finetune_losses"] == reference.log["finetune_losses"]
+    assert resumed.log["aux_steps"] == reference.log["aux_steps"]  # the per-step log is in the checkpoint
+    assert same(resumed.masks.masks, reference.masks.masks) and same(resumed.weights, reference.weights)
+
+
+def test_bad_settings_and_inputs_are_refused():
+    with pytest.raises(ValueError, match="coupling 'joint' shares both weights and mask"):
+        TransferConfig(coupling="joint", transfer="masks")
+    with pytest.raises(ValueError, match="sequential runs the auxiliary phase before"):
+        TransferConfig(coupling="sequential", schedule="anneal")
+    with pytest.raises(ValueError, match="schedule must be one of start, after:N"):
+        TransferConfig(schedule="after:soon")
+    with pytest.raises(ValueError, match="coupling must be one of joint, separate-masks, sequential"):
+        TransferConfig(coupling="parallel")
+    with pytest.raises(ValueError, match="tie_weight must be a finite number >= 0"):
+        TransferConfig(tie_weight=-1.0)
+    with pytest.raises(ValueError, match="aux_weight 0 gives the auxiliary phase no loss"):
+        TransferConfig(coupling="sequential", aux_weight=0.0)
+    with pytest.raises(ValueError, match="needs auxiliary data"):
+        transfer.prune(tiny_bert(), DATA, 0.5, aux=[])
+    with pytest.raises(ValueError, match="distinct names"):
+        transfer.prune(tiny_bert(), DATA, 0.5, aux=[toy_aux(), toy_aux()])
+    bad = toy_aux()
+    bad.encoded["labels"] = bad.encoded["labels"] + 5
+    with pytest.raises(ValueError, match="'toy' has labels 5..7 but its task has 3 classes"):
+        transfer.prune(tiny_bert(), DATA, 0.5, aux=[bad])
+    with pytest.raises(ValueError, match="cannot be reached by gating only head"):
+        transfer.prune(tiny_bert(), DATA, 0.9, aux=[toy_aux()],
+                       config=TransferConfig(l0=L0Config(granularities=("head",))))
+    with pytest.raises(ValueError, match="teacher has 3 outputs but the student has 2"):
+        transfer.prune(tiny_bert(), DATA, 0.5, aux=[toy_aux()], teacher=tiny_bert(num_labels=3))
+
+
+def test_sweep_order_follows_the_best_coupling_and_stops_at_the_budget():
+    def scorer(best: str):
+        def score(config):
+            name = run_name(config)
+            return {"score": 60.0 if name == best else 50.0 if config is None else 40.0, "achieved": 0.5}
+        return score
+
+    base = TransferConfig(aux_weight=0.7)
+    runs = sweep(scorer("separate-masks/both/start"), base, prune_steps=40, budget_runs=20)
+    assert [r["name"] for r in runs] == [
+        BASELINE, "separate-masks/both/start", "joint/both/start", "sequential/both/start",
+        "separate-masks/both/after:10", "separate-masks/both/anneal", "separate-masks/both/warmup",
+        "separate-masks/weights/start", "separate-masks/masks/start"]
+    assert all(r["config"].aux_weight == 0.7 for r in runs[1:])
+    runs = sweep(scorer("sequential/both/start"), base, prune_steps=40, budget_runs=20)
+    assert [r["name"] for r in runs[4:]] == ["sequential/weights/start", "sequential/masks/start"]
+    runs = sweep(scorer("joint/both/start"), base, prune_steps=40, budget_runs=5)
+    assert [r["name"] for r in runs[3:]] == ["sequential/both/start", "joint/both/after:10"]
+    assert [r["name"] for r in sweep(scorer("x"), base, 40, budget_runs=2)] == [BASELINE,
+                                                                              "separate-masks/both/start"]
+    assert [r["name"] for r in sweep(scorer("x"), base, 40, budget_runs=9, budget_minutes=0)] == [BASELINE]
+    # ties go to the earlier run: the baseline beats transfer settings that do no better
+    result = SearchResult("t", "accuracy", sweep(lambda c: {"score": 50.0, "achieved": 0.5}, base, 40, 3))
+    assert result.choice["name"] == BASELINE
+    with pytest.raises(ValueError, match="budget_runs must be >= 1"):
+        sweep(scorer("x"), base, 40, budget_runs=0)
+
+
+def _aux_file(path):
+    """Five labelled sentences; two are target sentences of write_task (case and spaces changed)."""
+    rows = [("The  FILM was bad", 0), ("the plot is fun", 1), ("the plot is not fun", 0),
+            ("the Film  was very FUN", 1), ("a dull plot", 0)]
+    path.write_text("sentence\tlabel\n" + "".join(f"{text}\t{label}\n" for text, label in rows))
+    return path
+
+
+def test_cli_prune_transfer_writes_the_folder_with_sources_and_removed_counts(tmp_path):
+    model_dir = make_model(tmp_path / "model")
+    task = write_task(tmp_path / "task.tsv", rows=32)
+    aux = _aux_file(tmp_path / "aux.tsv")
+    out = ok("prune", "--method", "transfer", "--model", model_dir, "--task", task, "--aux", f"mlm,{aux}:0.5",
+             "--coupling", "separate-masks", "--transfer", "masks", "--schedule", "anneal", "--target-sparsity", 0.3,
+             "--batch-size", 16, "--max-steps", 2, "--seq-len", 16, "--max-length", 32, "--out", tmp_path / "tr",
+             "--checkpoint-dir", tmp_path / "ckpt")
+    assert "removed as duplicates" in out and "parameter sparsity" in out
+    folder = tmp_path / "tr"
+    for name in ("masks/masks.json", "pruned/config.json", "onnx-pruned/model.onnx", "report.md", "transfer-log.json"):
+        assert (folder / name).is_file(), name
+    log = json.loads((folder / "transfer-log.json").read_text())
+    assert log["aux_dedup"] == {"mlm": {"split": "train", "kept": 32, "removed": 0},
+                                str(aux): {"split": "train", "kept": 3, "removed": 2}}
+    assert (log["coupling"], log["transfer"], log["schedule"]) == ("separate-masks", "masks", "anneal")
+    assert [s["factor"] for s in log["aux_steps"]] == [1.0, 0.5]
+    report = (folder / "report.md").read_text()
+    assert "3 examples used, 2 removed as duplicates" in report and "Coupling separate-masks" in report
+    assert json.loads((folder / "masks" / "masks.json").read_text())["meta"]["method"] == "transfer"
+    assert (tmp_path / "ckpt" / "transfer" / "prune" / "checkpoint.pt").is_file()
+
+
+def test_cli_transfer_search_writes_runs_and_the_choice(tmp_path):
+    model_dir = make_model(tmp_path / "model")
+    task = write_task(tmp_path / "task.tsv", rows=40)
+    out = ok("transfer-search", "--model", model_dir, "--task", task, "--aux", "mlm", "--target-sparsity", 0.3,
+             "--budget-runs", 2, "--batch-size", 8, "--max-steps", 2, "--max-length", 32, "--seq-len", 16,
+             "--out", tmp_path / "search.json")
+    assert "<- choice" in out and BASELINE in out
+    result = json.loads((tmp_path / "search.json").read_text())
+    assert [r["name"] for r in result["runs"]] == [BASELINE, "separate-masks/both/start"]
+    assert result["choice"]["score"] == max(r["score"] for r in result["runs"])
+    assert (result["setup"]["search_train"], result["setup"]["search_dev"]) == (32, 8)
+    assert result["setup"]["aux"] == {"mlm": {"split": "train", "kept": 40, "removed": 0}}
+
+
+def test_cli_transfer_refuses_bad_sources(tmp_path):
+    from tests.test_cli import cli
+    model_dir = make_model(tmp_path / "model")
+    task = write_task(tmp_path / "task.tsv", rows=16)
+    base = ["prune", "--method", "transfer", "--model", model_dir, "--task", task, "--target-sparsity", 0.3,
+            "--out", tmp_path / "out"]
+    code, _, err = cli(*base)
+    assert code == 1 and "needs auxiliary sources: --aux" in err and "Traceback" not in err
+    code, _, err = cli(*base, "--aux", "mnli,nosuch")
+    assert code == 1 and "unknown task 'nosuch'" in err
+    code, _, err = cli(*base, "--aux", "mlm", "--coupling", "joint", "--transfer", "weights")
+    assert code == 1 and "coupling 'joint' shares both weights and mask" in err
+    assert not (tmp_path / "out").exists()
