@@ -48,7 +48,7 @@ CSV = HERE / "results" / "l0.csv"
 CACHE = HERE / "cache" / "l0"
 MAX_LENGTH = 128
 FLOPS_SEQ = 128
-EVAL_SPLIT = {"sst2": "dev", "cr": "test", "mrpc": "dev", "rte": "dev"}
+EVAL_SPLIT = {"sst2": "dev", "cr": "test", "mrpc": "dev", "rte": "dev", "vader-tweets": "test"}
 DENSE = FinetuneConfig(epochs=3, batch_size=32, lr=1e-4)
 """Dense fine-tuning (baseline and teacher), the same settings as the training-free benchmark's."""
 

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-import bench_l0
 from bench_l0 import FLOPS_SEQ, MAX_LENGTH, Runner, _cell, _done, _settings_key
 from structprune import bench
 from structprune.auxiliary import load_auxiliary, parse_aux
@@ -42,7 +41,6 @@ PLOT = HERE / "results" / "transfer.png"
 AUX = {"rte": "mnli", "cr": "sst2-full", "mrpc": "qqp", "vader-tweets": "vader-movies"}
 """The auxiliary source of each target (the natural pairs of the data README)."""
 COUPLINGS = ("joint", "separate-masks", "sequential")
-bench_l0.EVAL_SPLIT.setdefault("vader-tweets", "test")
 
 
 class TransferRunner(Runner):

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from structprune.finetune import model_inputs, trim_padding
+
 
 def prediction_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """Distillation loss between logits ``[B, C]`` (KL at ``temperature``; MSE when ``C == 1``)."""
@@ -114,8 +116,6 @@ class TeacherCache:
 
     def __init__(self, teacher: nn.Module, data: Mapping[str, torch.Tensor], layers: Sequence[int],
                  batch_size: int = 64):
-        from structprune.finetune import model_inputs, trim_padding  # finetune imports the training loop
-
         reference = next(teacher.parameters())
         rows, length = data["input_ids"].shape
         self.layers = tuple(layers)

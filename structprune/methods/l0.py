@@ -301,7 +301,7 @@ def prepare(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.
     data = task_data
     layers = teacher_layers(len(teacher.layers))
     if TeacherCache.nbytes(rows, task_data["input_ids"].shape[1], teacher.spec["hidden_size"],
-                           (*layers, 0)) <= CACHE_LIMIT_BYTES:
+                           layers) <= CACHE_LIMIT_BYTES:
         TeacherCache(teacher, task_data, layers).attach(teacher)
         data = dict(task_data) | {"row": torch.arange(rows)}
     return PruneSetup(budget, full, structure, teacher, rows, config.steps(config.prune_epochs, rows),
