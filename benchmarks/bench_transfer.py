@@ -41,6 +41,9 @@ PLOT = HERE / "results" / "transfer.png"
 AUX = {"rte": "mnli", "cr": "sst2-full", "mrpc": "qqp", "vader-tweets": "vader-movies"}
 """The auxiliary source of each target (the natural pairs of the data README)."""
 COUPLINGS = ("joint", "separate-masks", "sequential")
+REVISION = 2
+"""Revision of the transfer method a row measured, part of its settings key (empty in old rows: 1).
+1: the cosine guard scaled only the auxiliary losses; 2: it scales the separate-masks tie penalty too."""
 
 
 class TransferRunner(Runner):
@@ -53,12 +56,20 @@ class TransferRunner(Runner):
         self.aux, self.dedup = load_auxiliary(parse_aux(aux), self.train, evaluations, self.tokenizer, MAX_LENGTH,
                                               seed)
 
+    def transfer_key(self, config: transfer.TransferConfig) -> str:
+        """The settings key of a transfer cell."""
+        return _settings_key({"transfer": self.settings(config)})
+
+    def settings(self, config: transfer.TransferConfig) -> dict:
+        return dataclasses.asdict(config) | {"aux": self.aux_spec, "revision": REVISION}
+
     def transferred(self, dense, target: float, config: transfer.TransferConfig) -> dict:
-        settings = dataclasses.asdict(config) | {"aux": self.aux_spec}
-        key = _settings_key({"transfer": settings})
+        settings = self.settings(config)
+        key = self.transfer_key(config)
         extra = {"aux": self.aux_spec, "aux_rows": sum(len(a.encoded["input_ids"]) for a in self.aux),
                  "aux_removed": sum(v["removed"] for v in self.dedup.values()), "coupling": config.coupling,
-                 "transfer": config.transfer, "schedule": config.schedule, "guard": config.guard}
+                 "transfer": config.transfer, "schedule": config.schedule, "guard": config.guard,
+                 "revision": REVISION}
         return self.measure(dense, config.coupling, target, key, settings,
                             lambda checkpoint: transfer.prune(dense, self.train_enc,
                                                               Budget(target, seq_len=FLOPS_SEQ), aux=self.aux,
@@ -71,6 +82,9 @@ def _label(row: dict) -> str:
     default = transfer.TransferConfig(coupling=row["method"])
     changed = [f"{name} {row[name]}" for name in ("transfer", "schedule", "guard")
                if row[name] != getattr(default, name) and not (name == "transfer" and row["method"] == "joint")]
+    if (row["method"] == "separate-masks" and row["transfer"] != "weights" and row["guard"] == "cosine"
+            and not row.get("revision")):
+        changed.append("tie unguarded")
     return f"{row['method']} ({'; '.join([row['aux'], *changed])})"
 
 
@@ -205,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                                 transfer="both" if method == "joint" else args.transfer,
                                 schedule="start" if method == "sequential" else args.schedule,
                                 guard=args.guard, aux_weight=args.aux_weight)
-                            key = _settings_key({"transfer": dataclasses.asdict(options) | {"aux": runner.aux_spec}})
-                            if _cell(name, len(runner.train), seed, method, target, args.device, key) in done:
+                            if _cell(name, len(runner.train), seed, method, target, args.device,
+                                     runner.transfer_key(options)) in done:
                                 continue
                             row = runner.transferred(dense, target, options)
                         bench.append_csv(args.csv, [row])

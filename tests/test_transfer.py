@@ -139,10 +139,10 @@ def test_cosine_guard_gives_an_opposed_auxiliary_loss_weight_zero():
     assert unguarded(BATCH, 2, 0)[1]["w/toy"] == 1.0
 
 
-def _separate(kind: str):
+def _separate(kind: str, guard: str = "none", aux: list[AuxData] | None = None, cls: type = TransferObjective):
     """One backward of separate-masks with ``kind`` transfer and of l0, on the same batch and gate noise."""
-    config = TransferConfig(l0=SHORT, coupling="separate-masks", transfer=kind, guard="none", tie_weight=5.0)
-    objective, reference = build(config, [toy_aux(), toy_mlm()])
+    config = TransferConfig(l0=SHORT, coupling="separate-masks", transfer=kind, guard=guard, tie_weight=5.0)
+    objective, reference = build(config, aux or [toy_aux(), toy_mlm()], cls)
     with torch.no_grad():  # start the two masks apart, so the tie pulls
         for name, a in objective.aux_gates.log_alpha.items():
             a.add_(torch.randn(a.shape, generator=torch.Generator().manual_seed(len(name))))
@@ -150,6 +150,18 @@ def _separate(kind: str):
     loss.backward()
     reference(BATCH, 2, 0)[0].backward()
     return objective, reference, values
+
+
+def test_cosine_guard_switches_off_the_tie_to_an_opposed_sources_mask():
+    objective, reference, values = _separate("both", "cosine", [toy_aux()], Opposed)
+    assert values["cos/toy"] == pytest.approx(-1.0, abs=1e-6) and values["tie"] > 0
+    assert objective.history[-1]["tie_factor"] == 0.0
+    # neither the auxiliary loss nor the tie reaches the target's gates or the shared weights
+    assert same(grads(objective.gates), grads(reference.gates))
+    assert same(grads(objective.student), grads(reference.student))
+    unguarded, reference, _ = _separate("both", "none", [toy_aux()], Opposed)
+    assert unguarded.history[-1]["tie_factor"] == 1.0
+    assert not same(grads(unguarded.gates), grads(reference.gates))
 
 
 def _nonzero(module: nn.Module) -> bool:
