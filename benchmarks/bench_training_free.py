@@ -50,6 +50,9 @@ SEQ_LEN = 128
 LATENCY_SHAPE = (8, SEQ_LEN)
 METHODS = {
     "fisher": ("fisher", {}),
+    "fisher-fp32-tuneall": ("fisher", {"bf16": False, "tune_examples": None}),  # the defaults before 2026-11-23
+    "fisher-tuneall": ("fisher", {"tune_examples": None}),
+    "fisher-fp32": ("fisher", {"bf16": False}),
     "fisher-notune": ("fisher", {"tune": False}),
     "fisher-intermediate": ("fisher", {"teacher": "intermediate"}),
     "attribution": ("attribution", {}),

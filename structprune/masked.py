@@ -27,12 +27,19 @@ from structprune.modeling_compact import (
     FeedForward,
     StructpruneForSequenceClassification,
     apply_rope,
+    eager_ffn,
 )
 
 
 def _alive_rows(units: torch.Tensor, width: int) -> torch.Tensor:
     """Weight rows of ``units`` (head indices) in a projection with ``width`` rows per unit."""
     return (units[:, None] * width + torch.arange(width, device=units.device)).flatten()
+
+
+def _cpu_autocast(x: torch.Tensor) -> bool:
+    """Whether ``x`` is on the CPU under autocast: the C++ kernels are fp32-only, so the plain torch
+    sublayers run instead and keep autocast's bf16 speed."""
+    return x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
 
 
 def _attention(x: torch.Tensor, attn: Attention, ctx: AttentionContext, rope, head_gate) -> torch.Tensor:
@@ -43,6 +50,8 @@ def _attention(x: torch.Tensor, attn: Attention, ctx: AttentionContext, rope, he
     exact zero gradients), as :func:`structprune.compact.compact` would keep them. A key/value head
     is kept when any query head of its group is (the GQA rule of :mod:`structprune.masks`).
     """
+    if _cpu_autocast(x):
+        return attn.eager(x, ctx, rope, head_gate)
     B, S, D = x.shape[0], x.shape[1], attn.head_dim
     scale = D**-0.5
     # On a GPU the kernels skip dead heads without a host sync; gathering would add syncs (nonzero,
@@ -75,6 +84,8 @@ def _attention(x: torch.Tensor, attn: Attention, ctx: AttentionContext, rope, he
 
 
 def _ffn(x: torch.Tensor, ffn: FeedForward, neuron_gate) -> torch.Tensor:
+    if _cpu_autocast(x):
+        return eager_ffn(x, ffn.up, ffn.down, ffn.gate, neuron_gate, ffn.act)
     w_gate = ffn.gate.weight if ffn.gate is not None else None
     return ops.gated_ffn(x, ffn.up.weight, ffn.up.bias, ffn.down.weight, ffn.down.bias, neuron_gate, ffn.act, w_gate)
 

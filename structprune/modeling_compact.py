@@ -98,8 +98,8 @@ def eager_attention(q, k, v, head_gate, ctx: AttentionContext, scale: float) -> 
     else:
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     out = torch.matmul(probs, v)
-    if head_gate is not None:
-        out = out * head_gate.view(1, -1, 1, 1)
+    if head_gate is not None:  # in the activations' dtype: under autocast an fp32 gate would promote them
+        out = out * head_gate.view(1, -1, 1, 1).to(out.dtype)
     return out
 
 
@@ -108,7 +108,7 @@ def eager_ffn(x, up, down, gate_proj, neuron_gate, act_name: str) -> torch.Tenso
     act = activation(act_name)
     h = act(gate_proj(x)) * up(x) if gate_proj is not None else act(up(x))
     if neuron_gate is not None:
-        h = h * neuron_gate
+        h = h * neuron_gate.to(h.dtype)
     return down(h)
 
 
@@ -192,6 +192,10 @@ class Attention(nn.Module):
     def forward(self, x, ctx: AttentionContext, rope, head_gate=None) -> torch.Tensor:
         if self.attention_fn is not None:
             return self.attention_fn(x, self, ctx, rope, head_gate)
+        return self.eager(x, ctx, rope, head_gate)
+
+    def eager(self, x, ctx: AttentionContext, rope, head_gate=None) -> torch.Tensor:
+        """The sublayer in plain torch ops, whatever ``attention_fn`` is."""
         B, S = x.shape[0], x.shape[1]
         q, k, v = self.project(x, rope)
         if self.kv_map is not None:

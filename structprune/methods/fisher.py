@@ -54,18 +54,25 @@ from structprune.methods import (
     result_from_masks,
     select_units,
 )
-from structprune.methods.calibration import gate_gradient, prepare, unit_gates
+from structprune.methods.calibration import calibration_batches, gate_gradient, prepare, unit_gates
 from structprune.methods.mask_tuning import tune_scales
+from structprune.precision import bf16_autocast, resolve_bf16
 
 TEACHERS = ("dense", "intermediate")
+TUNE_EXAMPLES = 512
 
 
 def mask_gradients(model: MaskedModel, batches: list[dict[str, torch.Tensor]], objective: str = "supervised",
-                   progress: bool = False) -> dict[str, torch.Tensor]:
-    """Gradients of each batch's mean loss w.r.t. the gates at 1: ``head [B, L, H]``, ``neuron [B, L, F]``."""
+                   progress: bool = False, bf16: bool = False) -> dict[str, torch.Tensor]:
+    """Gradients of each batch's mean loss w.r.t. the gates at 1: ``head [B, L, H]``, ``neuron [B, L, F]``.
+
+    ``bf16`` runs the passes under bf16 autocast (the gradients come back in fp32).
+    """
     grads: dict[str, list[torch.Tensor]] = {"head": [], "neuron": []}
+    device = model.model.embeddings.word.weight.device
     for batch in tqdm(batches, desc="fisher gradients", unit="batch", disable=not progress):
-        _, g = gate_gradient(model, batch, unit_gates(model), objective)
+        with bf16_autocast(device, bf16):
+            _, g = gate_gradient(model, batch, unit_gates(model), objective)
         for name in grads:
             grads[name].append(g[name].float().cpu())
     return {name: torch.stack(values) for name, values in grads.items()}
@@ -163,8 +170,9 @@ def rearrange(mask: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
 
 def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Tensor], budget: Budget | float, *,
           objective: str = "supervised", max_examples: int | None = 2048, grad_batch_size: int = 32,
-          tune: bool = True, teacher: str = "dense", rearrange_masks: bool = True, damping: float = 1.0,
-          min_heads: int = 0, min_neurons: int = 0, seed: int = 0, progress: bool = False) -> PruneResult:
+          tune: bool = True, tune_examples: int | None = TUNE_EXAMPLES, teacher: str = "dense",
+          rearrange_masks: bool = True, damping: float = 1.0, min_heads: int = 0, min_neurons: int = 0,
+          bf16: bool | None = None, seed: int = 0, progress: bool = False) -> PruneResult:
     """Fisher mask search, rearrangement and mask tuning (see the module docstring).
 
     Args:
@@ -174,13 +182,16 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
         objective: ``supervised`` (gold labels) or ``pseudo`` (the dense model's predictions).
         max_examples: calibration examples drawn with ``seed`` (``None``: all); Kwon et al. used 2,048.
         grad_batch_size: examples per gradient (the reference used 32).
-        tune: run mask tuning; ``teacher`` is the model whose sublayer outputs it reconstructs:
+        tune: run mask tuning; ``tune_examples`` of the calibration examples (``None``: all) are
+            the rows it fits; ``teacher`` is the model whose sublayer outputs it reconstructs:
             ``dense``, or ``intermediate`` (the mask searched at the square root of the kept
             fraction, as the reference code does).
         rearrange_masks: run the rearrangement step.
         damping: LSMR damping of mask tuning.
         min_heads, min_neurons: units every layer keeps (0, as in the reference, allows removing
             whole sublayers).
+        bf16: run the gradient and tuning passes under bf16 autocast (``None``: where the hardware
+            has native bf16, :func:`structprune.precision.native_bf16`).
     """
     if objective == "entropy":
         raise ValueError("fisher needs a loss over labels: use objective='supervised' or 'pseudo'")
@@ -188,12 +199,16 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
         raise ValueError(f"fisher: teacher {teacher!r} is not one of {TEACHERS}")
     inputs = prepare_pruning(model, budget, min_heads, min_neurons)
     budget, full, structure, masked = inputs.budget, inputs.full, inputs.structure, inputs.masked
+    if tune_examples is not None and tune_examples < 1:
+        raise ValueError(f"fisher: tune_examples must be >= 1 (or None for all), got {tune_examples}")
+    device = masked.model.embeddings.word.weight.device
+    bf16 = resolve_bf16(bf16, device)
     start = time.perf_counter()
     was_training = masked.training
     masked.eval()
     try:
         batches = prepare(masked, task_data, objective, "fisher", grad_batch_size, max_examples, seed)
-        grads = mask_gradients(masked, batches, objective, progress)
+        grads = mask_gradients(masked, batches, objective, progress, bf16)
     finally:
         masked.train(was_training)
     fisher = fisher_information(grads)
@@ -216,11 +231,15 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
         if teacher == "intermediate":
             teacher_masks = search(Budget(1.0 - math.sqrt(1.0 - budget.target), budget.kind, budget.seq_len,
                                           budget.latency_table))
-        masks, fits = tune_scales(full, masks, batches, teacher_masks, damping, progress=progress)
+        if tune_examples is None or tune_examples >= sum(len(b["input_ids"]) for b in batches):
+            tune_batches = batches
+        else:  # the same seeded draw, cut shorter: a subset of the calibration examples
+            tune_batches = calibration_batches(task_data, grad_batch_size, tune_examples, seed, device)
+        masks, fits = tune_scales(full, masks, tune_batches, teacher_masks, damping, bf16=bf16, progress=progress)
     seconds["total"] = time.perf_counter() - start
     options = {"objective": objective, "max_examples": max_examples, "grad_batch_size": grad_batch_size,
-               "tune": tune, "teacher": teacher, "rearrange": rearrange_masks, "damping": damping,
-               "min_heads": min_heads, "min_neurons": min_neurons, "seed": seed}
+               "tune": tune, "tune_examples": tune_examples, "teacher": teacher, "rearrange": rearrange_masks,
+               "damping": damping, "min_heads": min_heads, "min_neurons": min_neurons, "bf16": bf16, "seed": seed}
     log = {"fisher": fisher, "seconds": seconds, "scoring_seconds": seconds["total"],
            "tuning": [asdict(fit) for fit in fits]}
     return result_from_masks("fisher", full, masks, budget, options, log)

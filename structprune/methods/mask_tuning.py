@@ -40,6 +40,7 @@ from structprune.arch.structure import ModelStructure
 from structprune.masked import effective_gates
 from structprune.masks import MaskSet
 from structprune.modeling_compact import LAYER_GATES, StructpruneForSequenceClassification
+from structprune.precision import bf16_autocast
 
 ACCEPTED_ISTOP = (0, 1, 2)
 """LSMR stop codes of a solution: x = 0 is exact, Ax = b solved, or least squares solved."""
@@ -115,10 +116,18 @@ class _Capture:
 
 
 class _Runner:
-    """Runs single layers of ``model`` under given gates, and the sums every fit needs."""
+    """Runs single layers of ``model`` under given gates, and the sums every fit needs.
 
-    def __init__(self, model: StructpruneForSequenceClassification):
+    With ``bf16`` the layers run under bf16 autocast and every value comes back in fp32, so the
+    least-squares sums stay in full precision.
+    """
+
+    def __init__(self, model: StructpruneForSequenceClassification, bf16: bool = False):
         self.model = model
+        self.bf16 = bf16
+
+    def _autocast(self):
+        return bf16_autocast(self.model.embeddings.word.weight.device, self.bf16)
 
     def inputs(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, object, object]:
         """Hidden states entering layer 0, the attention context and the rotary table of a batch."""
@@ -134,10 +143,12 @@ class _Runner:
         layer_gates = {name: gates[name][i] for name in LAYER_GATES if name in gates}
         capture = _Capture(layer)
         try:
-            out = layer(x, ctx, rope, layer_gates)
+            with self._autocast():
+                out = layer(x, ctx, rope, layer_gates)
         finally:
             capture.close()
-        v = capture.values
+        v = {name: value.float() for name, value in capture.values.items()}
+        out = out.float()
         v["attn_out"] = v["attn_out"] * layer_gates.get("attn_layer", 1.0)
         v["ffn_out"] = v["ffn_out"] * layer_gates.get("ffn_layer", 1.0)
         v["attn_sum"] = x + v["attn_out"]
@@ -151,10 +162,11 @@ class _Runner:
         captured = []
         handle = layer.attn.o.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
         try:
-            layer.attn(x if layer.post_ln else layer.attn_norm(x), ctx, rope, head_gate)
+            with self._autocast():
+                layer.attn(x if layer.post_ln else layer.attn_norm(x), ctx, rope, head_gate)
         finally:
             handle.remove()
-        return captured[0]
+        return captured[0].float()
 
     def rows(self, batch: Mapping[str, torch.Tensor], classifier_only: bool) -> torch.Tensor:
         """Boolean ``[B, S]`` mask of the tokens a fit uses: real tokens, or those the classifier reads."""
@@ -198,7 +210,8 @@ def _gates(masks: MaskSet, structure: ModelStructure, dtype: torch.dtype, device
 @torch.no_grad()
 def tune_scales(model: StructpruneForSequenceClassification, masks: MaskSet,
                 batches: list[dict[str, torch.Tensor]], teacher: MaskSet | None = None, damping: float = 1.0,
-                max_scale: float = 10.0, progress: bool = False) -> tuple[MaskSet, list[SublayerFit]]:
+                max_scale: float = 10.0, bf16: bool = False,
+                progress: bool = False) -> tuple[MaskSet, list[SublayerFit]]:
     """``masks`` with tuned ``scales`` for its kept heads and neurons, and a fit record per sublayer.
 
     Args:
@@ -207,6 +220,8 @@ def tune_scales(model: StructpruneForSequenceClassification, masks: MaskSet,
         teacher: masks whose sublayer outputs are reconstructed (``None``: the dense model).
         damping: LSMR damping of the deviation from 1.
         max_scale: fits with a scale beyond this in magnitude are not applied.
+        bf16: run the layers under bf16 autocast (:mod:`structprune.precision`); the sums are
+            still accumulated in fp32 and float64.
     """
     model = eager_copy(model)
     was_training = model.training
@@ -217,7 +232,7 @@ def tune_scales(model: StructpruneForSequenceClassification, masks: MaskSet,
     teacher_gates = _gates(teacher, structure, weight.dtype, weight.device)
     binary = MaskSet({name: masks.masks[name] for name in ("head", "neuron")})
     scales = {name: masks.masks[name].clone() for name in ("head", "neuron")}
-    runner = _Runner(model)
+    runner = _Runner(model, bf16)
     fits: list[SublayerFit] = []
     hd = structure.head_dim
     try:
