@@ -148,6 +148,19 @@ def load_data(args: argparse.Namespace, split: str) -> TaskData:
     return load_task(args.task, split, data_dir=args.data_dir, train_size=args.train_size, seed=args.seed)
 
 
+def _count_or_all(text: str) -> int | str:
+    """A positive example count, or ``all``."""
+    if text == "all":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of examples or 'all', got {text!r}")
+    return value
+
+
 # --- commands -----------------------------------------------------------------------------------
 
 
@@ -164,8 +177,10 @@ def cmd_prune(args: argparse.Namespace) -> None:
     options = {"batch_size": args.batch_size, "calib_batches": args.calib_batches, "seed": args.seed,
                "progress": True, "grad_batch_size": args.batch_size}
     training_free = {"objective": args.objective, "max_examples": args.calib_examples, "steps": args.steps,
-                     "scope": args.scope, "tune": args.tune, "teacher": args.tuning_teacher}
+                     "scope": args.scope, "tune": args.tune, "teacher": args.tuning_teacher, "bf16": args.bf16}
     options |= {k: v for k, v in training_free.items() if v is not None}  # unset: the method's default
+    if args.tune_examples is not None:
+        options["tune_examples"] = None if args.tune_examples == "all" else args.tune_examples
     accepted = inspect.signature(method).parameters  # each method takes only the options it uses
     result = method(model, encoded, budget, **{k: v for k, v in options.items() if k in accepted})
     result.masks.meta |= {"model": args.model, "task": data.task.name, "num_labels": data.task.num_labels,
@@ -504,6 +519,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="least-squares mask tuning of the kept units (fisher: on by default; attribution: off)")
     free.add_argument("--tuning-teacher", choices=("dense", "intermediate"), default=None,
                       help="fisher: the sublayer outputs mask tuning reconstructs (default: dense)")
+    free.add_argument("--tune-examples", type=_count_or_all, default=None,
+                      help="fisher: calibration examples mask tuning fits, a number or 'all' (default: 512)")
+    free.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                      help="fisher: bf16 autocast for the gradient and tuning passes (default: where the hardware "
+                           "runs bf16 natively: CUDA, or a CPU with AVX512-BF16 / AMX)")
     p.set_defaults(run=cmd_prune)
 
     p = sub.add_parser("finetune", help="fine-tune a dense model on a task (baseline and teacher)",

@@ -20,12 +20,14 @@ def setup(tmp_path_factory):
 
 @pytest.mark.parametrize("method, extra", [
     ("fisher", ["--calib-examples", 32]),
+    ("fisher", ["--tune-examples", 8, "--no-bf16"]),
+    ("fisher", ["--tune-examples", "all", "--bf16"]),
     ("attribution", ["--steps", 2, "--objective", "entropy"]),
     ("attribution", ["--scope", "layer", "--tune"]),
     ("head_importance", ["--objective", "pseudo"]),
 ])
 def test_prune_then_compact(setup, method, extra):
-    name = f"{method}-{len(extra)}"
+    name = f"{method}-{len(extra)}-{'-'.join(map(str, extra[:2]))}"
     masks_dir, pruned_dir = setup["root"] / f"masks-{name}", setup["root"] / f"pruned-{name}"
     out = ok("prune", "--model", setup["model"], "--task", setup["task"], "--method", method, "--budget-kind", "flops",
              "--target-sparsity", 0.3, "--out", masks_dir, "--batch-size", 8, "--max-length", 16, *extra)
@@ -34,6 +36,10 @@ def test_prune_then_compact(setup, method, extra):
     assert info["meta"]["method"] == method
     if method == "fisher" or "--tune" in extra:
         assert info["scales"] == ["head", "neuron"]
+    if "--tune-examples" in extra:
+        options = info["meta"]["options"]
+        assert options["tune_examples"] == (None if "all" in extra else 8)
+        assert options["bf16"] is ("--bf16" in extra)
     ok("compact", masks_dir, "--model", setup["model"], "--out", pruned_dir)
     assert from_pretrained(pruned_dir) is not None
 
@@ -53,3 +59,10 @@ def test_latency_table_then_latency_budget(setup):
     code, _, err = cli("prune", "--model", setup["model"], "--task", setup["task"], "--method", "fisher",
                        "--budget-kind", "latency", "--target-sparsity", 0.3, "--out", setup["root"] / "x")
     assert code == 1 and "latency_table" in err
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "some"])
+def test_tune_examples_must_be_a_positive_count_or_all(setup, value):
+    code, _, err = cli("prune", "--model", setup["model"], "--task", setup["task"], "--method", "fisher",
+                       "--target-sparsity", 0.3, "--out", setup["root"] / "never", "--tune-examples", value)
+    assert code == 2 and "positive number of examples or 'all'" in err
