@@ -122,6 +122,15 @@ def data_dir() -> Path:
     return DATA_DIR
 
 
+@pytest.fixture(scope="module")
+def run_script(tmp_path_factory) -> Path:
+    """tests/test_l0.py's RUN_SCRIPT as a file: the subprocess runs of the l0 and transfer tests."""
+    from tests.test_l0 import RUN_SCRIPT
+    path = tmp_path_factory.mktemp("run") / "run.py"
+    path.write_text(RUN_SCRIPT.format(repo=str(REPO)))
+    return path
+
+
 def hf457_python() -> str:
     """The Python of the transformers 4.57 + optimum venv (CI sets STRUCTPRUNE_HF457_PYTHON)."""
     path = os.environ.get("STRUCTPRUNE_HF457_PYTHON")

@@ -151,16 +151,23 @@ from tests.test_l0 import tiny_bert
 from tests.test_methods import encoded_data
 from structprune.compact import compact
 from structprune.arch import from_hf
-from structprune.methods import Budget, l0
+from structprune.methods import Budget, l0, transfer
 from structprune.train import digest, init_distributed
 torch.set_num_threads(1)
 out, checkpoints, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+method = sys.argv[4] if len(sys.argv) > 4 else "l0"
 rank, world = init_distributed()
 config = l0.L0Config(prune_epochs=steps / 4, finetune_epochs=1.5, batch_size=16, gate_lr=0.1, lambda_lr=0.1,
                      lr=1e-3, checkpoint_every=1)
 data = encoded_data(2, rows=64)
-result = l0.prune(tiny_bert(), data, Budget(0.5), config=config,
-                  checkpoint_dir=None if checkpoints == "-" else checkpoints)
+checkpoint_dir = None if checkpoints == "-" else checkpoints
+if method == "transfer":
+    from tests.test_transfer import toy_aux
+    result = transfer.prune(tiny_bert(), data, Budget(0.5), aux=[toy_aux()],
+                            config=transfer.TransferConfig(l0=config, coupling="separate-masks", guard="cosine"),
+                            checkpoint_dir=checkpoint_dir)
+else:
+    result = l0.prune(tiny_bert(), data, Budget(0.5), config=config, checkpoint_dir=checkpoint_dir)
 model = compact(from_hf(tiny_bert()), result.masks)
 model.load_state_dict(result.weights)
 with torch.inference_mode():
@@ -168,37 +175,46 @@ with torch.inference_mode():
 record = {{"masks": {{k: v.tolist() for k, v in result.masks.masks.items()}}, "weights": digest(result.weights),
           "logits": logits.tolist(), "prune_losses": result.log["prune_losses"],
           "finetune_losses": result.log["finetune_losses"], "achieved": result.log["achieved"]}}
+if method == "transfer":
+    record["aux_steps"] = result.log["aux_steps"]
 with open(f"{{out}}.rank{{rank}}.json", "w") as f:
     json.dump(record, f)
 """
-
-
-@pytest.fixture(scope="module")
-def run_script(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("l0-run") / "run.py"
-    path.write_text(RUN_SCRIPT.format(repo=str(REPO)))
-    return path
+"""A pruning run of ``argv[4]`` (``l0``, the default, or ``transfer``) for ``argv[3]`` steps on 64 rows, with
+checkpoints after every step in ``argv[2]`` (``-``: none); each process writes its masks, weight digest, logits
+and losses (and the transfer ``aux_steps``) to ``{argv[1]}.rank{rank}.json``. The ``run_script`` fixture
+(tests/conftest.py) writes it to a file."""
 
 
 def _env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
 
 
+def _record(out: Path, rank: int = 0) -> dict:
+    return json.loads(Path(f"{out}.rank{rank}.json").read_text())
+
+
+def run_once(run_script: Path, out: Path, steps: int, method: str = "l0") -> dict:
+    """One uninterrupted run of RUN_SCRIPT without checkpoints; its record."""
+    subprocess.run([sys.executable, str(run_script), str(out), "-", str(steps), method], check=True, env=_env(),
+                   timeout=600)
+    return _record(out)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(run_script, tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("l0-ref") / "ref"
-    subprocess.run([sys.executable, str(run_script), str(out), "-", "40"], check=True, env=_env(), timeout=600)
-    return json.loads(Path(f"{out}.rank0.json").read_text())
+    return run_once(run_script, tmp_path_factory.mktemp("l0-ref") / "ref", 40)
 
 
 def _lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
-@pytest.mark.parametrize("phase,at_step", [("prune", 15), ("finetune", 3)])
-def test_killed_run_resumes_to_identical_masks_and_metrics(run_script, uninterrupted, tmp_path, phase, at_step):
-    out, checkpoints = tmp_path / "run", tmp_path / "ckpt"
-    args = [sys.executable, str(run_script), str(out), str(checkpoints), "40"]
+def kill_and_resume(run_script: Path, folder: Path, steps: int, phase: str, at_step: int, method: str = "l0") -> dict:
+    """SIGKILL a run of RUN_SCRIPT once ``phase`` has logged ``at_step`` steps to its checkpoint folder, run it
+    again with the same arguments (it resumes from the checkpoints) and return the resumed run's record."""
+    out, checkpoints = folder / "run", folder / "ckpt"
+    args = [sys.executable, str(run_script), str(out), str(checkpoints), str(steps), method]
     process = subprocess.Popen(args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = checkpoints / phase / "log.jsonl"
     deadline = time.monotonic() + 300
@@ -207,11 +223,19 @@ def test_killed_run_resumes_to_identical_masks_and_metrics(run_script, uninterru
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     subprocess.run(args, check=True, env=_env(), timeout=600)
-    resumed = json.loads(Path(f"{out}.rank0.json").read_text())
-    assert resumed["masks"] == uninterrupted["masks"]
-    assert resumed["weights"] == uninterrupted["weights"] and resumed["logits"] == uninterrupted["logits"]
-    assert resumed["prune_losses"] == uninterrupted["prune_losses"]
-    assert resumed["finetune_losses"] == uninterrupted["finetune_losses"]
+    return _record(out)
+
+
+def assert_same_run(resumed: dict, reference: dict) -> None:
+    """Every recorded quantity of two runs (masks, weight digest, logits, losses, ...) is identical."""
+    assert resumed.keys() == reference.keys()
+    for key, value in reference.items():
+        assert resumed[key] == value, f"{key} differs"
+
+
+@pytest.mark.parametrize("phase,at_step", [("prune", 15), ("finetune", 3)])
+def test_killed_run_resumes_to_identical_masks_and_metrics(run_script, uninterrupted, tmp_path, phase, at_step):
+    assert_same_run(kill_and_resume(run_script, tmp_path, 40, phase, at_step), uninterrupted)
     assert abs(uninterrupted["achieved"] - 0.5) <= 0.01
 
 
@@ -221,18 +245,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_gloo_processes_match_one_process(run_script, uninterrupted, tmp_path):
-    out = tmp_path / "ddp"
+def run_two_processes(run_script: Path, folder: Path, steps: int, method: str = "l0") -> list[dict]:
+    """RUN_SCRIPT in two gloo processes started by ``torch.distributed.run``; the record of each rank."""
+    out = folder / "ddp"
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-                    f"--master_port={_free_port()}", str(run_script), str(out), str(tmp_path / "ckpt"), "40"],
-                   check=True, env=_env(), timeout=600, capture_output=True)
-    ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
+                    f"--master_port={_free_port()}", str(run_script), str(out), str(folder / "ckpt"), str(steps),
+                    method], check=True, env=_env(), timeout=600, capture_output=True)
+    return [_record(out, rank) for rank in (0, 1)]
+
+
+def assert_matches_one_process(one: dict, ranks: list[dict]) -> None:
+    """The two processes of a DDP run end with the same masks and weights, their losses track one process's
+    and they meet the budget."""
     assert ranks[0]["masks"] == ranks[1]["masks"] and ranks[0]["weights"] == ranks[1]["weights"]
     # each process takes half of every batch; the weighted, averaged gradient is the one-process gradient
-    one, two = torch.tensor(uninterrupted["prune_losses"]), torch.tensor(ranks[0]["prune_losses"])
-    assert torch.allclose(one[:10], two[:10], atol=1e-4)
-    assert torch.allclose(one, two, atol=5e-2)
+    single, double = torch.tensor(one["prune_losses"]), torch.tensor(ranks[0]["prune_losses"])
+    assert torch.allclose(single[:10], double[:10], atol=1e-4)
+    assert torch.allclose(single, double, atol=5e-2)
     assert abs(ranks[0]["achieved"] - 0.5) <= 0.01
+
+
+def test_ddp_two_gloo_processes_match_one_process(run_script, uninterrupted, tmp_path):
+    assert_matches_one_process(uninterrupted, run_two_processes(run_script, tmp_path, 40))
 
 
 def test_cli_finetune_then_prune_l0_writes_everything(tmp_path):

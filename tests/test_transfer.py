@@ -1,6 +1,7 @@
 """The ``transfer`` method: every coupling, transfer and schedule changes what is trained (asserted on
-gradients, phase starts and logs), the cosine guard, exact resume, bad input, the sweep of
-``transfer-search``, and the ``prune --method transfer`` / ``transfer-search`` commands."""
+gradients, phase starts and logs), the cosine guard, exact resume (also after a real kill), DDP with two gloo
+processes, bad input, the sweep of ``transfer-search``, and the ``prune --method transfer`` / ``transfer-search``
+commands."""
 
 from __future__ import annotations
 
@@ -18,7 +19,16 @@ from structprune.methods.l0 import L0Config
 from structprune.methods.transfer import TransferConfig, TransferObjective, gradient_cosine
 from structprune.transfer_search import BASELINE, SearchResult, run_name, sweep
 from tests.test_cli import make_model, ok, write_task
-from tests.test_l0 import FAST, VOCAB, tiny_bert
+from tests.test_l0 import (
+    FAST,
+    VOCAB,
+    assert_matches_one_process,
+    assert_same_run,
+    kill_and_resume,
+    run_once,
+    run_two_processes,
+    tiny_bert,
+)
 from tests.test_methods import encoded_data
 
 SHORT = dataclasses.replace(FAST, max_steps=6)
@@ -249,6 +259,33 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
     assert resumed.log["finetune_losses"] == reference.log["finetune_losses"]
     assert resumed.log["aux_steps"] == reference.log["aux_steps"]  # the per-step log is in the checkpoint
     assert same(resumed.masks.masks, reference.masks.masks) and same(resumed.weights, reference.weights)
+
+
+STEPS = 16
+"""Pruning steps of the subprocess runs (RUN_SCRIPT of tests/test_l0.py with method transfer)."""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(run_script, tmp_path_factory) -> dict:
+    """The record of one uninterrupted separate-masks run with the cosine guard."""
+    return run_once(run_script, tmp_path_factory.mktemp("transfer-ref") / "ref", STEPS, "transfer")
+
+
+@pytest.mark.parametrize("phase,at_step", [("prune", 8), ("finetune", 3)])
+def test_killed_run_resumes_to_identical_masks_and_metrics(run_script, uninterrupted, tmp_path, phase, at_step):
+    # the aux heads, aux gates, their multipliers and the per-step guard log come back from the checkpoint
+    assert_same_run(kill_and_resume(run_script, tmp_path, STEPS, phase, at_step, "transfer"), uninterrupted)
+    assert [s["step"] for s in uninterrupted["aux_steps"]] == list(range(STEPS))
+    assert abs(uninterrupted["achieved"] - 0.5) <= 0.01
+
+
+def test_ddp_two_gloo_processes_match_one_process(run_script, uninterrupted, tmp_path):
+    ranks = run_two_processes(run_script, tmp_path, STEPS, "transfer")
+    assert_matches_one_process(uninterrupted, ranks)
+    # the guard compares the auxiliary gradient with the whole batch's target gradient, not a process's half
+    assert ranks[0]["aux_steps"] == ranks[1]["aux_steps"]
+    cosines = [[s["cosines"]["toy"] for s in run["aux_steps"][:10]] for run in (uninterrupted, ranks[0])]
+    assert cosines[1] == pytest.approx(cosines[0], abs=1e-4)
 
 
 def test_bad_settings_and_inputs_are_refused():

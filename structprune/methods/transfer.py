@@ -37,7 +37,10 @@ respect to a small shared set of parameters, the last encoder layer (``torch.aut
 retaining the graph, so only its top is traversed), and the source's weight is multiplied by
 ``max(0, cos)``. With ``separate-masks`` / ``"masks"`` the auxiliary loss does not reach the weights,
 so the gradients compared are those of the gate logits (target loss vs. target gates, auxiliary loss
-vs. auxiliary gates). A zero gradient on either side gives ``cos = 0``. The guard scales the
+vs. auxiliary gates). A zero gradient on either side gives ``cos = 0``. Under DDP the target gradient is
+summed over the processes, each weighted by its rows (as ``structprune.train`` weights their losses), so
+every process applies the weights one process would over the whole batch (every process draws the same
+auxiliary batch, so the auxiliary gradient needs no reduction). The guard scales the
 separate-masks tie penalty too, by the source-weighted mean of ``max(0, cos)``: an auxiliary mask
 whose loss the guard has switched off learns from its sparsity constraint alone, and tying the target
 mask to it would pull the target towards a mask that knows nothing of either task (measured: CR with
@@ -63,6 +66,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
@@ -170,6 +174,16 @@ def flat_gradient(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.T
     grads = torch.autograd.grad(loss, list(params), retain_graph=True, allow_unused=True)
     return torch.cat([(torch.zeros_like(p) if g is None else g).detach().double().flatten()
                       for g, p in zip(grads, params)])
+
+
+def over_processes(gradient: torch.Tensor, rows: int) -> torch.Tensor:
+    """A process's gradient on its shard of ``rows`` rows -> the gradient over the whole batch of a DDP step, up to
+    scale (the sum over processes weighted by rows); ``gradient`` itself with one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return gradient
+    gradient = gradient * rows
+    dist.all_reduce(gradient)
+    return gradient
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -306,7 +320,7 @@ class TransferObjective(DistillObjective):
             guarded = t.guard == "cosine" and self.with_target
             if guarded:
                 ours, theirs = self.guard_params()
-                target_gradient = flat_gradient(loss, ours)
+                target_gradient = over_processes(flat_gradient(loss, ours), len(batch["input_ids"]))
                 trusted = 0.0
             for source, aux_loss in zip(self.aux, losses):
                 weight = t.aux_weight * factor * source.weight
