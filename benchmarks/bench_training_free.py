@@ -65,6 +65,9 @@ METHODS = {
     "taylor": ("taylor", {"calib_batches": None}),
     "magnitude": ("magnitude", {}),
 }
+# attribution's default batch before 2026-11-23 (the grain of its squared aggregate): the earlier rows
+METHODS |= {f"{name}-b32": (method, options | {"batch_size": 32})
+            for name, (method, options) in list(METHODS.items()) if method == "attribution"}
 KEY = ("task", "method", "budget_kind", "target", "calibration", "seed")
 
 

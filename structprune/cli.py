@@ -174,8 +174,9 @@ def cmd_prune(args: argparse.Namespace) -> None:
     data = load_data(args, args.split)
     model = load_model(args.model, data.task.num_labels)
     encoded = encode(data, load_tokenizer(args.model), args.max_length)
-    options = {"batch_size": args.batch_size, "calib_batches": args.calib_batches, "seed": args.seed,
-               "progress": True, "grad_batch_size": args.batch_size}
+    options = {"calib_batches": args.calib_batches, "seed": args.seed, "progress": True}
+    if args.batch_size is not None:
+        options |= {"batch_size": args.batch_size, "grad_batch_size": args.batch_size}
     training_free = {"objective": args.objective, "max_examples": args.calib_examples, "steps": args.steps,
                      "scope": args.scope, "tune": args.tune, "teacher": args.tuning_teacher, "bf16": args.bf16}
     options |= {k: v for k, v in training_free.items() if v is not None}  # unset: the method's default
@@ -197,7 +198,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
 def _l0_config(args: argparse.Namespace) -> L0Config:
     granularities = tuple(name.strip() for name in args.granularities.split(",") if name.strip())
     return L0Config(granularities=granularities, prune_epochs=args.prune_epochs, finetune_epochs=args.finetune_epochs,
-                    batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, gate_lr=args.gate_lr,
+                    batch_size=L0Config.batch_size if args.batch_size is None else args.batch_size,
+                    grad_accum=args.grad_accum, lr=args.lr, gate_lr=args.gate_lr,
                     lambda_lr=args.lambda_lr, task_weight=args.task_weight, pred_weight=args.pred_weight,
                     layer_weight=args.layer_weight, temperature=args.temperature, seed=args.seed,
                     max_steps=args.max_steps)
@@ -493,7 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=128, help="sequence length of FLOPs counts (default: 128)")
     p.add_argument("--calib-batches", type=int, default=8,
                    help="batches of task data used to score units (taylor; default: 8)")
-    p.add_argument("--batch-size", type=int, default=32, help="examples per calibration batch (default: 32)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="examples per step (l0, transfer) or calibration batch (default: the method's; 32, "
+                        "attribution 8)")
     p.add_argument("--out", required=True, help="masks folder to write (l0: the output folder of masks, compact "
                                                 "model, ONNX exports and report)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds something")
