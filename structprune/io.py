@@ -34,11 +34,11 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, _umask_mode(0o666))
     try:
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode(0o666))  # after the writer: some (safetensors) recreate the file as 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -75,6 +75,9 @@ def atomic_dir(directory: str | os.PathLike, overwrite: bool = False, marker: st
         yield tmp
         if marker is not None and not (tmp / marker).exists():
             raise RuntimeError(f"internal error: {marker} was not written to {directory}")
+        for file in tmp.rglob("*"):  # the mode a plain write gives; safetensors and mkstemp create 0600
+            if file.is_file() and not file.is_symlink():
+                os.chmod(file, _umask_mode(0o666))
         if directory.exists():
             old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".old"))
             os.replace(directory, old / "content")
