@@ -89,6 +89,37 @@ class AttentionContext:
     causal: bool
 
 
+class _GateProduct(torch.autograd.Function):
+    """``x * gate`` in ``x``'s dtype, the gate's gradient summed in fp32.
+
+    Under bf16 autocast an fp32 gate would promote every activation to fp32 (a third of a Fisher
+    gradient pass went to those multiplies and the casts back); a gate cast to bf16 would have its
+    gradient summed over thousands of tokens in bf16, which moved the Fisher ranking enough to cost
+    6 points on CR at 70% FLOPs removed.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, gate)
+        return x * gate.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, gate = ctx.saved_tensors
+        grad_x = grad * gate.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_gate = None
+        if ctx.needs_input_grad[1]:
+            shape = (1,) * (x.dim() - gate.dim()) + tuple(gate.shape)
+            dims = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+            grad_gate = (grad.float() * x.float()).sum(dim=dims, keepdim=True).reshape(gate.shape)
+        return grad_x, grad_gate.to(gate.dtype) if grad_gate is not None else None
+
+
+def gate_product(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``x * gate`` (broadcast); a gate of another dtype than ``x`` (autocast) keeps ``x``'s dtype."""
+    return x * gate if gate.dtype == x.dtype else _GateProduct.apply(x, gate)
+
+
 def eager_attention(q, k, v, head_gate, ctx: AttentionContext, scale: float) -> torch.Tensor:
     """Dense softmax attention over ``[B, H, S, D]`` (k/v already expanded to ``H`` heads)."""
     # Divide (not multiply) and add the mask second: the pattern ONNX Runtime's attention fusion matches.
@@ -98,8 +129,8 @@ def eager_attention(q, k, v, head_gate, ctx: AttentionContext, scale: float) -> 
     else:
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     out = torch.matmul(probs, v)
-    if head_gate is not None:  # in the activations' dtype: under autocast an fp32 gate would promote them
-        out = out * head_gate.view(1, -1, 1, 1).to(out.dtype)
+    if head_gate is not None:
+        out = gate_product(out, head_gate.view(1, -1, 1, 1))
     return out
 
 
@@ -108,7 +139,7 @@ def eager_ffn(x, up, down, gate_proj, neuron_gate, act_name: str) -> torch.Tenso
     act = activation(act_name)
     h = act(gate_proj(x)) * up(x) if gate_proj is not None else act(up(x))
     if neuron_gate is not None:
-        h = h * neuron_gate.to(h.dtype)
+        h = gate_product(h, neuron_gate)
     return down(h)
 
 

@@ -15,7 +15,7 @@ from structprune.methods import Budget, get_method
 from structprune.methods.calibration import calibration_batches
 from structprune.methods.fisher import fisher_information, mask_gradients
 from structprune.methods.mask_tuning import tune_scales
-from structprune.modeling_compact import StructpruneForSequenceClassification
+from structprune.modeling_compact import StructpruneForSequenceClassification, gate_product
 from structprune.precision import bf16_autocast, native_bf16, resolve_bf16
 
 
@@ -104,3 +104,18 @@ def test_fisher_tunes_on_a_subset_of_the_calibration_examples():
     assert all(fit["applied"] for fit in part.log["tuning"])
     with pytest.raises(ValueError, match="tune_examples"):
         get_method("fisher")(hf, data, Budget(0.4, "flops", seq_len=16), tune_examples=0)
+
+
+@pytest.mark.parametrize("shape,gate_shape", [((2, 7, 9), (9,)), ((2, 3, 5, 4), (1, 3, 1, 1))])
+def test_gate_product_keeps_the_activation_dtype_and_sums_the_gate_gradient_in_fp32(shape, gate_shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).bfloat16().requires_grad_()
+    gate = torch.rand(gate_shape, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    upstream = torch.randn(shape, generator=torch.Generator().manual_seed(2)).bfloat16()
+    out = gate_product(x, gate)
+    assert out.dtype == torch.bfloat16
+    out.backward(upstream)
+    exact = (upstream.float() * x.detach().float()).sum_to_size(gate_shape)  # exact products, fp32 sum
+    torch.testing.assert_close(gate.grad, exact, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, upstream * gate.detach().bfloat16(), rtol=0, atol=0)
+    same = torch.randn(3, 4)
+    assert torch.equal(gate_product(same, torch.ones(4) * 2), same * 2)  # one dtype: the plain product
