@@ -262,7 +262,6 @@ def main(argv: list[str] | None = None) -> int:
     if not reductions:
         return 0
     torch.set_num_threads(args.threads)
-    machine = bench.machine_info()
     tasks = load_tasks(names)
     model, record = multitask_model(tasks)
     unpruned = {name: record["metrics"][name][task.spec.main_metric] for name, task in tasks.items()}
@@ -272,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         bank = build_timed_bank(model, tasks, Budget(reduction, "flops", seq_len=MAX_LENGTH))
         bank = saved_bank(folder, bank)
         for row in task_rows(model, bank, tasks, unpruned, reduction, folder.name):
-            bench.append_csv(args.csv, [machine | {"date_utc": bench.machine_info()["date_utc"]} | row])
+            bench.append_csv(args.csv, [bench.machine_info() | row])
             print(f"{row['task']} with {row['mask_task']}'s mask, FLOPs -{row['flops_reduction']:.1%}: accuracy "
                   f"{row['accuracy']:.2f} (unpruned {row['unpruned_accuracy']:.2f}, {row['delta']:+.2f}), "
                   f"Jaccard heads {row['jaccard_heads']:.2f} neurons {row['jaccard_neurons']:.2f}, "

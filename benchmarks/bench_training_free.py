@@ -181,7 +181,6 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(args.csv))
         return 0
     torch.set_num_threads(args.threads)
-    machine = bench.machine_info()
     cache: dict = {}
     done = done_keys(args.csv)
     if args.latency_budget is not None:
@@ -208,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                             ModelStructure.from_spec(cache[task][0].spec))
                         if "ort_speedup" in row:
                             row["latency_reduction_measured"] = 1 - 1 / row["ort_speedup"]
-                    bench.append_csv(args.csv, [machine | {"date_utc": bench.machine_info()["date_utc"]} | row])
+                    bench.append_csv(args.csv, [bench.machine_info() | row])
                     print(f"{task} {method} {calibration} {budget.kind} {budget.target:g}: accuracy "
                           f"{row['pruned_accuracy']:.2f} (dense {row['dense_accuracy']:.2f}, {row['delta']:+.2f}), "
                           f"FLOPs -{row['flops_reduction']:.1%}, prune {row['prune_seconds']:.0f} s"

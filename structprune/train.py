@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 import structprune
 from structprune.data import batches
 from structprune.io import atomic_file, atomic_write_text
+from structprune.precision import bf16_autocast
 
 CHECKPOINT_FILE = "checkpoint.pt"
 BEST_FILE = "best.pt"
@@ -346,8 +347,7 @@ def train(objective: Objective, data: Mapping[str, torch.Tensor], config: TrainC
         # gradient, so DDP must look for unused parameters.
         model = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda"
                                                     else None, find_unused_parameters=True)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if config.mixed_precision and device.type == "cuda"
-                else nullcontext())
+    autocast = bf16_autocast(device, config.mixed_precision and device.type == "cuda")
     result = TrainResult()
     torch.manual_seed(config.seed + rank)
     state = checkpoints.load()
