@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from transformers import AutoModelForSequenceClassification
 
+from structprune.arch import from_hf
+from structprune.arch.structure import ModelStructure
 from structprune.compact import from_pretrained
+from structprune.latency import LatencyTable
 from structprune.masks import MaskSet
 from test_cli import cli, make_model, ok, write_task
 
@@ -53,7 +56,12 @@ def test_latency_table_then_latency_budget(setup):
        "--latency-table", table, "--target-sparsity", 0.3, "--out", masks_dir, "--batch-size", 8, "--max-length", 16)
     info = json.loads((masks_dir / "masks.json").read_text())
     assert info["meta"]["budget"]["kind"] == "latency"
-    assert MaskSet.load(masks_dir).masks["head"].sum() < torch.numel(MaskSet.load(masks_dir).masks["head"])
+    # Which units go depends on the measured (noisy) table, so check the budget rather than which units
+    # were removed: the table predicts the pruned model at least 30% faster.
+    lookup = LatencyTable.load(table)
+    structure = ModelStructure.from_spec(from_hf(AutoModelForSequenceClassification.from_pretrained(setup["model"])).spec)
+    pruned = MaskSet.load(masks_dir).resolve(structure)
+    assert 1.0 - lookup.estimate(pruned) / lookup.estimate(structure) >= 0.3
     code, _, err = cli("latency-table", "--model", setup["model"], "--out", table)
     assert code == 1 and "already exists" in err
     code, _, err = cli("prune", "--model", setup["model"], "--task", setup["task"], "--method", "fisher",
