@@ -41,9 +41,11 @@ PLOT = HERE / "results" / "transfer.png"
 AUX = {"rte": "mnli", "cr": "sst2-full", "mrpc": "qqp", "vader-tweets": "vader-movies"}
 """The auxiliary source of each target (the natural pairs of the data README)."""
 COUPLINGS = ("joint", "separate-masks", "sequential")
-REVISION = 2
+REVISION = 3
 """Revision of the transfer method a row measured, part of its settings key (empty in old rows: 1).
-1: the cosine guard scaled only the auxiliary losses; 2: it scales the separate-masks tie penalty too."""
+1: the cosine guard scaled only the auxiliary losses; 2: it scales the separate-masks tie penalty too; 3: the
+auxiliary forwards draw dropout from their own stream and the auxiliary heads are out of the clipped norm, so a
+rejected source leaves the run ``l0``'s exactly."""
 
 
 class TransferRunner(Runner):
@@ -82,9 +84,8 @@ def _label(row: dict) -> str:
     default = transfer.TransferConfig(coupling=row["method"])
     changed = [f"{name} {row[name]}" for name in ("transfer", "schedule", "guard")
                if row[name] != getattr(default, name) and not (name == "transfer" and row["method"] == "joint")]
-    if (row["method"] == "separate-masks" and row["transfer"] != "weights" and row["guard"] == "cosine"
-            and not row.get("revision")):
-        changed.append("tie unguarded")
+    if row.get("revision", "") != str(REVISION):
+        changed.append(f"revision {row.get('revision') or 1}")
     return f"{row['method']} ({'; '.join([row['aux'], *changed])})"
 
 

@@ -174,6 +174,25 @@ def test_cosine_guard_switches_off_the_tie_to_an_opposed_sources_mask():
     assert not same(grads(unguarded.gates), grads(reference.gates))
 
 
+def test_a_rejected_source_leaves_the_whole_run_l0s_even_with_dropout(monkeypatch):
+    # The auxiliary forwards draw their dropout from a stream of their own: before they did, they consumed the
+    # global stream, and the target's dropout masks (so the whole run) differed from l0's though the guard had
+    # switched the source off.
+    def dropout_bert():
+        model = tiny_bert()
+        model.config.hidden_dropout_prob = 0.1
+        return model
+
+    reference = l0.prune(dropout_bert(), DATA, 0.5, config=SHORT)
+    assert reference.log["prune_losses"] != l0.prune(tiny_bert(), DATA, 0.5, config=SHORT).log["prune_losses"]
+    monkeypatch.setattr(transfer, "cosine", lambda a, b: -0.5)
+    rejected = transfer.prune(dropout_bert(), DATA, 0.5, aux=[toy_aux(), toy_mlm()],
+                              config=TransferConfig(l0=SHORT, coupling="separate-masks"))
+    assert all(s["weights"] == {"toy": 0.0, "mlm": 0.0} and s["tie_factor"] == 0.0 for s in rejected.log["aux_steps"])
+    assert same(rejected.masks.masks, reference.masks.masks) and same(rejected.weights, reference.weights)
+    assert rejected.log["finetune_losses"] == reference.log["finetune_losses"]
+
+
 def _nonzero(module: nn.Module) -> bool:
     """Every parameter of ``module`` got a gradient."""
     return all(float(g.abs().sum()) > 0 for g in grads(module).values())

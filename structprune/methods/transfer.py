@@ -51,8 +51,12 @@ weight and cosine per source (``log["aux_steps"]``).
 Auxiliary batches: the training loop draws target batches; each auxiliary source draws
 ``aux_batch_size / grad_accum`` rows per micro-batch from a generator seeded by
 ``(seed, step, micro, source)``, and MLM masks them from the same generator, so a resumed run draws
-the same rows. The auxiliary heads, the auxiliary gates and multipliers and the per-step log are in
-the objective's state, so checkpoints hold them (exact resume, as for ``l0``).
+the same rows. The auxiliary forwards draw their dropout from a stream of their own, seeded the same way, and
+leave the global random state as they found it: the target's dropout masks are those ``l0`` would draw. The
+auxiliary heads are left out of the clipped gradient norm, so the clip coefficient is the target model's too.
+Together: a source the guard rejects (weight 0, tie factor 0) leaves the run exactly ``l0``'s, and an unrelated
+source costs nothing beyond what the guard lets through. The auxiliary heads, the auxiliary gates and multipliers
+and the per-step log are in the objective's state, so checkpoints hold them (exact resume, as for ``l0``).
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ import dataclasses
 import hashlib
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,10 +167,26 @@ class TransferConfig:
         return 0.0 if step < self.after_step else 1.0
 
 
+def _seed(*key: object) -> int:
+    """A seed from ``key`` (a stable hash: the same on every machine and run)."""
+    return int.from_bytes(hashlib.sha256("/".join(map(str, key)).encode()).digest()[:8], "little") >> 1
+
+
 def _generator(*key: object) -> torch.Generator:
-    """A CPU generator seeded from ``key`` (a stable hash: the same on every machine and run)."""
-    seed = int.from_bytes(hashlib.sha256("/".join(map(str, key)).encode()).digest()[:8], "little") >> 1
-    return torch.Generator().manual_seed(seed)
+    """A CPU generator seeded from ``key``."""
+    return torch.Generator().manual_seed(_seed(*key))
+
+
+@contextmanager
+def _own_dropout(device: torch.device, *key: object) -> Iterator[None]:
+    """Run the block on a dropout stream seeded from ``key`` and give the global random state back as it was, so
+    an auxiliary forward leaves the target's dropout draws those of a run without auxiliary data."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(_seed(*key))
+        if cuda:
+            torch.cuda.manual_seed(_seed(*key))
+        yield
 
 
 def flat_gradient(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -255,8 +276,9 @@ class TransferObjective(DistillObjective):
         heads = list(self.aux_heads.parameters())
         groups = super().param_groups() + [
             {"params": [p for p in heads if p.ndim >= 2], "lr": c.lr, "weight_decay": c.weight_decay,
-             "schedule": "linear"},
-            {"params": [p for p in heads if p.ndim < 2], "lr": c.lr, "weight_decay": 0.0, "schedule": "linear"},
+             "schedule": "linear", "clip": False},
+            {"params": [p for p in heads if p.ndim < 2], "lr": c.lr, "weight_decay": 0.0, "schedule": "linear",
+             "clip": False},
         ]
         if self.aux_gates is not None:
             groups += [
@@ -287,11 +309,12 @@ class TransferObjective(DistillObjective):
         drawn = source.draw(_generator(self.config.seed, "aux-batch", step, micro, index), size)
         batch = trim_padding({name: t.to(device) for name, t in drawn.items()})
         inputs, labels = model_inputs(batch), batch["labels"]
+        chosen = labels != IGNORE_INDEX
+        readout = (lambda h: head(h[chosen])) if source.is_mlm else (lambda h: head(h, inputs["input_ids"]))
+        with _own_dropout(device, self.config.seed, "aux-dropout", step, micro, index):
+            logits = self._run(inputs, gates, readout)
         if source.is_mlm:
-            chosen = labels != IGNORE_INDEX
-            logits = self._run(inputs, gates, lambda h: head(h[chosen]))
             return F.cross_entropy(logits.float(), labels[chosen], reduction="sum") / chosen.sum().clamp(min=1)
-        logits = self._run(inputs, gates, lambda h: head(h, inputs["input_ids"]))
         if source.task.num_labels == 1:
             return F.mse_loss(logits.squeeze(-1).float(), labels.float())
         return F.cross_entropy(logits.float(), labels)
