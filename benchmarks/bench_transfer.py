@@ -79,13 +79,18 @@ class TransferRunner(Runner):
                                                               progress=True), extra)
 
 
-def _label(row: dict) -> str:
-    """``coupling (aux; the settings that differ from the defaults)`` of a transfer row."""
+def _revision(row: dict) -> int:
+    return int(row.get("revision") or 1)
+
+
+def _label(row: dict, revision: bool = True) -> str:
+    """``coupling (aux; the settings that differ from the defaults)`` of a transfer row; with ``revision``, an
+    older revision of the method is one of those settings."""
     default = transfer.TransferConfig(coupling=row["method"])
     changed = [f"{name} {row[name]}" for name in ("transfer", "schedule", "guard")
                if row[name] != getattr(default, name) and not (name == "transfer" and row["method"] == "joint")]
-    if row.get("revision", "") != str(REVISION):
-        changed.append(f"revision {row.get('revision') or 1}")
+    if revision and _revision(row) != REVISION:
+        changed.append(f"revision {_revision(row)}")
     return f"{row['method']} ({'; '.join([row['aux'], *changed])})"
 
 
@@ -123,8 +128,9 @@ def table(path: Path) -> str:
     return "\n".join(lines)
 
 
-def plot(path: Path, out: Path) -> Path:
-    """Accuracy gain over ``l0`` (mean over seeds) of each coupling, per target and sparsity."""
+def plot(path: Path, out: Path, device: str = "cuda") -> Path:
+    """Accuracy gain over ``l0`` (mean over seeds) of each coupling with its defaults and natural source, per
+    target and sparsity, from the rows of ``device``; a coupling measured in several revisions shows its newest."""
     import csv
 
     import matplotlib
@@ -132,9 +138,15 @@ def plot(path: Path, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with path.open(newline="") as f:  # target-only l0 and each coupling with its defaults and natural source
-        rows = [r for r in csv.DictReader(f) if r["train_size"] == "1000" and (
-            r["method"] == "l0" or r["method"] in COUPLINGS and _label(r) == f"{r['method']} ({AUX[r['task']]})")]
+    with path.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["train_size"] == "1000" and r["device"] == device and (
+            r["method"] == "l0" or r["method"] in COUPLINGS
+            and _label(r, revision=False) == f"{r['method']} ({AUX[r['task']]})")]
+    newest: dict[tuple, int] = {}
+    for r in rows:
+        cell = (r["task"], r["target"], r["method"])
+        newest[cell] = max(newest.get(cell, 0), _revision(r))
+    rows = [r for r in rows if r["method"] == "l0" or _revision(r) == newest[(r["task"], r["target"], r["method"])]]
     groups = sorted({(r["task"], r["target"]) for r in rows if r["method"] != "dense"})
     means = {}
     for r in rows:
@@ -147,12 +159,15 @@ def plot(path: Path, out: Path) -> Path:
             base = means.get((task, target, "l0", ""))
             mine = [v for (t, s, m, _), v in means.items() if (t, s, m) == (task, target, coupling)]
             gains.append(statistics.mean(mine[0]) - statistics.mean(base) if base and mine else float("nan"))
-        ax.bar([g + i * width for g in range(len(groups))], gains, width, label=coupling)
+        revisions = sorted({rev for (t, s, m), rev in newest.items() if m == coupling})
+        ax.bar([g + i * width for g in range(len(groups))], gains, width,
+               label=f"{coupling} (revision {'/'.join(map(str, revisions))})")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks([g + width for g in range(len(groups))],
                   [f"{t.removeprefix('vader-')}\n{float(s):.0%}" for t, s in groups])
     ax.set_ylabel("accuracy - l0 (points)")
-    ax.set_title("Transfer (default settings) vs target-only l0, all-MiniLM-L6-v2, 1,000 target examples")
+    ax.set_title(f"Transfer (default settings) vs target-only l0, all-MiniLM-L6-v2, 1,000 target examples, {device}",
+                 fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=120)

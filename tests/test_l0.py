@@ -155,7 +155,7 @@ from structprune.methods import Budget, l0, transfer
 from structprune.train import digest, init_distributed
 torch.set_num_threads(1)
 out, checkpoints, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
-method = sys.argv[4] if len(sys.argv) > 4 else "l0"
+method, _, coupling = (sys.argv[4] if len(sys.argv) > 4 else "l0").partition(":")
 rank, world = init_distributed()
 config = l0.L0Config(prune_epochs=steps / 4, finetune_epochs=1.5, batch_size=16, gate_lr=0.1, lambda_lr=0.1,
                      lr=1e-3, checkpoint_every=1)
@@ -164,7 +164,8 @@ checkpoint_dir = None if checkpoints == "-" else checkpoints
 if method == "transfer":
     from tests.test_transfer import toy_aux
     result = transfer.prune(tiny_bert(), data, Budget(0.5), aux=[toy_aux()],
-                            config=transfer.TransferConfig(l0=config, coupling="separate-masks", guard="cosine"),
+                            config=transfer.TransferConfig(l0=config, coupling=coupling or "separate-masks",
+                                                           guard="cosine"),
                             checkpoint_dir=checkpoint_dir)
 else:
     result = l0.prune(tiny_bert(), data, Budget(0.5), config=config, checkpoint_dir=checkpoint_dir)
@@ -180,10 +181,10 @@ if method == "transfer":
 with open(f"{{out}}.rank{{rank}}.json", "w") as f:
     json.dump(record, f)
 """
-"""A pruning run of ``argv[4]`` (``l0``, the default, or ``transfer``) for ``argv[3]`` steps on 64 rows, with
-checkpoints after every step in ``argv[2]`` (``-``: none); each process writes its masks, weight digest, logits
-and losses (and the transfer ``aux_steps``) to ``{argv[1]}.rank{rank}.json``. The ``run_script`` fixture
-(tests/conftest.py) writes it to a file."""
+"""A pruning run of ``argv[4]`` (``l0``, the default, ``transfer`` or ``transfer:COUPLING``; transfer's coupling
+defaults to separate-masks) for ``argv[3]`` steps on 64 rows, with checkpoints after every step in ``argv[2]``
+(``-``: none); each process writes its masks, weight digest, logits and losses (and the transfer ``aux_steps``)
+to ``{argv[1]}.rank{rank}.json``. The ``run_script`` fixture (tests/conftest.py) writes it to a file."""
 
 
 def _env() -> dict[str, str]:

@@ -307,7 +307,16 @@ def test_ddp_two_gloo_processes_match_one_process(run_script, uninterrupted, tmp
     assert cosines[1] == pytest.approx(cosines[0], abs=1e-4)
 
 
-def test_bad_settings_and_inputs_are_refused():
+def test_ddp_sequential_matches_one_process(run_script, tmp_path):
+    # phase A has no target loss: every process draws the same auxiliary batch and dropout, and the phase B
+    # that follows starts from the same weights and gates in both processes
+    one = run_once(run_script, tmp_path / "one", STEPS, "transfer:sequential")
+    ranks = run_two_processes(run_script, tmp_path, STEPS, "transfer:sequential")
+    assert_matches_one_process(one, ranks)
+    assert ranks[0]["aux_steps"] == ranks[1]["aux_steps"] and len(one["aux_steps"]) == 5 * 4  # 5 target epochs
+
+
+
     with pytest.raises(ValueError, match="coupling 'joint' shares both weights and mask"):
         TransferConfig(coupling="joint", transfer="masks")
     with pytest.raises(ValueError, match="sequential runs the auxiliary phase before"):
