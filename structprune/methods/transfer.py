@@ -181,11 +181,12 @@ def _generator(*key: object) -> torch.Generator:
 def _own_dropout(device: torch.device, *key: object) -> Iterator[None]:
     """Run the block on a dropout stream seeded from ``key`` and give the global random state back as it was, so
     an auxiliary forward leaves the target's dropout draws those of a run without auxiliary data."""
+    seed = _seed(*key)
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
-        torch.random.default_generator.manual_seed(_seed(*key))
-        if cuda:
-            torch.cuda.manual_seed(_seed(*key))
+        torch.random.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
         yield
 
 
