@@ -41,11 +41,13 @@ PLOT = HERE / "results" / "transfer.png"
 AUX = {"rte": "mnli", "cr": "sst2-full", "mrpc": "qqp", "vader-tweets": "vader-movies"}
 """The auxiliary source of each target (the natural pairs of the data README)."""
 COUPLINGS = ("joint", "separate-masks", "sequential")
-REVISION = 3
+REVISION = 4
 """Revision of the transfer method a row measured, part of its settings key (empty in old rows: 1).
 1: the cosine guard scaled only the auxiliary losses; 2: it scales the separate-masks tie penalty too; 3: the
 auxiliary forwards draw dropout from their own stream and the auxiliary heads are out of the clipped norm, so a
-rejected source leaves the run ``l0``'s exactly."""
+rejected source leaves the run ``l0``'s exactly; 4: the guard's weight is the running mean of the cosine over its
+running root mean square (was the step's ``max(0, cos)``), and the auxiliary heads learn whatever the guard
+lets through."""
 
 
 class TransferRunner(Runner):

@@ -298,7 +298,9 @@ class MLMHead(nn.Module):
         """The decoder's ``[vocab, width]`` matrix: the model's word embedding parameter itself."""
         return self.word.weight
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits ``[..., vocab]`` of hidden states ``[..., hidden]``."""
+    def forward(self, hidden: torch.Tensor, detached: bool = False) -> torch.Tensor:
+        """Vocabulary logits ``[..., vocab]`` of hidden states ``[..., hidden]``; ``detached``: the decoder reads
+        the embedding matrix detached, so that only the head's own parameters learn from these logits."""
         h = self.norm(self.act(self.dense(hidden)))
-        return h @ self.decoder_weight.t() + self.bias
+        decoder = self.decoder_weight.detach() if detached else self.decoder_weight
+        return h @ decoder.t() + self.bias

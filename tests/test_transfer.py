@@ -106,13 +106,16 @@ def test_applied_weights_follow_the_anneal_schedule_and_the_cosine_guard():
     result = transfer.prune(tiny_bert(), DATA, 0.5, aux=[toy_aux(weight=0.5)], config=config)
     steps = result.log["aux_steps"]
     assert [s["step"] for s in steps] == list(range(6))
+    mean = square = 0.0
     for s in steps:
         factor = 1 - s["step"] / 6
         assert s["factor"] == pytest.approx(factor)
         cosine = s["cosines"]["toy"]
         assert -1 <= cosine <= 1
-        assert s["weights"]["toy"] == pytest.approx(2.0 * factor * 0.5 * max(0.0, cosine))
-    assert any(s["cosines"]["toy"] != 0 for s in steps)
+        mean, square = 0.95 * mean + 0.05 * cosine, 0.95 * square + 0.05 * cosine ** 2
+        trust = min(1.0, max(0.0, mean / (square / (1 - 0.95 ** (s["step"] + 1))) ** 0.5))
+        assert s["weights"]["toy"] == pytest.approx(2.0 * factor * 0.5 * trust)
+    assert any(s["weights"]["toy"] > 0 for s in steps) and any(s["cosines"]["toy"] != 0 for s in steps)
     assert (result.log["schedule"], result.log["guard"], result.log["aux_weight"]) == ("anneal", "cosine", 2.0)
 
 
@@ -135,8 +138,8 @@ class Opposed(TransferObjective):
         self.last = loss
         return loss, values
 
-    def aux_loss(self, index, step, micro, gates):
-        return -2.0 * self.last
+    def aux_loss(self, index, step, micro, gates, probe=False):
+        return -2.0 * self.last, None
 
 
 def test_cosine_guard_gives_an_opposed_auxiliary_loss_weight_zero():
@@ -172,6 +175,19 @@ def test_cosine_guard_switches_off_the_tie_to_an_opposed_sources_mask():
     unguarded, reference, _ = _separate("both", "none", [toy_aux()], Opposed)
     assert unguarded.history[-1]["tie_factor"] == 1.0
     assert not same(grads(unguarded.gates), grads(reference.gates))
+
+
+def test_a_rejected_sources_head_still_learns_at_the_full_weight(monkeypatch):
+    # the guard scales what reaches the shared weights and gates, not what the auxiliary heads learn: a fresh head
+    # the guard switched off would never learn, and its gradient would never become informative
+    unguarded, _, _ = _separate("both", "none")
+    monkeypatch.setattr(transfer, "cosine", lambda a, b: -0.5)
+    rejected, reference, values = _separate("both", "cosine")
+    assert values["w/toy"] == values["w/mlm"] == 0.0
+    assert same(grads(rejected.student), grads(reference.student)) and same(grads(rejected.gates), grads(reference.gates))
+    heads, full = grads(rejected.aux_heads), grads(unguarded.aux_heads)
+    assert _nonzero(rejected.aux_heads)
+    assert all(torch.allclose(heads[name], full[name], rtol=1e-5, atol=1e-7) for name in full)
 
 
 def test_a_rejected_source_leaves_the_whole_run_l0s_even_with_dropout(monkeypatch):
@@ -263,10 +279,10 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
     reference = transfer.prune(tiny_bert(), DATA, 0.5, aux=aux, config=config)
     real = TransferObjective.aux_loss
 
-    def killed(self, index, step, micro, gates):
+    def killed(self, index, step, micro, gates, probe=False):
         if step == 3:
             raise RuntimeError("killed")
-        return real(self, index, step, micro, gates)
+        return real(self, index, step, micro, gates, probe)
 
     monkeypatch.setattr(TransferObjective, "aux_loss", killed)
     with pytest.raises(RuntimeError, match="killed"):

@@ -31,22 +31,29 @@ at the end of the pruning phase); ``warmup``: 1 during the sparsity warm-up step
 penalty is scaled by the same factor. When ``w(step) = 0`` nothing auxiliary is computed, so
 ``joint`` with ``aux_weight=0`` is the ``l0`` method bit for bit.
 
-Harm guard ``cosine`` (Du et al. 2018, "Adapting auxiliary losses using gradient similarity"): at every
-step the gradients of the target loss (task + distillation) and of each auxiliary loss are taken with
-respect to a small shared set of parameters, the last encoder layer (``torch.autograd.grad``,
-retaining the graph, so only its top is traversed), and the source's weight is multiplied by
-``max(0, cos)``. With ``separate-masks`` / ``"masks"`` the auxiliary loss does not reach the weights,
-so the gradients compared are those of the gate logits (target loss vs. target gates, auxiliary loss
-vs. auxiliary gates). A zero gradient on either side gives ``cos = 0``. Under DDP the target gradient is
-summed over the processes, each weighted by its rows (as ``structprune.train`` weights their losses), so
-every process applies the weights one process would over the whole batch (every process draws the same
-auxiliary batch, so the auxiliary gradient needs no reduction). The guard scales the
-separate-masks tie penalty too, by the source-weighted mean of ``max(0, cos)``: an auxiliary mask
-whose loss the guard has switched off learns from its sparsity constraint alone, and tying the target
-mask to it would pull the target towards a mask that knows nothing of either task (measured: CR with
-AGNEWS lost 0.8 point before the tie was guarded). ``sequential`` has no target
-loss in phase A, so the guard does not apply there. The log holds every step's factor, applied
-weight and cosine per source (``log["aux_steps"]``).
+Harm guard ``cosine`` (after Du et al. 2018, "Adapting auxiliary losses using gradient similarity"): at
+every step the gradients of the target loss (task + distillation) and of each auxiliary loss are taken with
+respect to a small shared set of parameters, the last encoder layer (``torch.autograd.grad``, retaining the
+graph, so only its top is traversed), and their cosine is added to the source's running statistics. The
+source's weight is multiplied by its trust: the running mean of the cosine over its running root mean square
+(exponential averages with decay :data:`GUARD_DECAY`; the mean starts from 0, so a source earns trust over its
+first steps), clipped to [0, 1]. Du et al. multiply by ``max(0, cos)`` of the step; that does not work at this
+scale (measured on CR, BENCHMARKS.md, "The cosine guard"): the cosine of two mini-batch gradients over a whole
+layer is small even for a related task (SST-2 about 0.04, AGNEWS 0.00, both with a spread of 0.02-0.06 from step
+to step), so every source got a weight near 0. The ratio is scale-free: about 0.6 for SST-2 and noise around 0 for
+AGNEWS. With ``separate-masks`` / ``"masks"`` the auxiliary loss does not reach the weights, so the gradients
+compared are those of the gate logits (target loss vs. target gates, auxiliary loss vs. auxiliary gates). A zero
+gradient on either side gives ``cos = 0``. Under DDP the target gradient is summed over the processes, each
+weighted by its rows (as ``structprune.train`` weights their losses), so every process applies the weights one
+process would over the whole batch (every process draws the same auxiliary batch, so the auxiliary gradient
+needs no reduction). The guard scales only what reaches the shared weights and gates: the auxiliary head always
+learns at the full weight, from a probe loss on the encoder's states detached. (Before, a fresh head whose loss
+the guard had switched off never learnt, so its gradient stayed uninformative and the guard never switched it
+on.) The guard scales the separate-masks tie penalty too, by the source-weighted mean trust: an auxiliary mask
+whose loss the guard has switched off learns from its sparsity constraint alone, and tying the target mask to
+it would pull the target towards a mask that knows nothing of either task (measured: CR with AGNEWS lost 0.8
+point before the tie was guarded). ``sequential`` has no target loss in phase A, so the guard does not apply
+there. The log holds every step's factor, applied weight and cosine per source (``log["aux_steps"]``).
 
 Auxiliary batches: the training loop draws target batches; each auxiliary source draws
 ``aux_batch_size / grad_accum`` rows per micro-batch from a generator seeded by
@@ -90,6 +97,8 @@ COUPLINGS = ("joint", "separate-masks", "sequential")
 TRANSFERS = ("weights", "masks", "both")
 SCHEDULES = ("start", "after:N", "anneal", "warmup")
 GUARDS = ("cosine", "none")
+GUARD_DECAY = 0.95
+"""Decay of the cosine guard's running averages (a memory of about 20 steps)."""
 
 
 def _after_step(schedule: str) -> int | None:
@@ -221,6 +230,16 @@ def gradient_cosine(target_loss: torch.Tensor, aux_loss: torch.Tensor, target_pa
     return cosine(flat_gradient(target_loss, target_params), flat_gradient(aux_loss, aux_params))
 
 
+def _task_loss(source: AuxData, logits: torch.Tensor, labels: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """The loss of an auxiliary source's logits: cross-entropy over the masked tokens (MLM), mean squared error
+    (regression) or cross-entropy (classification)."""
+    if source.is_mlm:
+        return F.cross_entropy(logits.float(), labels[chosen], reduction="sum") / chosen.sum().clamp(min=1)
+    if source.task.num_labels == 1:
+        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+    return F.cross_entropy(logits.float(), labels)
+
+
 class _Encoder(nn.Module):
     """The student's encoder followed by a read-out, as a module forward, so that
     ``torch.func.functional_call`` can run it on detached weights (the read-out runs inside, so a tied
@@ -231,7 +250,7 @@ class _Encoder(nn.Module):
         self.model = model
 
     def forward(self, inputs: Mapping[str, torch.Tensor], gates: dict[str, torch.Tensor] | None,
-                readout: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                readout: Callable[[torch.Tensor], tuple]) -> tuple:
         hidden, _ = self.model.backbone(**inputs, gates=effective_gates(gates) if gates else None)
         return readout(hidden)
 
@@ -265,12 +284,25 @@ class TransferObjective(DistillObjective):
         self.detached = separate and config.transfer == "masks"
         self.__dict__["encoder"] = _Encoder(student.model)  # a view of the student, not a second copy
         self.history: list[dict] = []
+        self.cosine_stats: dict[str, tuple[float, float, int]] = {}
 
     def get_extra_state(self) -> dict:
-        return {"history": self.history}
+        return {"history": self.history, "cosine_stats": self.cosine_stats}
 
     def set_extra_state(self, state: dict) -> None:
         self.history = list(state["history"])
+        self.cosine_stats = dict(state.get("cosine_stats", {}))
+
+    def trust(self, name: str, similarity: float) -> float:
+        """Add this step's gradient ``similarity`` to source ``name``'s running cosine statistics; the guard's trust
+        in the source, in [0, 1]: the running mean of the cosine over its running root mean square."""
+        mean, square, steps = self.cosine_stats.get(name, (0.0, 0.0, 0))
+        mean = GUARD_DECAY * mean + (1 - GUARD_DECAY) * similarity
+        square = GUARD_DECAY * square + (1 - GUARD_DECAY) * similarity ** 2
+        steps += 1
+        self.cosine_stats[name] = (mean, square, steps)
+        rms = math.sqrt(square / (1 - GUARD_DECAY ** steps))
+        return min(1.0, max(0.0, mean / rms)) if rms > 0 else 0.0
 
     def param_groups(self) -> list[dict]:
         c = self.config
@@ -302,8 +334,11 @@ class TransferObjective(DistillObjective):
         shared = [p for p in self.student.model.layers[-1].parameters() if p.requires_grad]
         return shared, shared
 
-    def aux_loss(self, index: int, step: int, micro: int, gates: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The loss of auxiliary source ``index`` on its batch of ``(step, micro)`` under ``gates``."""
+    def aux_loss(self, index: int, step: int, micro: int, gates: dict[str, torch.Tensor],
+                 probe: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The loss of auxiliary source ``index`` on its batch of ``(step, micro)`` under ``gates``; with ``probe``
+        also the probe loss (the same loss of the head on the encoder's states detached, and with a tied MLM
+        decoder detached: its gradient reaches the auxiliary head only), else ``None``."""
         source, head = self.aux[index], self.aux_heads[index]
         size = max(1, self.transfer.batch_size // self.config.grad_accum)
         device = next(head.parameters()).device
@@ -311,17 +346,20 @@ class TransferObjective(DistillObjective):
         batch = trim_padding({name: t.to(device) for name, t in drawn.items()})
         inputs, labels = model_inputs(batch), batch["labels"]
         chosen = labels != IGNORE_INDEX
-        readout = (lambda h: head(h[chosen])) if source.is_mlm else (lambda h: head(h, inputs["input_ids"]))
+
+        def read(hidden: torch.Tensor, detached: bool) -> torch.Tensor:
+            return head(hidden[chosen], detached) if source.is_mlm else head(hidden, inputs["input_ids"])
+
+        def readout(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return read(hidden, False), read(hidden.detach(), True) if probe else None
+
         with _own_dropout(device, self.config.seed, "aux-dropout", step, micro, index):
-            logits = self._run(inputs, gates, readout)
-        if source.is_mlm:
-            return F.cross_entropy(logits.float(), labels[chosen], reduction="sum") / chosen.sum().clamp(min=1)
-        if source.task.num_labels == 1:
-            return F.mse_loss(logits.squeeze(-1).float(), labels.float())
-        return F.cross_entropy(logits.float(), labels)
+            logits, probed = self._run(inputs, gates, readout)
+        return _task_loss(source, logits, labels, chosen), None if probed is None else _task_loss(
+            source, probed, labels, chosen)
 
     def _run(self, inputs: Mapping[str, torch.Tensor], gates: dict[str, torch.Tensor],
-             readout: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+             readout: Callable[[torch.Tensor], tuple]) -> tuple:
         if not self.detached:
             return self.encoder(inputs, gates, readout)
         weights = {f"model.{name}": p.detach() for name, p in self.student.model.named_parameters()}
@@ -340,20 +378,22 @@ class TransferObjective(DistillObjective):
         if factor * t.aux_weight > 0:
             aux_gates = gates if self.aux_gates is None else self.aux_gates.sample(
                 _generator(self.config.seed, "aux-gates", step, micro))
-            losses = [self.aux_loss(i, step, micro, aux_gates) for i in range(len(self.aux))]
             guarded = t.guard == "cosine" and self.with_target
+            losses = [self.aux_loss(i, step, micro, aux_gates, probe=guarded) for i in range(len(self.aux))]
             if guarded:
                 ours, theirs = self.guard_params()
                 target_gradient = over_processes(flat_gradient(loss, ours), len(batch["input_ids"]))
                 trusted = 0.0
-            for source, aux_loss in zip(self.aux, losses):
-                weight = t.aux_weight * factor * source.weight
+            for source, (aux_loss, probe) in zip(self.aux, losses):
+                full = weight = t.aux_weight * factor * source.weight
                 if guarded:
                     similarity = cosine(target_gradient, flat_gradient(aux_loss, theirs))
-                    weight *= max(0.0, similarity)
-                    trusted += source.weight * max(0.0, similarity)
+                    trusted += source.weight * (verdict := self.trust(source.name, similarity))
+                    weight *= verdict
                     record["cosines"][source.name] = values[f"cos/{source.name}"] = similarity
                 loss = loss + weight * aux_loss
+                if probe is not None:  # the head learns at the full weight whatever the guard lets through
+                    loss = loss + (full - weight) * probe
                 record["weights"][source.name] = values[f"w/{source.name}"] = weight
                 values[f"aux/{source.name}"] = aux_loss.item()
             if guarded:
