@@ -37,11 +37,12 @@ respect to a small shared set of parameters, the last encoder layer (``torch.aut
 graph, so only its top is traversed), and their cosine is added to the source's running statistics. The
 source's weight is multiplied by its trust: the running mean of the cosine over its running root mean square
 (exponential averages with decay :data:`GUARD_DECAY`; the mean starts from 0, so a source earns trust over its
-first steps), clipped to [0, 1]. Du et al. multiply by ``max(0, cos)`` of the step; that does not work at this
-scale (measured on CR, BENCHMARKS.md, "The cosine guard"): the cosine of two mini-batch gradients over a whole
-layer is small even for a related task (SST-2 about 0.04, AGNEWS 0.00, both with a spread of 0.02-0.06 from step
-to step), so every source got a weight near 0. The ratio is scale-free: about 0.6 for SST-2 and noise around 0 for
-AGNEWS. With ``separate-masks`` / ``"masks"`` the auxiliary loss does not reach the weights, so the gradients
+first steps), clipped to [0, 1]. Du et al. multiply by ``max(0, cos)`` of the step; at this scale that gives
+every source a weight near 0 (measured on CR, BENCHMARKS.md, "The cosine guard"): the cosine of two mini-batch
+gradients over a whole layer is about 0.6 between two target batches but 0.00-0.04 between the target and any
+auxiliary task, related (SST-2) or not (AGNEWS), with a spread of 0.02-0.04 from batch to batch. The ratio is
+scale-free (it is 1 for a cosine that is the same at every step, whatever its size); the measured ratios did not
+separate SST-2 from AGNEWS. With ``separate-masks`` / ``"masks"`` the auxiliary loss does not reach the weights, so the gradients
 compared are those of the gate logits (target loss vs. target gates, auxiliary loss vs. auxiliary gates). A zero
 gradient on either side gives ``cos = 0``. Under DDP the target gradient is summed over the processes, each
 weighted by its rows (as ``structprune.train`` weights their losses), so every process applies the weights one
