@@ -462,7 +462,8 @@ def _add_transfer_options(group) -> None:
                        help="sequential: length of the auxiliary phase in epochs of the target data's steps "
                             "(default: %(default)s)")
     group.add_argument("--guard", choices=GUARDS, default=TransferConfig.guard,
-                       help="cosine: scale each source by max(0, cosine of its gradient with the target's) "
+                       help="cosine: scale each source by its running agreement with the target's gradient "
+                            "(mean cosine over its root mean square, clipped to [0, 1]); none: full weight "
                             "(default: %(default)s)")
     group.add_argument("--aux-batch-size", type=int, default=None,
                        help="auxiliary examples per source and step (default: --batch-size)")
