@@ -375,7 +375,7 @@ class TransferObjective(DistillObjective):
             loss, values = torch.zeros((), device=self.gates.log_alpha[self.gates.names[0]].device), {}
         factor = t.factor(step, self.prune_steps, self.warmup_steps)
         record = {"step": step, "factor": factor, "weights": {}, "cosines": {}}
-        trust = 1.0  # the guard's verdict on the auxiliary sources, which scales the tie penalty too
+        tie_trust = 1.0  # the guard's verdict on the auxiliary sources, which scales the tie penalty too
         if factor * t.aux_weight > 0:
             aux_gates = gates if self.aux_gates is None else self.aux_gates.sample(
                 _generator(self.config.seed, "aux-gates", step, micro))
@@ -398,10 +398,10 @@ class TransferObjective(DistillObjective):
                 record["weights"][source.name] = values[f"w/{source.name}"] = weight
                 values[f"aux/{source.name}"] = aux_loss.item()
             if guarded:
-                trust = trusted / sum(source.weight for source in self.aux)
+                tie_trust = trusted / sum(source.weight for source in self.aux)
         if self.tied and factor > 0:
             tie = self.tie()
-            tie_factor = factor * trust
+            tie_factor = factor * tie_trust
             loss = loss + t.tie_weight * tie_factor * tie
             values["tie"] = record["tie"] = tie.item()
             record["tie_factor"] = tie_factor
