@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     rows = []
     for aux in args.aux.split(","):
-        for head in ("fresh", "fitted"):
-            objective, data = objective_for(args.target, aux, args)
+        objective, data = objective_for(args.target, aux, args)
+        for head in ("fresh", "fitted"):  # measuring takes gradients only, so the fresh head is left as it was
             if head == "fitted":
                 fit_head(objective, args.probe_epochs)
             found = cosines(objective, data, args.batches, args.seed)
