@@ -5,7 +5,7 @@ the target's training subset (cached; it is also the teacher and the starting po
 target sparsity, each method prunes it and the compact model is scored on the target's evaluation split:
 
 * ``l0``: learned masks on the target data only (:mod:`structprune.methods.l0`);
-* ``joint``, ``separate-masks``, ``sequential``: :mod:`structprune.methods.transfer` with that coupling,
+* ``joint``, ``separate-masks``, ``sequential``, ``intermediate``: :mod:`structprune.methods.transfer` with that coupling,
   the auxiliary sources of ``AUX`` (or ``--aux``), and the transfer / schedule / guard settings given.
 
 Each cell appends a CSV row to ``benchmarks/results/transfer.csv`` (the columns of ``bench_l0`` plus the
@@ -40,7 +40,7 @@ CSV = HERE / "results" / "transfer.csv"
 PLOT = HERE / "results" / "transfer.png"
 AUX = {"rte": "mnli", "cr": "sst2-full", "mrpc": "qqp", "vader-tweets": "vader-movies"}
 """The auxiliary source of each target (the natural pairs of the data README)."""
-COUPLINGS = ("joint", "separate-masks", "sequential")
+COUPLINGS = transfer.COUPLINGS
 REVISION = 4
 """Revision of the transfer method a row measured, part of its settings key (empty in old rows: 1).
 1: the cosine guard scaled only the auxiliary losses; 2: it scales the separate-masks tie penalty too; 3: the
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                             options = transfer.TransferConfig(
                                 l0=config, coupling=method,
                                 transfer="both" if method == "joint" else args.transfer,
-                                schedule="start" if method == "sequential" else args.schedule,
+                                schedule="start" if method in ("sequential", "intermediate") else args.schedule,
                                 guard=args.guard, aux_weight=args.aux_weight)
                             if _cell(name, len(runner.train), seed, method, target, args.device,
                                      runner.transfer_key(options)) in done:

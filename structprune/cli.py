@@ -228,7 +228,7 @@ def _aux_sources(args: argparse.Namespace) -> tuple[AuxSource, ...]:
 def _transfer_config(args: argparse.Namespace) -> TransferConfig:
     return TransferConfig(l0=_l0_config(args), coupling=args.coupling, transfer=args.transfer, schedule=args.schedule,
                           aux_weight=args.aux_weight, tie_weight=args.tie_weight, aux_epochs=args.aux_epochs,
-                          guard=args.guard, aux_batch_size=args.aux_batch_size)
+                          retarget_epochs=args.retarget_epochs, guard=args.guard, aux_batch_size=args.aux_batch_size)
 
 
 def _prune_l0(args: argparse.Namespace, budget: Budget) -> None:
@@ -447,8 +447,9 @@ def _add_transfer_options(group) -> None:
                        help="examples drawn from each source at most, with --seed (default: %(default)s)")
     group.add_argument("--coupling", choices=COUPLINGS, default=TransferConfig.coupling,
                        help="joint: one mask and weights for all data; separate-masks: shared weights, a second "
-                            "mask for the auxiliary data; sequential: prune on auxiliary data first "
-                            "(default: %(default)s)")
+                            "mask for the auxiliary data; sequential: prune on auxiliary data first; intermediate: "
+                            "train the dense model on the auxiliary data, fine-tune it on the target again, then "
+                            "prune it with it as the teacher (default: %(default)s)")
     group.add_argument("--transfer", choices=TRANSFERS, default=TransferConfig.transfer,
                        help="what the auxiliary data passes on: weights, masks or both (default: %(default)s)")
     group.add_argument("--schedule", default=TransferConfig.schedule,
@@ -459,7 +460,10 @@ def _add_transfer_options(group) -> None:
     group.add_argument("--tie-weight", type=float, default=TransferConfig.tie_weight,
                        help="separate-masks: weight of the penalty tying the two masks (default: %(default)s)")
     group.add_argument("--aux-epochs", type=float, default=TransferConfig.aux_epochs,
-                       help="sequential: length of the auxiliary phase in epochs of the target data's steps "
+                       help="sequential, intermediate: length of the auxiliary phase in epochs of the target "
+                            "data's steps (default: %(default)s)")
+    group.add_argument("--retarget-epochs", type=int, default=TransferConfig.retarget_epochs,
+                       help="intermediate: epochs of dense target fine-tuning after the auxiliary phase "
                             "(default: %(default)s)")
     group.add_argument("--guard", choices=GUARDS, default=TransferConfig.guard,
                        help="cosine: scale each source by its running agreement with the target's gradient "

@@ -11,7 +11,7 @@ and evaluation splits, :func:`structprune.auxiliary.load_auxiliary`) and runs :f
 3. the best coupling so far with its other settings: for ``joint`` the schedules ``after:N``
    (N = a quarter of the pruning steps), ``anneal``, ``warmup``; for ``separate-masks`` those
    schedules, then transfers ``weights`` and ``masks``; for ``sequential`` transfers ``weights``
-   and ``masks``;
+   and ``masks``; ``intermediate`` has no other settings;
 
 stopping when ``budget_runs`` runs are done or, before starting another run, ``budget_minutes``
 have passed (the baseline always runs). The choice is the run with the best search-dev score (the
@@ -55,6 +55,8 @@ def _followups(best: TransferConfig, prune_steps: int) -> list[TransferConfig]:
     schedules = [f"after:{max(1, prune_steps // 4)}", "anneal", "warmup"]
     if best.coupling == "joint":
         return [dataclasses.replace(best, schedule=s) for s in schedules]
+    if best.coupling == "intermediate":  # one setting: weights move before pruning, schedule start
+        return []
     transfers = [dataclasses.replace(best, transfer=t, schedule="start") for t in ("weights", "masks")]
     if best.coupling == "sequential":
         return transfers

@@ -272,9 +272,50 @@ def test_sequential_phase_b_starts_from_phase_a(kind, monkeypatch):
     assert abs(result.log["achieved"] - 0.5) <= 0.01
 
 
-def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
-    config = TransferConfig(l0=dataclasses.replace(SHORT, checkpoint_every=1), coupling="separate-masks",
-                            schedule="anneal")
+def test_intermediate_trains_the_dense_model_on_the_aux_data_retargets_it_and_prunes_it_as_the_teacher(
+        monkeypatch):
+    states, teachers = {}, {}
+    real_train, real_finetune = transfer.train, transfer.finetune
+
+    def weights(module):
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    def spy_train(objective, data, config, directory, fingerprint, **options):
+        states[fingerprint["phase"], "start"] = weights(objective.student.model)
+        teachers[fingerprint["phase"]] = weights(objective.teacher)
+        result = real_train(objective, data, config, directory, fingerprint, **options)
+        states[fingerprint["phase"], "end"] = weights(objective.student.model)
+        return result
+
+    def spy_finetune(model, data, config, **options):
+        states["retarget", "start"] = weights(model)
+        result = real_finetune(model, data, config, **options)
+        states["retarget", "end"] = weights(model)
+        return result
+
+    monkeypatch.setattr(transfer, "train", spy_train)
+    monkeypatch.setattr(transfer, "finetune", spy_finetune)
+    config = TransferConfig(l0=SHORT, coupling="intermediate", aux_epochs=1.0, retarget_epochs=1)
+    result = transfer.prune(tiny_bert(), DATA, 0.5, aux=[toy_aux(), toy_mlm()], config=config)
+    assert set(states) == {(phase, when) for phase in ("aux", "retarget", "prune") for when in ("start", "end")}
+    start, end = states["aux", "start"], states["aux", "end"]
+    assert same(start, teachers["aux"])  # the dense model, which teaches nothing in this phase
+    head = {k for k in start if k.startswith("head.")}
+    assert head and all(torch.equal(start[k], end[k]) for k in head)  # the auxiliary losses leave the target head
+    assert not same({k: v for k, v in start.items() if k not in head}, {k: v for k, v in end.items() if k not in head})
+    assert same(states["retarget", "start"], end)
+    retargeted = states["retarget", "end"]
+    assert all(not torch.equal(end[k], retargeted[k]) for k in head)  # the target loss trained the head
+    assert same(states["prune", "start"], retargeted) and same(teachers["prune"], retargeted)
+    # the auxiliary phase: one target epoch of steps (4), auxiliary losses only, no gates and no guard
+    assert [s["weights"] for s in result.log["aux_steps"]] == [{"toy": 1.0, "mlm": 1.0}] * 4
+    assert abs(result.log["achieved"] - 0.5) <= 0.01
+
+
+@pytest.mark.parametrize("coupling, schedule, killed_in", [("separate-masks", "anneal", "prune"),
+                                                           ("intermediate", "start", "aux")])
+def test_interrupted_run_resumes_exactly(coupling, schedule, killed_in, tmp_path, monkeypatch):
+    config = TransferConfig(l0=dataclasses.replace(SHORT, checkpoint_every=1), coupling=coupling, schedule=schedule)
     aux = [toy_aux(), toy_mlm()]
     reference = transfer.prune(tiny_bert(), DATA, 0.5, aux=aux, config=config)
     real = TransferObjective.aux_loss
@@ -287,7 +328,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(TransferObjective, "aux_loss", killed)
     with pytest.raises(RuntimeError, match="killed"):
         transfer.prune(tiny_bert(), DATA, 0.5, aux=aux, config=config, checkpoint_dir=tmp_path)
-    assert (tmp_path / "prune" / "checkpoint.pt").is_file()
+    assert (tmp_path / killed_in / "checkpoint.pt").is_file()
     monkeypatch.undo()
     resumed = transfer.prune(tiny_bert(), DATA, 0.5, aux=aux, config=config, checkpoint_dir=tmp_path)
     assert resumed.log["prune_losses"] == reference.log["prune_losses"]
@@ -345,6 +386,14 @@ def test_ddp_sequential_matches_one_process(run_script, tmp_path):
         TransferConfig(tie_weight=-1.0)
     with pytest.raises(ValueError, match="aux_weight 0 gives the auxiliary phase no loss"):
         TransferConfig(coupling="sequential", aux_weight=0.0)
+    with pytest.raises(ValueError, match="intermediate with aux_weight 0 gives the auxiliary phase no loss"):
+        TransferConfig(coupling="intermediate", aux_weight=0.0)
+    with pytest.raises(ValueError, match="intermediate runs the auxiliary phase before"):
+        TransferConfig(coupling="intermediate", schedule="warmup")
+    with pytest.raises(ValueError, match="'intermediate' trains the dense model before any mask exists"):
+        TransferConfig(coupling="intermediate", transfer="masks")
+    with pytest.raises(ValueError, match="retarget_epochs must be an integer >= 1, got 0"):
+        TransferConfig(coupling="intermediate", retarget_epochs=0)
     with pytest.raises(ValueError, match="needs auxiliary data"):
         transfer.prune(tiny_bert(), DATA, 0.5, aux=[])
     with pytest.raises(ValueError, match="distinct names"):
@@ -370,14 +419,18 @@ def test_sweep_order_follows_the_best_coupling_and_stops_at_the_budget():
     base = TransferConfig(aux_weight=0.7)
     runs = sweep(scorer("separate-masks/both/start"), base, prune_steps=40, budget_runs=20)
     assert [r["name"] for r in runs] == [
-        BASELINE, "separate-masks/both/start", "joint/both/start", "sequential/both/start",
+        BASELINE, "separate-masks/both/start", "joint/both/start", "sequential/both/start", "intermediate/both/start",
         "separate-masks/both/after:10", "separate-masks/both/anneal", "separate-masks/both/warmup",
         "separate-masks/weights/start", "separate-masks/masks/start"]
     assert all(r["config"].aux_weight == 0.7 for r in runs[1:])
     runs = sweep(scorer("sequential/both/start"), base, prune_steps=40, budget_runs=20)
-    assert [r["name"] for r in runs[4:]] == ["sequential/weights/start", "sequential/masks/start"]
-    runs = sweep(scorer("joint/both/start"), base, prune_steps=40, budget_runs=5)
-    assert [r["name"] for r in runs[3:]] == ["sequential/both/start", "joint/both/after:10"]
+    assert [r["name"] for r in runs[4:]] == ["intermediate/both/start", "sequential/weights/start",
+                                             "sequential/masks/start"]
+    runs = sweep(scorer("intermediate/both/start"), base, prune_steps=40, budget_runs=20)
+    assert [r["name"] for r in runs[4:]] == ["intermediate/both/start"]  # nothing else to vary
+    runs = sweep(scorer("joint/both/start"), base, prune_steps=40, budget_runs=6)
+    assert [r["name"] for r in runs[3:]] == ["sequential/both/start", "intermediate/both/start",
+                                             "joint/both/after:10"]
     assert [r["name"] for r in sweep(scorer("x"), base, 40, budget_runs=2)] == [BASELINE,
                                                                               "separate-masks/both/start"]
     assert [r["name"] for r in sweep(scorer("x"), base, 40, budget_runs=9, budget_minutes=0)] == [BASELINE]
@@ -417,6 +470,19 @@ def test_cli_prune_transfer_writes_the_folder_with_sources_and_removed_counts(tm
     assert "3 examples used, 2 removed as duplicates" in report and "Coupling separate-masks" in report
     assert json.loads((folder / "masks" / "masks.json").read_text())["meta"]["method"] == "transfer"
     assert (tmp_path / "ckpt" / "transfer" / "prune" / "checkpoint.pt").is_file()
+
+
+def test_cli_prune_transfer_intermediate_checkpoints_each_phase(tmp_path):
+    model_dir = make_model(tmp_path / "model")
+    task = write_task(tmp_path / "task.tsv", rows=32)
+    ok("prune", "--method", "transfer", "--model", model_dir, "--task", task, "--aux", "mlm", "--coupling",
+       "intermediate", "--aux-epochs", 0.5, "--retarget-epochs", 2, "--target-sparsity", 0.3, "--batch-size", 16,
+       "--max-steps", 2, "--seq-len", 16, "--max-length", 32, "--out", tmp_path / "tr", "--checkpoint-dir",
+       tmp_path / "ckpt")
+    log = json.loads((tmp_path / "tr" / "transfer-log.json").read_text())
+    assert (log["coupling"], log["retarget_epochs"], len(log["aux_steps"])) == ("intermediate", 2, 1)
+    for phase in ("aux", "retarget", "prune", "finetune"):
+        assert (tmp_path / "ckpt" / "transfer" / phase / "checkpoint.pt").is_file(), phase
 
 
 def test_cli_transfer_search_writes_runs_and_the_choice(tmp_path):
