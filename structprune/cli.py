@@ -228,7 +228,7 @@ def _aux_sources(args: argparse.Namespace) -> tuple[AuxSource, ...]:
 def _transfer_config(args: argparse.Namespace) -> TransferConfig:
     return TransferConfig(l0=_l0_config(args), coupling=args.coupling, transfer=args.transfer, schedule=args.schedule,
                           aux_weight=args.aux_weight, tie_weight=args.tie_weight, aux_epochs=args.aux_epochs,
-                          retarget_epochs=args.retarget_epochs, guard=args.guard, aux_batch_size=args.aux_batch_size)
+                          retarget_epochs=args.retarget_epochs, dense_lr=args.dense_lr, guard=args.guard, aux_batch_size=args.aux_batch_size)
 
 
 def _prune_l0(args: argparse.Namespace, budget: Budget) -> None:
@@ -459,11 +459,14 @@ def _add_transfer_options(group) -> None:
                        help="weight of the auxiliary losses (default: %(default)s)")
     group.add_argument("--tie-weight", type=float, default=TransferConfig.tie_weight,
                        help="separate-masks: weight of the penalty tying the two masks (default: %(default)s)")
-    group.add_argument("--aux-epochs", type=float, default=TransferConfig.aux_epochs,
+    group.add_argument("--aux-epochs", type=float, default=None,
                        help="sequential, intermediate: length of the auxiliary phase in epochs of the target "
-                            "data's steps (default: %(default)s)")
+                            "data's steps (default: 5 for sequential, 15 for intermediate)")
     group.add_argument("--retarget-epochs", type=int, default=TransferConfig.retarget_epochs,
                        help="intermediate: epochs of dense target fine-tuning after the auxiliary phase "
+                            "(default: %(default)s)")
+    group.add_argument("--dense-lr", type=float, default=TransferConfig.dense_lr,
+                       help="intermediate: learning rate of the dense auxiliary and target phases "
                             "(default: %(default)s)")
     group.add_argument("--guard", choices=GUARDS, default=TransferConfig.guard,
                        help="cosine: scale each source by its running agreement with the target's gradient "

@@ -274,7 +274,7 @@ def test_sequential_phase_b_starts_from_phase_a(kind, monkeypatch):
 
 def test_intermediate_trains_the_dense_model_on_the_aux_data_retargets_it_and_prunes_it_as_the_teacher(
         monkeypatch):
-    states, teachers = {}, {}
+    states, teachers, rates = {}, {}, {}
     real_train, real_finetune = transfer.train, transfer.finetune
 
     def weights(module):
@@ -283,20 +283,23 @@ def test_intermediate_trains_the_dense_model_on_the_aux_data_retargets_it_and_pr
     def spy_train(objective, data, config, directory, fingerprint, **options):
         states[fingerprint["phase"], "start"] = weights(objective.student.model)
         teachers[fingerprint["phase"]] = weights(objective.teacher)
+        rates[fingerprint["phase"]] = objective.param_groups()[0]["lr"]
         result = real_train(objective, data, config, directory, fingerprint, **options)
         states[fingerprint["phase"], "end"] = weights(objective.student.model)
         return result
 
     def spy_finetune(model, data, config, **options):
         states["retarget", "start"] = weights(model)
+        rates["retarget"] = config.lr
         result = real_finetune(model, data, config, **options)
         states["retarget", "end"] = weights(model)
         return result
 
     monkeypatch.setattr(transfer, "train", spy_train)
     monkeypatch.setattr(transfer, "finetune", spy_finetune)
-    config = TransferConfig(l0=SHORT, coupling="intermediate", aux_epochs=1.0, retarget_epochs=1)
+    config = TransferConfig(l0=SHORT, coupling="intermediate", aux_epochs=1.0, retarget_epochs=1, dense_lr=3e-4)
     result = transfer.prune(tiny_bert(), DATA, 0.5, aux=[toy_aux(), toy_mlm()], config=config)
+    assert rates == {"aux": 3e-4, "retarget": 3e-4, "prune": SHORT.lr}  # dense phases at the dense rate
     assert set(states) == {(phase, when) for phase in ("aux", "retarget", "prune") for when in ("start", "end")}
     start, end = states["aux", "start"], states["aux", "end"]
     assert same(start, teachers["aux"])  # the dense model, which teaches nothing in this phase
@@ -394,6 +397,10 @@ def test_ddp_sequential_matches_one_process(run_script, tmp_path):
         TransferConfig(coupling="intermediate", transfer="masks")
     with pytest.raises(ValueError, match="retarget_epochs must be an integer >= 1, got 0"):
         TransferConfig(coupling="intermediate", retarget_epochs=0)
+    with pytest.raises(ValueError, match="dense_lr must be > 0"):
+        TransferConfig(coupling="intermediate", dense_lr=0.0)
+    assert (TransferConfig(coupling="intermediate").aux_phase_epochs, TransferConfig(coupling="sequential")
+            .aux_phase_epochs, TransferConfig(coupling="sequential", aux_epochs=2.0).aux_phase_epochs) == (15, 5, 2)
     with pytest.raises(ValueError, match="needs auxiliary data"):
         transfer.prune(tiny_bert(), DATA, 0.5, aux=[])
     with pytest.raises(ValueError, match="distinct names"):

@@ -26,9 +26,10 @@ Couplings (``TransferConfig.coupling``):
   phase A with the original weights; ``"both"``: both. Only schedule ``start`` applies.
 * ``intermediate``: transfer through the dense model, before any pruning (intermediate-task training, Phang et
   al. 2018, "STILTs"): phase I trains the dense model, no gates, on the auxiliary losses alone for ``aux_epochs``
-  epochs counted as in ``sequential``; phase R fine-tunes it on the target's task loss for ``retarget_epochs``
-  epochs (the target's own head, the l0 learning rate); then ordinary l0 prunes that model with it as the teacher
-  (unless a teacher is given). Only weights move (there is no mask yet): transfer ``weights`` or ``both``, schedule
+  epochs counted as in ``sequential`` (default 15: a fresh head has a whole task to learn; at 5 epochs and the l0
+  learning rate MNLI's loss barely left chance on RTE's 1,000 rows); phase R fine-tunes it on the target's task
+  loss for ``retarget_epochs`` epochs (the target's own head); both phases at ``dense_lr``, the learning rate of
+  dense fine-tuning. Then ordinary l0 prunes that model with it as the teacher (unless a teacher is given). Only weights move (there is no mask yet): transfer ``weights`` or ``both``, schedule
   ``start``. The one coupling that changes the teacher: the others distil from the target-only dense model, whose
   score bounds the pruned model's (on RTE the dense model is near chance; the issue's dense reference gains 7.6
   points there from MNLI first).
@@ -127,8 +128,10 @@ class TransferConfig:
 
     ``l0``: the target-side settings (and the seed, batch size, step caps of every phase).
     ``tie_weight``: the separate-masks tie penalty's weight (transfer ``masks`` / ``both``).
-    ``aux_epochs``: sequential and intermediate, length of the auxiliary phase in epochs of the target data's steps.
-    ``retarget_epochs``: intermediate only, epochs of dense target fine-tuning after the auxiliary phase.
+    ``aux_epochs``: sequential and intermediate, length of the auxiliary phase in epochs of the target data's steps
+    (default: 5 for sequential, 15 for intermediate; :attr:`aux_phase_epochs`).
+    ``retarget_epochs``, ``dense_lr``: intermediate only, epochs of dense target fine-tuning after the auxiliary
+    phase, and the learning rate of both dense phases.
     ``aux_batch_size``: auxiliary rows per source and step (default: ``l0.batch_size``).
     """
 
@@ -138,8 +141,9 @@ class TransferConfig:
     schedule: str = "start"
     aux_weight: float = 1.0
     tie_weight: float = 1.0
-    aux_epochs: float = 5.0
+    aux_epochs: float | None = None
     retarget_epochs: int = 3
+    dense_lr: float = 1e-4
     guard: str = "cosine"
     aux_batch_size: int | None = None
 
@@ -170,10 +174,19 @@ class TransferConfig:
         if isinstance(self.retarget_epochs, bool) or not isinstance(self.retarget_epochs, int) \
                 or self.retarget_epochs < 1:
             raise ValueError(f"retarget_epochs must be an integer >= 1, got {self.retarget_epochs!r}")
-        if not self.aux_epochs > 0:
-            raise ValueError(f"aux_epochs must be > 0, got {self.aux_epochs}")
+        if self.aux_epochs is not None and not self.aux_epochs > 0:
+            raise ValueError(f"aux_epochs must be > 0 when given, got {self.aux_epochs}")
+        if not self.dense_lr > 0:
+            raise ValueError(f"dense_lr must be > 0, got {self.dense_lr}")
         if self.aux_batch_size is not None and self.aux_batch_size < 1:
             raise ValueError(f"aux_batch_size must be >= 1 when given, got {self.aux_batch_size}")
+
+    @property
+    def aux_phase_epochs(self) -> float:
+        """Length of the auxiliary phase (sequential, intermediate) in epochs of the target data's steps."""
+        if self.aux_epochs is not None:
+            return self.aux_epochs
+        return 15.0 if self.coupling == "intermediate" else 5.0
 
     @property
     def after_step(self) -> int | None:
@@ -484,17 +497,19 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
         return train(objective, setup.data, train_config(c, steps), None if directory is None else directory / phase,
                      fingerprint | {"phase": phase}, progress=progress, description=f"transfer {phase}")
 
-    aux_steps = c.steps(config.aux_epochs, setup.rows)
+    aux_steps = c.steps(config.aux_phase_epochs, setup.rows)
     student, gates, layers = setup.parts(c)
     if config.coupling in ("sequential", "intermediate"):
         gated = config.coupling == "sequential"  # intermediate's auxiliary phase trains the dense model
-        before = TransferObjective(student, setup.teacher, layers, config, gates if gated else None, setup.budget,
+        phase = config if gated else dataclasses.replace(config, l0=dataclasses.replace(c, lr=config.dense_lr))
+        before = TransferObjective(student, setup.teacher, layers, phase, gates if gated else None, setup.budget,
                                    setup.warmup_steps(c, aux_steps) if gated else 0, aux_steps, aux, target=False)
         run(before, aux_steps, "aux")
         history = before.history
     if config.coupling == "intermediate":
         finetune(student.model, setup.data, FinetuneConfig(epochs=config.retarget_epochs, batch_size=c.batch_size,
-                                                           lr=c.lr, max_grad_norm=c.max_grad_norm, seed=c.seed,
+                                                           lr=config.dense_lr, max_grad_norm=c.max_grad_norm,
+                                                           seed=c.seed,
                                                            max_steps=c.max_steps),
                  progress=progress, description="transfer retarget",
                  checkpoint_dir=None if directory is None else directory / "retarget",
