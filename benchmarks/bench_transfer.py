@@ -21,6 +21,7 @@ interrupted run resumes. Examples::
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import os
 import statistics
@@ -74,11 +75,25 @@ class TransferRunner(Runner):
                  "aux_removed": sum(v["removed"] for v in self.dedup.values()), "coupling": config.coupling,
                  "transfer": config.transfer, "schedule": config.schedule, "guard": config.guard,
                  "revision": REVISION}
-        return self.measure(dense, config.coupling, target, key, settings,
-                            lambda checkpoint: transfer.prune(dense, self.train_enc,
-                                                              Budget(target, seq_len=FLOPS_SEQ), aux=self.aux,
-                                                              config=config, checkpoint_dir=checkpoint,
-                                                              progress=True), extra)
+        folder = []
+
+        def run(checkpoint: Path):
+            folder.append(checkpoint)
+            return transfer.prune(dense, self.train_enc, Budget(target, seq_len=FLOPS_SEQ), aux=self.aux,
+                                  config=config, checkpoint_dir=checkpoint, progress=True)
+
+        row = self.measure(dense, config.coupling, target, key, settings, run, extra)
+        if config.coupling == "intermediate":
+            row["teacher_accuracy"] = round(self.retargeted_accuracy(dense, folder[0] / "retarget"), 2)
+        return row
+
+    def retargeted_accuracy(self, dense, retarget: Path) -> float:
+        """The evaluation score of an ``intermediate`` run's teacher: the dense model after the auxiliary and
+        retarget phases, read from the retarget phase's final checkpoint."""
+        model = copy.deepcopy(dense)
+        state = torch.load(retarget / "checkpoint.pt", map_location="cpu", weights_only=False)["objective"]
+        model.load_state_dict({name.removeprefix("model."): t for name, t in state.items()})
+        return self._accuracy(model.eval())
 
 
 def _revision(row: dict) -> int:
