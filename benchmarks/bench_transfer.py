@@ -5,8 +5,9 @@ the target's training subset (cached; it is also the teacher and the starting po
 target sparsity, each method prunes it and the compact model is scored on the target's evaluation split:
 
 * ``l0``: learned masks on the target data only (:mod:`structprune.methods.l0`);
-* ``joint``, ``separate-masks``, ``sequential``, ``intermediate``: :mod:`structprune.methods.transfer` with that coupling,
-  the auxiliary sources of ``AUX`` (or ``--aux``), and the transfer / schedule / guard settings given.
+* ``joint``, ``separate-masks``, ``sequential``, ``intermediate``: :mod:`structprune.methods.transfer` with that
+  coupling, the auxiliary sources of ``AUX`` (or ``--aux``), and the transfer / schedule / guard settings given
+  (``intermediate`` rows also score their teacher, column ``teacher_accuracy``).
 
 Each cell appends a CSV row to ``benchmarks/results/transfer.csv`` (the columns of ``bench_l0`` plus the
 auxiliary sources, how many auxiliary rows deduplication removed, coupling, transfer, schedule and guard).

@@ -228,7 +228,8 @@ def _aux_sources(args: argparse.Namespace) -> tuple[AuxSource, ...]:
 def _transfer_config(args: argparse.Namespace) -> TransferConfig:
     return TransferConfig(l0=_l0_config(args), coupling=args.coupling, transfer=args.transfer, schedule=args.schedule,
                           aux_weight=args.aux_weight, tie_weight=args.tie_weight, aux_epochs=args.aux_epochs,
-                          retarget_epochs=args.retarget_epochs, dense_lr=args.dense_lr, guard=args.guard, aux_batch_size=args.aux_batch_size)
+                          retarget_epochs=args.retarget_epochs, dense_lr=args.dense_lr, guard=args.guard,
+                          aux_batch_size=args.aux_batch_size)
 
 
 def _prune_l0(args: argparse.Namespace, budget: Budget) -> None:

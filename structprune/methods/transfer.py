@@ -29,10 +29,10 @@ Couplings (``TransferConfig.coupling``):
   epochs counted as in ``sequential`` (default 15: a fresh head has a whole task to learn; at 5 epochs and the l0
   learning rate MNLI's loss barely left chance on RTE's 1,000 rows); phase R fine-tunes it on the target's task
   loss for ``retarget_epochs`` epochs (the target's own head); both phases at ``dense_lr``, the learning rate of
-  dense fine-tuning. Then ordinary l0 prunes that model with it as the teacher (unless a teacher is given). Only weights move (there is no mask yet): transfer ``weights`` or ``both``, schedule
-  ``start``. The one coupling that changes the teacher: the others distil from the target-only dense model, whose
-  score bounds the pruned model's (on RTE the dense model is near chance; the issue's dense reference gains 7.6
-  points there from MNLI first).
+  dense fine-tuning. Then ordinary l0 prunes that model with it as the teacher (unless a teacher is given). Only
+  weights move (there is no mask yet): transfer ``weights`` or ``both``, schedule ``start``. The one coupling that
+  changes the teacher: the others distil from the target-only dense model, whose score bounds the pruned model's
+  (on RTE the dense model is near chance; the issue's dense reference gains 7.6 points there from MNLI first).
 
 Schedules (``joint``, ``separate-masks``) give a factor ``f(step)`` in [0, 1], ``w(step) = aux_weight * f``:
 ``start``: 1; ``after:N``: 0 before step N, then 1; ``anneal``: ``1 - step / prune_steps`` (linear to 0
@@ -507,10 +507,9 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
         run(before, aux_steps, "aux")
         history = before.history
     if config.coupling == "intermediate":
-        finetune(student.model, setup.data, FinetuneConfig(epochs=config.retarget_epochs, batch_size=c.batch_size,
-                                                           lr=config.dense_lr, max_grad_norm=c.max_grad_norm,
-                                                           seed=c.seed,
-                                                           max_steps=c.max_steps),
+        retarget = FinetuneConfig(epochs=config.retarget_epochs, batch_size=c.batch_size, lr=config.dense_lr,
+                                  max_grad_norm=c.max_grad_norm, seed=c.seed, max_steps=c.max_steps)
+        finetune(student.model, setup.data, retarget,
                  progress=progress, description="transfer retarget",
                  checkpoint_dir=None if directory is None else directory / "retarget",
                  fingerprint=fingerprint | {"phase": "retarget"})
