@@ -123,8 +123,9 @@ setup(
     version="0.1.0",
     description="Structured pruning for transformers: masks, compaction, ONNX export, latency",
     python_requires=">=3.10",
+    # structprune/kernels is a link to the Triton folder kernels/, which has no __init__.py: a top-level package
+    # named kernels would shadow the PyPI package transformers imports (from this folder, `python -c` finds ours).
     packages=find_packages(include=["structprune*"]) + ["structprune.kernels"],
-    package_dir={"structprune.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
         "transformers>=4.57",

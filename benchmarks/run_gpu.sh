@@ -14,10 +14,11 @@ cd "$(dirname "$0")/.."
 out=${1:-gpu-out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-# structprune.kernels lives in kernels/ (setup.py's package_dir mapping): lay the package out
-# as installed in a scratch folder and import it from there.
+# structprune/kernels is a link to kernels/: lay the package out as installed in a scratch folder
+# (the link replaced by a copy, whether the link came over with the tree or not) and import it from there.
 site=$(mktemp -d)
-cp -r structprune "$site/structprune"
+cp -rL structprune "$site/structprune"
+rm -rf "$site/structprune/kernels"
 cp -r kernels "$site/structprune/kernels"
 export PYTHONPATH="$site"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"

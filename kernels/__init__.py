@@ -1,1 +1,0 @@
-"""Triton kernels, one module per op (installed as the subpackage structprune.kernels)."""
