@@ -124,6 +124,7 @@ def run_l0(model: StructpruneForSequenceClassification, tokenizer, train: TaskDa
     eval_enc = encode(evaluation, tokenizer, max_length)
     directory = None if checkpoint_dir is None else Path(checkpoint_dir)
 
+    given = teacher  # without one, each method picks its own (intermediate: the model after the auxiliary task)
     trained_here = False
     if teacher is None:
         dense, trained_here = dense_teacher(model, train_enc, task, dense_config, directory, progress, model_name,
@@ -139,10 +140,10 @@ def run_l0(model: StructpruneForSequenceClassification, tokenizer, train: TaskDa
     stage = time.perf_counter()
     where = None if directory is None else directory / method
     if transfer_options is None:
-        result = l0.prune(dense, train_enc, budget, config=config, teacher=teacher, checkpoint_dir=where,
+        result = l0.prune(dense, train_enc, budget, config=config, teacher=given, checkpoint_dir=where,
                           progress=progress)
     else:
-        result = transfer.prune(dense, train_enc, budget, aux=aux, config=transfer_options.config, teacher=teacher,
+        result = transfer.prune(dense, train_enc, budget, aux=aux, config=transfer_options.config, teacher=given,
                                 checkpoint_dir=where, progress=progress)
         result.log["aux_dedup"] = dedup
     pruned = compact(dense, result.masks)

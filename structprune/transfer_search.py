@@ -171,11 +171,10 @@ def transfer_search(model: StructpruneForSequenceClassification, tokenizer, trai
     def score(config: TransferConfig | None) -> dict[str, float]:
         where = None if directory is None else directory / run_name(config).replace("/", "-").replace(" ", "-")
         if config is None:
-            result = l0.prune(teacher, train_enc, budget, config=base.l0, teacher=teacher, checkpoint_dir=where,
-                              progress=progress)
-        else:
-            result = transfer.prune(teacher, train_enc, budget, aux=aux, config=config, teacher=teacher,
-                                    checkpoint_dir=where, progress=progress)
+            result = l0.prune(teacher, train_enc, budget, config=base.l0, checkpoint_dir=where, progress=progress)
+        else:  # no teacher given: intermediate distils from its retargeted model, the others from ``teacher``
+            result = transfer.prune(teacher, train_enc, budget, aux=aux, config=config, checkpoint_dir=where,
+                                    progress=progress)
         pruned = compact(teacher, result.masks)
         pruned.load_state_dict(result.weights)
         return {"score": evaluate(pruned.eval(), dev_enc, task)[task.main_metric], "achieved": result.log["achieved"]}

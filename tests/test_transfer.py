@@ -479,7 +479,21 @@ def test_cli_prune_transfer_writes_the_folder_with_sources_and_removed_counts(tm
     assert (tmp_path / "ckpt" / "transfer" / "prune" / "checkpoint.pt").is_file()
 
 
-def test_cli_prune_transfer_intermediate_checkpoints_each_phase(tmp_path):
+def spy_prune_teacher(monkeypatch) -> list[bool]:
+    """Record, for every pruning phase that starts, whether its teacher is the model it starts pruning."""
+    taught_by_start, real_train = [], transfer.train
+
+    def spy(objective, data, config, directory, fingerprint, **options):
+        if fingerprint["phase"] == "prune":
+            taught_by_start.append(same(objective.student.model.state_dict(), objective.teacher.state_dict()))
+        return real_train(objective, data, config, directory, fingerprint, **options)
+
+    monkeypatch.setattr(transfer, "train", spy)
+    return taught_by_start
+
+
+def test_cli_prune_transfer_intermediate_checkpoints_each_phase(tmp_path, monkeypatch):
+    taught_by_start = spy_prune_teacher(monkeypatch)
     model_dir = make_model(tmp_path / "model")
     task = write_task(tmp_path / "task.tsv", rows=32)
     ok("prune", "--method", "transfer", "--model", model_dir, "--task", task, "--aux", "mlm", "--coupling",
@@ -490,6 +504,19 @@ def test_cli_prune_transfer_intermediate_checkpoints_each_phase(tmp_path):
     assert (log["coupling"], log["retarget_epochs"], len(log["aux_steps"])) == ("intermediate", 2, 1)
     for phase in ("aux", "retarget", "prune", "finetune"):
         assert (tmp_path / "ckpt" / "transfer" / phase / "checkpoint.pt").is_file(), phase
+    assert taught_by_start == [True]  # the retargeted model teaches, not the dense model fine-tuned first
+
+
+def test_transfer_search_intermediate_distils_from_its_retargeted_model(tmp_path, monkeypatch):
+    taught_by_start = spy_prune_teacher(monkeypatch)
+    model_dir = make_model(tmp_path / "model")
+    task = write_task(tmp_path / "task.tsv", rows=40)
+    ok("transfer-search", "--model", model_dir, "--task", task, "--aux", "mlm", "--coupling", "intermediate",
+       "--aux-epochs", 0.5, "--target-sparsity", 0.3, "--budget-runs", 2, "--batch-size", 8, "--max-steps", 2,
+       "--max-length", 32, "--seq-len", 16, "--out", tmp_path / "search.json")
+    runs = json.loads((tmp_path / "search.json").read_text())["runs"]
+    assert [r["name"] for r in runs] == [BASELINE, "intermediate/both/start"]
+    assert taught_by_start == [True]
 
 
 def test_cli_transfer_search_writes_runs_and_the_choice(tmp_path):
