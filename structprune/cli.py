@@ -259,6 +259,8 @@ def _prune_l0(args: argparse.Namespace, budget: Budget) -> None:
 def cmd_transfer_search(args: argparse.Namespace) -> None:
     if args.budget_runs < 1:
         raise CliError(f"--budget-runs must be >= 1, got {args.budget_runs}")
+    if not 0.0 <= args.min_confidence <= 1.0:
+        raise CliError(f"--min-confidence is a probability in [0, 1], got {args.min_confidence}")
     if Path(args.out).exists() and not args.overwrite:
         raise CliError(f"{args.out} already exists; choose another file or pass --overwrite")
     sources, config = _aux_sources(args), _transfer_config(args)
@@ -267,11 +269,14 @@ def cmd_transfer_search(args: argparse.Namespace) -> None:
     budget = Budget(args.target_sparsity, args.budget_kind, args.seq_len)
     result = transfer_search(model, load_tokenizer(args.model), train, sources, budget, base=config,
                              budget_runs=args.budget_runs, budget_minutes=args.budget_minutes,
-                             target_eval=_target_eval(args), data_dir=args.data_dir, max_length=args.max_length,
-                             checkpoint_dir=args.checkpoint_dir, model_name=args.model)
+                             min_confidence=args.min_confidence, target_eval=_target_eval(args),
+                             data_dir=args.data_dir, max_length=args.max_length, checkpoint_dir=args.checkpoint_dir,
+                             model_name=args.model)
     print(result.table())
     result.save(args.out)
-    print(f"choice: {result.choice['name']} ({result.metric} {result.choice['score']:.2f}% on the search dev set); "
+    choice = result.choice
+    sure = "" if choice.get("confidence") is None else f", P(> l0) {choice['confidence']:.2f}"
+    print(f"choice: {choice['name']} ({result.metric} {choice['score']:.2f}% on the search dev set{sure}); "
           f"all runs written to {args.out}")
 
 
@@ -568,6 +573,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-runs", type=int, required=True, help="pruning runs to try at most")
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="start no further run after this many minutes (default: no limit)")
+    p.add_argument("--min-confidence", type=float, default=0.0,
+                   help="choose a transfer run only if the paired bootstrap on the search dev rows says it beats l0 "
+                        "with at least this probability (the table's P(> l0) column); 0.9 keeps l0 unless transfer "
+                        "wins clearly (default: 0, the best score)")
     p.add_argument("--batch-size", type=int, default=L0Config.batch_size,
                    help="examples per step (default: %(default)s)")
     p.add_argument("--checkpoint-dir", default=None, help="checkpoint every run here, and resume (default: none)")

@@ -159,3 +159,29 @@ def compute_metrics(
     else:
         names = get_task(task_or_kind).metrics
     return {name: METRICS[name](predictions, labels) for name in names}
+
+
+def paired_bootstrap(task_or_kind: str | TaskSpec, predictions: Any, baseline: Any, labels: Any,
+                     metric: str | None = None, resamples: int = 1000, seed: int = 0) -> float:
+    """How sure one can be that ``predictions`` beat ``baseline`` on data like ``labels``, in [0, 1].
+
+    The paired bootstrap (Koehn 2004): draw ``resamples`` resamples of the rows with replacement, the same rows
+    for both, and count those in which ``predictions`` score higher than ``baseline`` on ``metric`` (default: the
+    task's main metric; a kind's first metric), ties counting half. Near 0.5 the two are not told apart by this
+    data; a score gap of a point on 200 rows often is not.
+    """
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    task = task_or_kind if isinstance(task_or_kind, TaskSpec) else (
+        None if task_or_kind in KINDS else get_task(task_or_kind))
+    name = metric or (task.main_metric if task is not None else KIND_METRICS[task_or_kind][0])
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}; choose from {', '.join(METRICS)}")
+    ours, theirs, truth = _array(predictions, "predictions"), _array(baseline, "baseline"), _array(labels, "labels")
+    if not len(ours) == len(theirs) == len(truth) > 0:
+        raise ValueError(f"predictions, baseline and labels need the same number of rows (> 0), got {len(ours)}, "
+                         f"{len(theirs)} and {len(truth)}")
+    rows = np.random.default_rng(seed).integers(0, len(truth), size=(resamples, len(truth)))
+    score = METRICS[name]
+    gaps = np.array([score(ours[r], truth[r]) - score(theirs[r], truth[r]) for r in rows])
+    return float(np.mean(gaps > 0) + 0.5 * np.mean(gaps == 0))

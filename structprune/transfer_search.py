@@ -14,9 +14,12 @@ and evaluation splits, :func:`structprune.auxiliary.load_auxiliary`) and runs :f
    and ``masks``; ``intermediate`` has no other settings;
 
 stopping when ``budget_runs`` runs are done or, before starting another run, ``budget_minutes``
-have passed (the baseline always runs). The choice is the run with the best search-dev score (the
-task's main metric); ties go to the earlier run, so the baseline wins a tie. Settings not varied
-(aux weight, guard, the l0 options) come from ``base``.
+have passed (the baseline always runs). Each transfer run's ``confidence`` is the paired bootstrap's
+probability that it beats the baseline on the search dev rows (:func:`structprune.metrics.paired_bootstrap`):
+with a few hundred rows held out, a gap of a point is often noise, and this says how much. The choice is
+the run with the best search-dev score (the task's main metric) among the baseline and the runs whose
+confidence is at least ``min_confidence`` (default 0: every run); ties go to the earlier run, so the baseline
+wins a tie. Settings not varied (aux weight, guard, the l0 options) come from ``base``.
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ import numpy as np
 from structprune.auxiliary import AuxSource, load_auxiliary
 from structprune.compact import compact
 from structprune.data import TaskData, encode
-from structprune.finetune import FinetuneConfig, evaluate
+from structprune.finetune import FinetuneConfig, predict
 from structprune.io import atomic_write_text
 from structprune.methods import Budget, l0, transfer
 from structprune.methods.transfer import TransferConfig
+from structprune.metrics import compute_metrics, paired_bootstrap
 from structprune.modeling_compact import StructpruneForSequenceClassification
 from structprune.prune_pipeline import dense_teacher
 
@@ -101,24 +105,30 @@ def sweep(score: Callable[[TransferConfig | None], Mapping[str, float]], base: T
 
 @dataclass
 class SearchResult:
-    """Every run of a search (``name``, settings, ``score``, ``achieved`` sparsity, ``seconds``) and the choice."""
+    """Every run of a search (``name``, settings, ``score``, ``achieved`` sparsity, ``seconds``, and for transfer
+    runs the ``confidence`` that they beat the baseline, the first run) and the choice."""
 
     task: str
     metric: str
     runs: list[dict]
     setup: dict = field(default_factory=dict)
+    min_confidence: float = 0.0
 
     @property
     def choice(self) -> dict:
-        """The run with the best score (the first of equal ones)."""
-        return max(self.runs, key=lambda run: run["score"])
+        """The run with the best score (the first of equal ones) among the baseline and the runs whose
+        ``confidence`` (1 where none was measured) is at least :attr:`min_confidence`."""
+        eligible = [run for i, run in enumerate(self.runs)
+                    if i == 0 or (run.get("confidence") is None or run["confidence"] >= self.min_confidence)]
+        return max(eligible, key=lambda run: run["score"])
 
     def table(self) -> str:
-        lines = [f"{'run':<34} {self.metric + ' %':>12} {'sparsity':>9} {'seconds':>8}"]
+        lines = [f"{'run':<34} {self.metric + ' %':>12} {'P(> l0)':>8} {'sparsity':>9} {'seconds':>8}"]
         for run in self.runs:
             mark = "  <- choice" if run is self.choice else ""
-            lines.append(f"{run['name']:<34} {run['score']:>12.2f} {run['achieved']:>9.3f} {run['seconds']:>8.0f}"
-                         + mark)
+            sure = "" if run.get("confidence") is None else f"{run['confidence']:.2f}"
+            lines.append(f"{run['name']:<34} {run['score']:>12.2f} {sure:>8} {run['achieved']:>9.3f} "
+                         f"{run['seconds']:>8.0f}" + mark)
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
@@ -129,7 +139,7 @@ class SearchResult:
 
         runs = [plain(run) for run in self.runs]
         return {"task": self.task, "metric": self.metric, "setup": self.setup, "runs": runs,
-                "choice": plain(self.choice)}
+                "min_confidence": self.min_confidence, "choice": plain(self.choice)}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write :meth:`as_dict` as JSON (atomically)."""
@@ -148,7 +158,8 @@ def split_search_dev(train: TaskData, seed: int) -> tuple[TaskData, TaskData]:
 
 def transfer_search(model: StructpruneForSequenceClassification, tokenizer, train: TaskData,
                     sources: Sequence[AuxSource], budget: Budget, *, base: TransferConfig = TransferConfig(),
-                    budget_runs: int = 6, budget_minutes: float | None = None, target_eval: Sequence[TaskData] = (),
+                    budget_runs: int = 6, budget_minutes: float | None = None, min_confidence: float = 0.0,
+                    target_eval: Sequence[TaskData] = (),
                     data_dir: str | None = None, max_length: int = 128,
                     dense_config: FinetuneConfig = FinetuneConfig(epochs=3, lr=1e-4),
                     checkpoint_dir: str | os.PathLike | None = None, model_name: str = "model",
@@ -158,7 +169,11 @@ def transfer_search(model: StructpruneForSequenceClassification, tokenizer, trai
     ``model`` is the teacher when it is fine-tuned on the task (it may then have seen the search dev
     rows: fine-tune from the pre-trained model for a clean search); otherwise a copy is fine-tuned
     on the search-train rows. ``checkpoint_dir`` makes every run resumable (one folder per run).
+    ``min_confidence``: a transfer run is chosen only if it beats the baseline with at least this paired bootstrap
+    probability on the search dev rows (0.9: a clear win; 0: the best score, whatever the noise).
     """
+    if not 0.0 <= min_confidence <= 1.0:
+        raise ValueError(f"min_confidence is a probability in [0, 1], got {min_confidence}")
     seed = base.l0.seed
     search_train, search_dev = split_search_dev(train, seed)
     aux, dedup = load_auxiliary(sources, train, target_eval, tokenizer, max_length, seed, data_dir)
@@ -177,12 +192,19 @@ def transfer_search(model: StructpruneForSequenceClassification, tokenizer, trai
                                     progress=progress)
         pruned = compact(teacher, result.masks)
         pruned.load_state_dict(result.weights)
-        return {"score": evaluate(pruned.eval(), dev_enc, task)[task.main_metric], "achieved": result.log["achieved"]}
+        predictions = predict(pruned.eval(), dev_enc)
+        return {"score": compute_metrics(task, predictions, dev_enc["labels"])[task.main_metric],
+                "achieved": result.log["achieved"], "predictions": predictions}
 
     prune_steps = base.l0.steps(base.l0.prune_epochs, len(search_train))
     runs = sweep(score, base, prune_steps, budget_runs, budget_minutes)
+    baseline = runs[0]["predictions"]
+    for run in runs:
+        predictions = run.pop("predictions")
+        run["confidence"] = None if run["config"] is None else paired_bootstrap(
+            task, predictions, baseline, dev_enc["labels"], seed=seed)
     setup = {"model": model_name, "train_size": len(train), "search_train": len(search_train),
              "search_dev": len(search_dev), "seed": seed, "budget": budget.as_dict(),
              "teacher": "fine-tuned here on the search-train rows" if trained_here else "the given model",
              "aux": dedup, "budget_runs": budget_runs, "budget_minutes": budget_minutes}
-    return SearchResult(task.name, task.main_metric, runs, setup)
+    return SearchResult(task.name, task.main_metric, runs, setup, min_confidence)

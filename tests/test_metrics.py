@@ -15,6 +15,7 @@ from structprune.metrics import (
     compute_metrics,
     f1,
     matthews_corrcoef,
+    paired_bootstrap,
     pearson,
     spearman,
 )
@@ -110,3 +111,32 @@ def test_input_shape_and_value_errors() -> None:
         spearman([1.0, float("nan")], [1.0, 2.0])
     with pytest.raises(ValueError, match="shape"):
         pearson(np.zeros((3, 2)), [1, 2, 3])
+
+
+def test_paired_bootstrap_one_better_row_against_the_exact_probability() -> None:
+    # 10 rows, the same predictions but on row 3, which only ours gets right: ours wins in the resamples that draw
+    # row 3 (probability 1 - 0.9^10) and ties in the others (counted half)
+    labels = np.array([0, 1] * 5)
+    ours, theirs = labels.copy(), labels.copy()
+    theirs[3] = 1 - labels[3]
+    drawn = 1 - 0.9 ** 10
+    p = paired_bootstrap("sst2", ours, theirs, labels, resamples=20000, seed=1)
+    assert p == pytest.approx(drawn + 0.5 * (1 - drawn), abs=0.01)
+    assert paired_bootstrap("sst2", theirs, ours, labels, resamples=20000, seed=1) == pytest.approx(1 - p, abs=1e-12)
+    assert paired_bootstrap("sst2", ours, ours, labels) == 0.5
+
+
+def test_paired_bootstrap_metric_and_logits() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    good = np.where(rng.random(200) < 0.9, labels, 1 - labels)
+    bad = np.where(rng.random(200) < 0.6, labels, 1 - labels)
+    assert paired_bootstrap("mrpc", good, bad, labels) == 1.0  # 90% against 60% right: no resample reverses that
+    logits = torch.nn.functional.one_hot(torch.as_tensor(good), 2).float()
+    assert paired_bootstrap("mrpc", logits, bad, labels, metric="f1") == 1.0
+    scores = rng.normal(size=200)
+    assert paired_bootstrap("regression", scores + 0.1 * rng.normal(size=200), -scores, scores) == 1.0  # Pearson
+    with pytest.raises(ValueError, match="same number of rows"):
+        paired_bootstrap("sst2", good[:10], bad, labels)
+    with pytest.raises(ValueError, match="unknown metric 'bleu'"):
+        paired_bootstrap("sst2", good, bad, labels, metric="bleu")

@@ -444,6 +444,11 @@ def test_sweep_order_follows_the_best_coupling_and_stops_at_the_budget():
     # ties go to the earlier run: the baseline beats transfer settings that do no better
     result = SearchResult("t", "accuracy", sweep(lambda c: {"score": 50.0, "achieved": 0.5}, base, 40, 3))
     assert result.choice["name"] == BASELINE
+    # min_confidence: only runs that beat the baseline that surely compete with it
+    runs = [{"name": BASELINE, "score": 50.0, "confidence": None}, {"name": "a", "score": 52.0, "confidence": 0.7},
+            {"name": "b", "score": 51.0, "confidence": 0.95}]
+    assert [SearchResult("t", "accuracy", runs, min_confidence=m).choice["name"] for m in (0.0, 0.9, 0.99)] == [
+        "a", "b", BASELINE]
     with pytest.raises(ValueError, match="budget_runs must be >= 1"):
         sweep(scorer("x"), base, 40, budget_runs=0)
 
@@ -525,12 +530,20 @@ def test_cli_transfer_search_writes_runs_and_the_choice(tmp_path):
     out = ok("transfer-search", "--model", model_dir, "--task", task, "--aux", "mlm", "--target-sparsity", 0.3,
              "--budget-runs", 2, "--batch-size", 8, "--max-steps", 2, "--max-length", 32, "--seq-len", 16,
              "--out", tmp_path / "search.json")
-    assert "<- choice" in out and BASELINE in out
+    assert "<- choice" in out and BASELINE in out and "P(> l0)" in out
     result = json.loads((tmp_path / "search.json").read_text())
     assert [r["name"] for r in result["runs"]] == [BASELINE, "separate-masks/both/start"]
+    assert result["runs"][0]["confidence"] is None and 0.0 <= result["runs"][1]["confidence"] <= 1.0
     assert result["choice"]["score"] == max(r["score"] for r in result["runs"])
     assert (result["setup"]["search_train"], result["setup"]["search_dev"]) == (32, 8)
     assert result["setup"]["aux"] == {"mlm": {"split": "train", "kept": 40, "removed": 0}}
+
+
+def test_cli_transfer_search_refuses_a_confidence_outside_0_1(tmp_path):
+    from tests.test_cli import cli
+    code, _, err = cli("transfer-search", "--model", tmp_path / "m", "--task", "sst2", "--aux", "mlm",
+                       "--target-sparsity", 0.3, "--budget-runs", 2, "--min-confidence", 1.5, "--out", tmp_path / "s")
+    assert code == 1 and "--min-confidence is a probability in [0, 1], got 1.5" in err
 
 
 def test_cli_transfer_refuses_bad_sources(tmp_path):
