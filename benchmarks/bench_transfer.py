@@ -80,6 +80,13 @@ class TransferRunner(Runner):
 
         def run(checkpoint: Path):
             folder.append(checkpoint)
+            if config.coupling == "intermediate":  # one auxiliary and retarget phase for every sparsity
+                for phase in ("aux", "retarget"):
+                    shared, link = checkpoint.parent / phase, checkpoint / phase
+                    shared.mkdir(parents=True, exist_ok=True)
+                    if not link.exists():
+                        checkpoint.mkdir(parents=True, exist_ok=True)
+                        link.symlink_to(shared, target_is_directory=True)
             return transfer.prune(dense, self.train_enc, Budget(target, seq_len=FLOPS_SEQ), aux=self.aux,
                                   config=config, checkpoint_dir=checkpoint, progress=True)
 

@@ -315,6 +315,29 @@ def test_intermediate_trains_the_dense_model_on_the_aux_data_retargets_it_and_pr
     assert abs(result.log["achieved"] - 0.5) <= 0.01
 
 
+def test_intermediate_dense_phases_serve_another_budget(tmp_path, monkeypatch):
+    config = TransferConfig(l0=SHORT, coupling="intermediate", aux_epochs=1.0, retarget_epochs=1)
+    aux = [toy_aux()]
+    first = transfer.prune(tiny_bert(), DATA, 0.5, aux=aux, config=config, checkpoint_dir=tmp_path / "a")
+    for phase in ("aux", "retarget"):
+        (tmp_path / "b").mkdir(exist_ok=True)
+        (tmp_path / "b" / phase).symlink_to(tmp_path / "a" / phase, target_is_directory=True)
+    trained, real_train = {}, transfer.train
+
+    def spy(objective, data, config, directory, fingerprint, **options):
+        result = real_train(objective, data, config, directory, fingerprint, **options)
+        trained[fingerprint["phase"]] = result.steps - result.start_step
+        return result
+
+    monkeypatch.setattr(transfer, "train", spy)
+    second = transfer.prune(tiny_bert(), DATA, 0.3, aux=aux, config=config, checkpoint_dir=tmp_path / "b")
+    assert trained == {"aux": 0, "prune": SHORT.max_steps}  # the auxiliary phase resumed finished, pruning ran
+    assert second.log["aux_steps"] == first.log["aux_steps"]
+    assert abs(second.log["achieved"] - 0.3) <= 0.01
+    with pytest.raises(Exception, match="budget"):  # the pruning phase's checkpoint still belongs to its budget
+        transfer.prune(tiny_bert(), DATA, 0.4, aux=aux, config=config, checkpoint_dir=tmp_path / "b")
+
+
 @pytest.mark.parametrize("coupling, schedule, killed_in", [("separate-masks", "anneal", "prune"),
                                                            ("intermediate", "start", "aux")])
 def test_interrupted_run_resumes_exactly(coupling, schedule, killed_in, tmp_path, monkeypatch):

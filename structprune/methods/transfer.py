@@ -478,7 +478,9 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
     Arguments as :func:`structprune.methods.l0.prune`, plus ``aux`` (:func:`structprune.auxiliary.load_auxiliary`)
     and ``config``. Checkpoints go to ``checkpoint_dir/aux`` (the auxiliary phase of sequential and intermediate),
     ``/retarget`` (intermediate's dense target fine-tuning), ``/prune`` and
-    ``/finetune``. ``result.log`` adds the coupling, transfer, schedule, guard, the sources and
+    ``/finetune``. Intermediate's ``aux`` and ``retarget`` phases do not depend on the budget, and neither do their
+    checkpoints: a run at another budget whose ``aux`` and ``retarget`` folders are those of a finished run (copies
+    or links) starts pruning at once. ``result.log`` adds the coupling, transfer, schedule, guard, the sources and
     ``aux_steps``: per pruning step the schedule factor, each source's applied weight and cosine.
     """
     _check_aux(aux)
@@ -493,9 +495,12 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
     fingerprint = setup.fingerprint | {"method": "transfer", "transfer": settings,
                                        "aux": [[s.name, s.weight, digest(s.encoded)] for s in aux]}
 
+    dense_phases = {k: v for k, v in fingerprint.items() if k != "budget"}  # intermediate's, before any gate
+
     def run(objective: DistillObjective, steps: int, phase: str) -> TrainResult:
+        key = dense_phases if objective.gates is None else fingerprint
         return train(objective, setup.data, train_config(c, steps), None if directory is None else directory / phase,
-                     fingerprint | {"phase": phase}, progress=progress, description=f"transfer {phase}")
+                     key | {"phase": phase}, progress=progress, description=f"transfer {phase}")
 
     aux_steps = c.steps(config.aux_phase_epochs, setup.rows)
     student, gates, layers = setup.parts(c)
@@ -512,7 +517,7 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
         finetune(student.model, setup.data, retarget,
                  progress=progress, description="transfer retarget",
                  checkpoint_dir=None if directory is None else directory / "retarget",
-                 fingerprint=fingerprint | {"phase": "retarget"})
+                 fingerprint=dense_phases | {"phase": "retarget"})
         setup = prepare(student.model, task_data, setup.budget, c, teacher)  # the retargeted model teaches
         student, gates, layers = setup.parts(c)
     elif config.coupling == "sequential":
