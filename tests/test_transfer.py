@@ -119,6 +119,16 @@ def test_applied_weights_follow_the_anneal_schedule_and_the_cosine_guard():
     assert (result.log["schedule"], result.log["guard"], result.log["aux_weight"]) == ("anneal", "cosine", 2.0)
 
 
+def test_guard_memory_is_counted_in_optimiser_steps_whatever_grad_accum():
+    objectives = {accum: build(TransferConfig(l0=dataclasses.replace(SHORT, grad_accum=accum)), [toy_aux()])[0]
+                  for accum in (1, 4)}
+    for step, similarity in enumerate([0.3, -0.1, 0.2, 0.25, 0.0, 0.1]):
+        once = objectives[1].trust("toy", similarity)
+        for _ in range(4):  # four micro-batches of the same step, each with that step's cosine
+            per_micro = objectives[4].trust("toy", similarity)
+        assert per_micro == pytest.approx(once, rel=1e-9), step
+
+
 def test_gradient_cosine():
     p = nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
     q = nn.Parameter(torch.ones(3))

@@ -327,14 +327,16 @@ class TransferObjective(DistillObjective):
         self.cosine_stats = dict(state.get("cosine_stats", {}))
 
     def trust(self, name: str, similarity: float) -> float:
-        """Add this step's gradient ``similarity`` to source ``name``'s running cosine statistics; the guard's trust
-        in the source, in [0, 1]: the running mean of the cosine over its running root mean square."""
-        mean, square, steps = self.cosine_stats.get(name, (0.0, 0.0, 0))
-        mean = GUARD_DECAY * mean + (1 - GUARD_DECAY) * similarity
-        square = GUARD_DECAY * square + (1 - GUARD_DECAY) * similarity ** 2
-        steps += 1
-        self.cosine_stats[name] = (mean, square, steps)
-        rms = math.sqrt(square / (1 - GUARD_DECAY ** steps))
+        """Add this micro-batch's gradient ``similarity`` to source ``name``'s running cosine statistics; the guard's
+        trust in the source, in [0, 1]: the running mean of the cosine over its running root mean square. The decay
+        per micro-batch is ``GUARD_DECAY ** (1 / grad_accum)``, so the memory is counted in optimiser steps."""
+        decay = GUARD_DECAY ** (1 / self.config.grad_accum)
+        mean, square, updates = self.cosine_stats.get(name, (0.0, 0.0, 0))
+        mean = decay * mean + (1 - decay) * similarity
+        square = decay * square + (1 - decay) * similarity ** 2
+        updates += 1
+        self.cosine_stats[name] = (mean, square, updates)
+        rms = math.sqrt(square / (1 - decay ** updates))
         return min(1.0, max(0.0, mean / rms)) if rms > 0 else 0.0
 
     def param_groups(self) -> list[dict]:
