@@ -48,7 +48,8 @@ def objective_for(target: str, aux: str, args: argparse.Namespace) -> tuple[Tran
     dense, _ = runner.dense()
     setup = l0.prepare(dense, runner.train_enc, Budget(0.8, seq_len=128), config, None)
     student, gates, layers = setup.parts(config)
-    objective = TransferObjective(student, setup.teacher, layers, TransferConfig(l0=config), gates, setup.budget,
+    guarded = TransferConfig(l0=config, coupling="separate-masks")  # the coupling whose guard this measures
+    objective = TransferObjective(student, setup.teacher, layers, guarded, gates, setup.budget,
                                   setup.warmup_steps(config), setup.prune_steps, runner.aux)
     return objective, runner.train_enc
 

@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsities", default="0.8,0.6",
                         help="target parameter sparsities; empty: dense baselines only (default: %(default)s)")
     parser.add_argument("--seeds", default="0,1", help="comma-separated (default: %(default)s)")
-    parser.add_argument("--methods", default="l0,joint,separate-masks,sequential",
+    parser.add_argument("--methods", default="l0,joint,separate-masks,sequential,intermediate",
                         help="l0 and/or couplings (default: %(default)s)")
     parser.add_argument("--aux", default=None, help="auxiliary sources for every target, e.g. agnews or mnli:1,mlm "
                         "(default: the natural source of each target)")

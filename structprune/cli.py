@@ -457,10 +457,12 @@ def _add_transfer_options(group) -> None:
                             "train the dense model on the auxiliary data, fine-tune it on the target again, then "
                             "prune it with it as the teacher (default: %(default)s)")
     group.add_argument("--transfer", choices=TRANSFERS, default=TransferConfig.transfer,
-                       help="what the auxiliary data passes on: weights, masks or both (default: %(default)s)")
+                       help="what the auxiliary data passes on: weights, masks or both; intermediate passes weights "
+                            "(default: %(default)s)")
     group.add_argument("--schedule", default=TransferConfig.schedule,
-                       help="when the auxiliary loss is on: start, after:N (from step N), anneal (linear to 0), "
-                            "warmup (during the sparsity warm-up only) (default: %(default)s)")
+                       help="joint, separate-masks: when the auxiliary loss is on: start, after:N (from step N), "
+                            "anneal (linear to 0), warmup (during the sparsity warm-up only); sequential and "
+                            "intermediate take start (default: %(default)s)")
     group.add_argument("--aux-weight", type=float, default=TransferConfig.aux_weight,
                        help="weight of the auxiliary losses (default: %(default)s)")
     group.add_argument("--tie-weight", type=float, default=TransferConfig.tie_weight,
@@ -475,9 +477,9 @@ def _add_transfer_options(group) -> None:
                        help="intermediate: learning rate of the dense auxiliary and target phases "
                             "(default: %(default)s)")
     group.add_argument("--guard", choices=GUARDS, default=TransferConfig.guard,
-                       help="cosine: scale each source by its running agreement with the target's gradient "
-                            "(mean cosine over its root mean square, clipped to [0, 1]); none: full weight "
-                            "(default: %(default)s)")
+                       help="joint, separate-masks: cosine scales each source by its running agreement with the "
+                            "target's gradient (mean cosine over its root mean square, clipped to [0, 1]); none: full "
+                            "weight (default: %(default)s)")
     group.add_argument("--aux-batch-size", type=int, default=None,
                        help="auxiliary examples per source and step (default: --batch-size)")
 

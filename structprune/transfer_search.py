@@ -7,7 +7,7 @@ and evaluation splits, :func:`structprune.auxiliary.load_auxiliary`) and runs :f
 
 1. target-only ``l0`` (the baseline every transfer setting has to beat);
 2. each coupling with transfer ``both`` and schedule ``start``, ``base``'s coupling first (the default,
-   ``separate-masks``, so a budget of two runs compares it with the baseline);
+   ``intermediate``, so a budget of two runs compares it with the baseline);
 3. the best coupling so far with its other settings: for ``joint`` the schedules ``after:N``
    (N = a quarter of the pruning steps), ``anneal``, ``warmup``; for ``separate-masks`` those
    schedules, then transfers ``weights`` and ``masks``; for ``sequential`` transfers ``weights``

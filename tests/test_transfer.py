@@ -96,7 +96,7 @@ def test_joint_with_aux_weight_zero_is_l0_bit_for_bit_and_a_positive_weight_chan
     ("warmup", [1.0, 1.0, 0.0, 0.0]),
 ])
 def test_schedule_factor_formula(schedule, expected):
-    config = TransferConfig(schedule=schedule)
+    config = TransferConfig(coupling="joint", schedule=schedule)
     factors = [config.factor(step, prune_steps=100, warmup_steps=30) for step in (0, 24, 50, 99)]
     assert factors == pytest.approx(expected)
 
@@ -120,7 +120,8 @@ def test_applied_weights_follow_the_anneal_schedule_and_the_cosine_guard():
 
 
 def test_guard_memory_is_counted_in_optimiser_steps_whatever_grad_accum():
-    objectives = {accum: build(TransferConfig(l0=dataclasses.replace(SHORT, grad_accum=accum)), [toy_aux()])[0]
+    objectives = {accum: build(TransferConfig(l0=dataclasses.replace(SHORT, grad_accum=accum), coupling="joint"),
+                         [toy_aux()])[0]
                   for accum in (1, 4)}
     for step, similarity in enumerate([0.3, -0.1, 0.2, 0.25, 0.0, 0.1]):
         once = objectives[1].trust("toy", similarity)
@@ -456,7 +457,10 @@ def test_sweep_order_follows_the_best_coupling_and_stops_at_the_budget():
             return {"score": 60.0 if name == best else 50.0 if config is None else 40.0, "achieved": 0.5}
         return score
 
-    base = TransferConfig(aux_weight=0.7)
+    # the base's coupling first: the default (intermediate), or the one given
+    assert [r["name"] for r in sweep(scorer("x"), TransferConfig(), 40, budget_runs=3)] == [
+        BASELINE, "intermediate/both/start", "joint/both/start"]
+    base = TransferConfig(coupling="separate-masks", aux_weight=0.7)
     runs = sweep(scorer("separate-masks/both/start"), base, prune_steps=40, budget_runs=20)
     assert [r["name"] for r in runs] == [
         BASELINE, "separate-masks/both/start", "joint/both/start", "sequential/both/start", "intermediate/both/start",
@@ -565,7 +569,7 @@ def test_cli_transfer_search_writes_runs_and_the_choice(tmp_path):
              "--out", tmp_path / "search.json")
     assert "<- choice" in out and BASELINE in out and "P(> l0)" in out
     result = json.loads((tmp_path / "search.json").read_text())
-    assert [r["name"] for r in result["runs"]] == [BASELINE, "separate-masks/both/start"]
+    assert [r["name"] for r in result["runs"]] == [BASELINE, "intermediate/both/start"]  # the default coupling
     assert result["runs"][0]["confidence"] is None and 0.0 <= result["runs"][1]["confidence"] <= 1.0
     assert result["choice"]["score"] == max(r["score"] for r in result["runs"])
     assert (result["setup"]["search_train"], result["setup"]["search_dev"]) == (32, 8)

@@ -136,7 +136,7 @@ class TransferConfig:
     """
 
     l0: L0Config = L0Config()
-    coupling: str = "separate-masks"  # the default chosen from the experiment in BENCHMARKS.md
+    coupling: str = "intermediate"  # the default chosen from the experiment in BENCHMARKS.md
     transfer: str = "both"
     schedule: str = "start"
     aux_weight: float = 1.0
