@@ -38,7 +38,8 @@ from kernel_timing import (
     write_rows,
 )
 
-from structprune import ops, reference
+from structprune import ops
+from structprune.ops import reference
 
 DEAD = (0.0, 0.25, 0.5, 0.75)
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}

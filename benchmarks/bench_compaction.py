@@ -44,8 +44,9 @@ from structprune import bench
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
 from structprune.compact import compact
+from structprune.costs import flops_ideal_speedup
 from structprune.export import example_inputs, export, session
-from structprune.masks import MaskSet, uniform_masks
+from structprune.maskset import MaskSet, uniform_masks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PLOT_SHAPE = (8, 128)
@@ -211,7 +212,7 @@ def measure(case: ModelCase, prepared: dict, shapes: tuple[tuple[int, int], ...]
             dense = stats["dense"].median_ms
             for name, v in variants.items():
                 summary = v["masks"].summary(structure, full.spec, seq_len=seq)
-                ideal = bench.flops_ideal_speedup(structure, v["structure"], full.spec, seq)
+                ideal = flops_ideal_speedup(structure, v["structure"], full.spec, seq)
                 speedup = dense / stats[name].median_ms
                 rows.append(context | {
                     "model": case.name, "weights": case.weights, "layers": structure.num_layers,

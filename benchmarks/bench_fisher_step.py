@@ -20,7 +20,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from structprune import bench
 from structprune.data import encode, load_task
 from structprune.demo import minilm_dir
-from structprune.methods import Budget, fisher
+from structprune.budget import Budget
+from structprune.methods import fisher
 
 CSV = Path(__file__).resolve().parent / "results" / "fisher_step.csv"
 

@@ -31,7 +31,8 @@ from bench_transfer import TransferRunner
 from structprune import bench
 from structprune.distill import TeacherCache, prediction_loss
 from structprune.finetune import model_inputs, trim_padding
-from structprune.methods import Budget, l0
+from structprune.budget import Budget
+from structprune.methods import l0
 from structprune.methods.transfer import TransferConfig, TransferObjective, cosine, flat_gradient
 
 HERE = Path(__file__).resolve().parent

@@ -41,7 +41,9 @@ from structprune.data import encode, load_task
 from structprune.demo import minilm_dir
 from structprune.finetune import FinetuneConfig, evaluate, finetune, mark_task
 from structprune.io import atomic_write_text
-from structprune.methods import Budget, PruneResult, l0
+from structprune.budget import Budget
+from structprune.methods import l0
+from structprune.methods.result import PruneResult
 
 HERE = Path(__file__).resolve().parent
 CSV = HERE / "results" / "l0.csv"

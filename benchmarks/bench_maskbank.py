@@ -1,10 +1,10 @@
 """Multi-task mask bank on real tasks: one fine-tuned all-MiniLM-L6-v2 encoder, a Fisher mask per task.
 
-One :class:`~structprune.multitask.MultiTaskModel` (shared encoder, a head per task) is fine-tuned
-on all tasks together with :func:`~structprune.multitask.finetune_multitask` (the dense baselines'
+One :class:`~structprune.multitask.model.MultiTaskModel` (shared encoder, a head per task) is fine-tuned
+on all tasks together with :func:`~structprune.multitask.model.finetune_multitask` (the dense baselines'
 settings, ``dense_cache.FINETUNE``, and their data: ``dense_cache.SETUPS``) and cached with a JSON
 record (unpruned scores, seconds, date) under ``benchmarks/cache/maskbank/<tasks>/`` (ignored by
-git), so a rerun loads it. For every FLOPs reduction, :func:`~structprune.maskbank.build_bank`
+git), so a rerun loads it. For every FLOPs reduction, :func:`~structprune.multitask.maskbank.build_bank`
 makes a ``fisher`` mask per task from that task's training rows (one call per task, timed), the bank
 is saved next to the model (``<model folder>/maskbank/``) and read back, and the read-back bank is
 scored: every task with its own mask (compacted with :meth:`MaskBank.compact`) against the unpruned
@@ -46,10 +46,10 @@ from structprune.data import TaskSpec, encode  # noqa: E402
 from structprune.demo import minilm_dir  # noqa: E402
 from structprune.finetune import evaluate  # noqa: E402
 from structprune.io import atomic_write_text  # noqa: E402
-from structprune.maskbank import MaskBank, build_bank  # noqa: E402
-from structprune.masks import MaskSet  # noqa: E402
-from structprune.methods import Budget  # noqa: E402
-from structprune.multitask import MultiTaskModel, finetune_multitask  # noqa: E402
+from structprune.multitask.maskbank import MaskBank, build_bank  # noqa: E402
+from structprune.maskset import MaskSet  # noqa: E402
+from structprune.budget import Budget
+from structprune.multitask.model import MultiTaskModel, finetune_multitask  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / "cache" / "maskbank"
 CSV = Path(__file__).resolve().parent / "results" / "maskbank.csv"

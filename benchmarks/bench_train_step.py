@@ -37,7 +37,7 @@ import torch
 from kernel_timing import RESULTS, prepare, time_all, write_rows
 from transformers import BertConfig, BertForSequenceClassification
 
-from structprune.masked import MaskedModel
+from structprune.masked_model import MaskedModel
 
 BATCH, SEQ = 16, 128
 MODELS = {

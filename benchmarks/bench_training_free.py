@@ -39,9 +39,11 @@ from structprune.compact import compact  # noqa: E402
 from structprune.data import TaskData, encode  # noqa: E402
 from structprune.export import example_inputs, export, session  # noqa: E402
 from structprune.finetune import evaluate  # noqa: E402
-from structprune.latency import LatencyTable, measure_table  # noqa: E402
-from structprune.masks import MaskSet  # noqa: E402
-from structprune.methods import Budget, get_method  # noqa: E402
+from structprune.costs import LatencyTable
+from structprune.latency import measure_table  # noqa: E402
+from structprune.maskset import MaskSet  # noqa: E402
+from structprune.budget import Budget
+from structprune.methods import get_method  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CSV = RESULTS / "training_free.csv"

@@ -35,7 +35,8 @@ from bench_l0 import FLOPS_SEQ, MAX_LENGTH, Runner, _cell, _done, _settings_key
 from structprune import bench
 from structprune.auxiliary import load_auxiliary, parse_aux
 from structprune.data import load_task
-from structprune.methods import Budget, l0, transfer
+from structprune.budget import Budget
+from structprune.methods import l0, transfer
 
 HERE = Path(__file__).resolve().parent
 CSV = HERE / "results" / "transfer.csv"

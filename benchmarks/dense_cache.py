@@ -27,7 +27,7 @@ from structprune.data import encode, load_task
 from structprune.demo import minilm_dir
 from structprune.finetune import FinetuneConfig, evaluate, finetune
 from structprune.io import atomic_write_text
-from structprune.modeling_compact import StructpruneForSequenceClassification
+from structprune.modeling_structprune import StructpruneForSequenceClassification
 
 CACHE = Path(__file__).resolve().parent / "cache" / "dense"
 MAX_LENGTH = 128

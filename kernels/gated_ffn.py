@@ -1,6 +1,6 @@
 """Gated feed-forward block on the GPU with work proportional to the alive neurons.
 
-Semantics are those of :func:`structprune.reference.gated_ffn`: ``down(act(up(x)) * gate)``, or
+Semantics are those of :func:`structprune.ops.reference.gated_ffn`: ``down(act(up(x)) * gate)``, or
 ``down(act(x @ w_gate.T) * up(x) * gate)`` for SwiGLU.
 
 The neurons whose gate is exactly 0 are dropped before any arithmetic: their rows of ``w_up`` /
@@ -25,15 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
-from structprune.reference import ACTIVATIONS
+from structprune.ops.reference import activation_code
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}  # gelu, gelu_tanh, relu, silu
 
 
 @triton.jit
 def _activate(z, ACT: tl.constexpr):
-    """(act(z), act'(z)) in float32 for the activation coded ACT (see _ACT_CODE)."""
+    """(act(z), act'(z)) in float32; ACT is structprune.ops.reference.activation_code (gelu, gelu_tanh, relu, silu)."""
     if ACT == 0:  # exact GELU
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
         pdf = 0.3989422804014327 * tl.exp(-0.5 * z * z)
@@ -115,7 +114,7 @@ class _AliveFfn(torch.autograd.Function):
         h = torch.empty_like(up)
         bm, bf = _blocks()
         _forward_kernel[_grid(m, f)](up, z if z is not None else up, gate, h, m, f,
-                                     ACT=_ACT_CODE[activation], GATED=z is not None, BLOCK_M=bm, BLOCK_F=bf)
+                                     ACT=activation_code(activation), GATED=z is not None, BLOCK_M=bm, BLOCK_F=bf)
         y = torch.addmm(b_down, h, w_down.t()) if b_down is not None else h @ w_down.t()
         ctx.save_for_backward(x2, w_up, w_down, gate, w_gate, up, z)
         ctx.activation, ctx.has_b_up, ctx.has_b_down = activation, b_up is not None, b_down is not None
@@ -133,7 +132,7 @@ class _AliveFfn(torch.autograd.Function):
         grid = _grid(m, f)
         sums = torch.empty((grid[0], 2, f), device=up.device, dtype=torch.float32)
         _backward_kernel[grid](up, z if z is not None else up, dh, gate, h, dz if dz is not None else h, sums, m, f,
-                               ACT=_ACT_CODE[ctx.activation], GATED=z is not None, BLOCK_M=bm, BLOCK_F=bf)
+                               ACT=activation_code(ctx.activation), GATED=z is not None, BLOCK_M=bm, BLOCK_F=bf)
         sums = sums.sum(0)
         dx = dh @ w_up
         if dz is not None:
@@ -166,9 +165,8 @@ def gated_ffn(
     activation: str = "gelu",
     w_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """FFN with a per-neuron gate on the Triton kernels; see :func:`structprune.reference.gated_ffn`."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    """FFN with a per-neuron gate on the Triton kernels; see :func:`structprune.ops.reference.gated_ffn`."""
+    activation_code(activation)
     if w_up.dim() != 2 or w_up.shape[1] != x.shape[-1] or w_down.dim() != 2 or w_down.shape[1] != w_up.shape[0]:
         raise ValueError(f"gated_ffn: shapes do not chain: x {tuple(x.shape)}, w_up {tuple(w_up.shape)}, "
                          f"w_down {tuple(w_down.shape)}; expected w_up [F, D] and w_down [D_out, F]")

@@ -1,6 +1,6 @@
 """Triton flash attention with a per-head output gate; heads whose gate is exactly 0 cost nothing.
 
-Semantics are those of :func:`structprune.reference.masked_attention`: ``q [B, H, S, D]``,
+Semantics are those of :func:`structprune.ops.reference.masked_attention`: ``q [B, H, S, D]``,
 ``k, v [B, Hkv, S, D]`` (grouped-query attention when ``Hkv < H``), a gate ``[H]`` or ``[B, H]``
 multiplying each head's output, an optional key padding mask ``[B, S]`` and causal masking.
 
@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from structprune.reference import _live
+from structprune.ops.reference import live_gate
 
 HEAD_DIMS = (16, 32, 64, 128)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -389,11 +389,11 @@ def masked_attention(
     causal: bool = False,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Gated attention on the Triton kernels; see :func:`structprune.reference.masked_attention`."""
+    """Gated attention on the Triton kernels; see :func:`structprune.ops.reference.masked_attention`."""
     _check(q, k, v, head_gate, key_padding_mask, causal)
     B, H, S, D = q.shape
     scale = D**-0.5 if scale is None else float(scale)
-    gate = _live(head_gate) if head_gate is not None else torch.ones(H, device=q.device)
+    gate = live_gate(head_gate) if head_gate is not None else torch.ones(H, device=q.device)
     gate_bh = gate.float().expand(B, H)
     kpm = no_key = None
     if key_padding_mask is not None:

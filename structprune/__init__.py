@@ -4,13 +4,32 @@ The pipeline, one public function per arrow::
 
     hf_model -> MaskedModel(hf_model, masks) -> compact(model, masks) -> save(model, dir) / from_pretrained(dir)
              -> structprune.export.export(compact_model, onnx_dir) -> structprune.bench
+
+The names below load on first use, so ``import structprune`` (and ``structprune --help``) stays instant.
 """
 
-from structprune.arch import ModelStructure, from_hf
-from structprune.compact import compact, from_pretrained, save
-from structprune.masked import MaskedModel
-from structprune.masks import MaskSet
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = ["MaskSet", "MaskedModel", "ModelStructure", "compact", "from_hf", "from_pretrained", "save"]
+_EXPORTS = {
+    "MaskSet": "structprune.maskset",
+    "MaskedModel": "structprune.masked_model",
+    "ModelStructure": "structprune.arch",
+    "compact": "structprune.compact",
+    "from_hf": "structprune.arch",
+    "from_pretrained": "structprune.compact",
+    "save": "structprune.compact",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'structprune' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from structprune.data import TaskData, TaskSpec, encode, get_task, load_task
-from structprune.modeling_compact import ClassificationHead, activation
+from structprune.modeling_structprune import ClassificationHead, activation
 
 MLM = "mlm"
 """The name of the masked-language-modelling source."""

@@ -1,6 +1,6 @@
 """Latency protocol shared by ``structprune bench`` and the scripts in ``benchmarks/``.
 
-The rules (DESIGN.md, "Measuring"):
+The rules:
 
 * a latency is the **median** of repeated timed calls after warm-up calls, timed with
   :func:`time.perf_counter`; p10 / p90 and the count are reported beside it;
@@ -13,7 +13,7 @@ The rules (DESIGN.md, "Measuring"):
   process to the first cores;
 * the dense baseline runs through the same path as the pruned model (``compact()`` with
   all-ones masks, the same exporter and session options), and the FLOPs-ideal speedup comes from
-  :func:`structprune.masks.count_flops`.
+  :func:`structprune.costs.flops_ideal_speedup`.
 """
 
 from __future__ import annotations
@@ -33,9 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from structprune.arch.structure import ModelStructure
 from structprune.io import atomic_write_text
-from structprune.masks import count_flops
 
 CPU_THREADS = 2
 """Thread count of every CPU latency figure (torch intra-op threads, ORT intra-op threads)."""
@@ -321,16 +319,6 @@ def wait_for_quiet(max_cores: float = 0.2, sample_s: float = 1.0,
         waited = time.perf_counter() - start
         if load.cores is None or load.cores <= max_cores or waited >= timeout_s:
             return waited, load.cores
-
-
-def flops_ideal_speedup(dense_structure: ModelStructure, pruned_structure: ModelStructure, spec: dict,
-                        seq_len: int) -> float:
-    """Speedup if latency scaled with counted FLOPs: ``count_flops(dense) / count_flops(pruned)``."""
-    pruned = count_flops(pruned_structure, spec, seq_len)
-    if pruned <= 0:
-        raise ValueError("the pruned structure has no counted FLOPs (every sublayer removed); "
-                         "its FLOPs-ideal speedup is unbounded")
-    return count_flops(dense_structure, spec, seq_len) / pruned
 
 
 def append_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, object]]) -> Path:

@@ -39,6 +39,7 @@ from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
 from structprune.auxiliary import AuxSource, is_file_source, parse_aux
 from structprune.compact import compact, empty_model, from_pretrained, save
+from structprune.costs import flops_ideal_speedup
 from structprune.data import (
     TaskData,
     VaderDownloadError,
@@ -59,11 +60,12 @@ from structprune.export import (
 from structprune.finetune import FinetuneConfig, evaluate, finetune, mark_task
 from structprune.io import check_output_dir
 from structprune.latency import measure_table
-from structprune.masks import MaskSet
-from structprune.methods import Budget, get_method, list_methods
+from structprune.maskset import MaskSet
+from structprune.budget import Budget
+from structprune.methods import get_method, list_methods
 from structprune.methods.l0 import L0Config
 from structprune.methods.transfer import COUPLINGS, GUARDS, TRANSFERS, TransferConfig
-from structprune.modeling_compact import (
+from structprune.modeling_structprune import (
     SECTION,
     StructpruneForSequenceClassification,
 )
@@ -355,7 +357,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     with bench.torch_threads(args.threads), bench.OtherCpuLoad() as load:
         stats = bench.time_interleaved(calls, **(bench.TIMING | {"warmup": args.warmup, "repeats": args.repeats}))
     structures = {name: ModelStructure.from_spec(m.spec) for name, m in models.items()}
-    ideal = bench.flops_ideal_speedup(structures["dense"], structures["pruned"], models["dense"].spec, args.seq)
+    ideal = flops_ideal_speedup(structures["dense"], structures["pruned"], models["dense"].spec, args.seq)
     measured = stats["dense"].median_ms / stats["pruned"].median_ms
     print(f"backend {args.backend}, batch {args.batch}, sequence {args.seq}, {args.threads} threads, "
           f"median of {stats['dense'].n} timed calls in interleaved turns after {args.warmup} warm-up calls")

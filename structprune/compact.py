@@ -5,12 +5,12 @@ key/value heads of grouped-query attention (rows of k/v, when every query head o
 gone), neurons (up/gate rows, down columns), whole sublayers (the module is not built at all), and
 hidden dimensions (embeddings, every projection, norms, the classifier input). Kept-unit scales are
 folded into the o-proj and down-proj input columns. The result runs the same forward code
-(:mod:`structprune.modeling_compact`) with per-layer shapes as Python ints.
+(:mod:`structprune.modeling_structprune`) with per-layer shapes as Python ints.
 
 The saved folder is a Hugging Face model folder: ``config.json`` (the original config, its
 ``model_type`` and sizes, plus the ``structprune`` section and an ``auto_map`` naming only
 ``AutoModelForSequenceClassification``), ``model.safetensors``, ``modeling_structprune.py`` (a copy
-of :mod:`structprune.modeling_compact`) and the tokenizer files.
+of :mod:`structprune.modeling_structprune`) and the tokenizer files.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from structprune import modeling_compact
+from structprune import modeling_structprune
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
 from structprune.io import atomic_dir
-from structprune.masked import MaskedModel
-from structprune.masks import MaskSet
-from structprune.modeling_compact import CLASS_FOR_MODEL_TYPE, SECTION, StructpruneForSequenceClassification
+from structprune.masked_model import MaskedModel
+from structprune.maskset import MaskSet
+from structprune.modeling_structprune import CLASS_FOR_MODEL_TYPE, SECTION, StructpruneForSequenceClassification
 
 MODELING_FILE = "modeling_structprune.py"
 WEIGHTS_FILE = "model.safetensors"
@@ -155,7 +155,7 @@ def save(model: StructpruneForSequenceClassification, directory: str | os.PathLi
     state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     with atomic_dir(directory, overwrite=overwrite, marker=WEIGHTS_FILE) as tmp:
         config.save_pretrained(tmp)
-        shutil.copyfile(modeling_compact.__file__, tmp / MODELING_FILE)
+        shutil.copyfile(modeling_structprune.__file__, tmp / MODELING_FILE)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})

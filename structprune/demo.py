@@ -42,9 +42,10 @@ from structprune.data import encode, load_task
 from structprune.export import example_inputs, export, session
 from structprune.finetune import FinetuneConfig, evaluate, finetune
 from structprune.io import atomic_dir, check_output_dir
-from structprune.masks import count_flops, count_params
-from structprune.methods import Budget, fisher
-from structprune.modeling_compact import StructpruneForSequenceClassification
+from structprune.costs import count_flops, count_params
+from structprune.budget import Budget
+from structprune.methods import fisher
+from structprune.modeling_structprune import StructpruneForSequenceClassification
 from structprune.report import Comparison, ModelResult, write_report
 
 TASK = "vader-tweets"

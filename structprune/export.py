@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from structprune.io import atomic_dir
-from structprune.modeling_compact import StructpruneForSequenceClassification
+from structprune.modeling_structprune import StructpruneForSequenceClassification
 
 ONNX_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx_data"

@@ -1,7 +1,7 @@
 """A small fine-tuning loop and the evaluation helper used by the CLI and the demo.
 
 :func:`finetune` trains any model that takes Hugging Face inputs and returns ``.loss`` (a Hugging
-Face classifier, a structprune model dense or compact, or a :class:`~structprune.masked.MaskedModel`)
+Face classifier, a structprune model dense or compact, or a :class:`~structprune.masked_model.MaskedModel`)
 on encoded task tensors from :func:`structprune.data.encode`: AdamW, linear warm-up then linear
 decay to 0, gradient clipping, shuffled batches. It is the shared loop of :mod:`structprune.train`
 with the task loss (:class:`TaskLoss`), so it can checkpoint and resume. Under one seed it is

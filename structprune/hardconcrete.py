@@ -6,11 +6,11 @@ A gate ``z`` in [0, 1] per unit (Louizos et al., 2018, as in CoFiPruning) is dra
 exact 1 likely, so a unit is really removed (the kernels skip it) while the gate stays
 differentiable elsewhere. ``P(z != 0) = sigmoid(log_alpha - BETA * log(-L / R))``.
 
-Granularities are those of :mod:`structprune.masks` (``attn_layer``, ``head``, ``ffn_layer``,
+Granularities are those of :mod:`structprune.maskset` (``attn_layer``, ``head``, ``ffn_layer``,
 ``neuron``, ``hidden``), any subset.
 
 **Expected cost.** :func:`expected_cost` gives the exact expectation of
-:func:`structprune.masks.count_params` and :func:`~structprune.masks.count_flops` of the compacted
+:func:`structprune.costs.count_params` and :func:`~structprune.costs.count_flops` of the compacted
 model when every unit is kept independently with probability ``P(z != 0)``, the removal rules
 included (a layer gate at 0 removes its heads or neurons; a sublayer's output bias goes with its
 last unit; a key/value head goes with the last query head of its group). Every count is a sum of
@@ -40,7 +40,8 @@ import torch
 from torch import nn
 
 from structprune.arch.structure import ModelStructure
-from structprune.masks import MASK_NAMES, MaskSet, mask_shapes
+from structprune.costs import expected_cost
+from structprune.maskset import MASK_NAMES, MaskSet, mask_shapes
 
 LIMIT_LOW, LIMIT_HIGH = -0.1, 1.1
 BETA = 2.0 / 3.0
@@ -56,52 +57,12 @@ def _keep_probability(log_alpha: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(log_alpha - BETA * math.log(-LIMIT_LOW / LIMIT_HIGH))
 
 
-def expected_cost(structure: ModelStructure, spec: dict, probs: Mapping[str, torch.Tensor],
-                  seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expected (parameters, FLOPs) of the compacted model under independent keep probabilities.
-
-    ``probs`` holds ``P(unit kept)`` per mask name (an absent name keeps everything). The result
-    is differentiable in ``probs`` and equals ``count_params`` / ``count_flops`` of
-    ``MaskSet(probs).resolve(structure)`` when the probabilities are 0 or 1.
-    """
-    ref = next(iter(probs.values()))
-    one = torch.ones((), dtype=ref.dtype, device=ref.device)
-    hd, S = structure.head_dim, seq_len
-    D = probs["hidden"].sum() if "hidden" in probs else one * structure.hidden_size
-    params = one * 0.0
-    macs = S * spec["embedding_size"] * D if spec.get("embedding_project") else one * 0.0
-    mats = 3 if structure.gated_ffn else 2
-    for i, layer in enumerate(structure.layers):
-        if layer.heads:
-            p_layer = probs["attn_layer"][i] if "attn_layer" in probs else one
-            p_head = probs["head"][i, :layer.heads] if "head" in probs else one.expand(layer.heads)
-            q = hd * p_layer * p_head.sum()
-            alive = p_layer * (1 - torch.prod(1 - p_head))
-            if layer.kv_map is None:  # multi-head attention: one key/value head per query head
-                kv = q
-            else:
-                groups = layer.kv_map
-                kv_alive = [1 - torch.prod(1 - p_head[[h for h, g in enumerate(groups) if g == group]])
-                            for group in sorted(set(groups))]
-                kv = hd * p_layer * torch.stack(kv_alive).sum()
-            params = params + (2 * q + 2 * kv) * D + (q + 2 * kv) * spec["qkv_bias"] + D * alive * spec["o_bias"]
-            macs = macs + S * D * (2 * q + 2 * kv) + 2 * S * S * q
-        if layer.ffn:
-            p_layer = probs["ffn_layer"][i] if "ffn_layer" in probs else one
-            p_neuron = probs["neuron"][i, :layer.ffn] if "neuron" in probs else one.expand(layer.ffn)
-            f = p_layer * p_neuron.sum()
-            alive = p_layer * (1 - torch.prod(1 - p_neuron))
-            params = params + mats * f * D + (f + D * alive) * spec["ffn_bias"]
-            macs = macs + S * D * f * mats
-    return params, 2 * macs
-
-
 class HardConcreteGates(nn.Module):
     """Learned hard-concrete gates over a model's units, one ``log_alpha`` tensor per granularity.
 
     Args:
         structure: the dense model's structure (mask shapes come from it).
-        names: the granularities to gate (a subset of :data:`structprune.masks.MASK_NAMES`).
+        names: the granularities to gate (a subset of :data:`structprune.maskset.MASK_NAMES`).
         init_log_alpha: the starting ``log_alpha`` of every gate. The default 2.0 keeps a unit with
             probability 0.98 (mean gate 0.83), so pruning starts near the fine-tuned teacher.
     """

@@ -41,11 +41,12 @@ from structprune.demo import measure_latency
 from structprune.export import export, session
 from structprune.finetune import FinetuneConfig, evaluate, finetune, mark_task
 from structprune.io import atomic_dir, atomic_write_text, check_output_dir
-from structprune.masks import count_flops, count_params
-from structprune.methods import Budget, l0, transfer
+from structprune.costs import count_flops, count_params
+from structprune.budget import Budget
+from structprune.methods import l0, transfer
 from structprune.methods.l0 import L0Config, check_teacher
 from structprune.methods.transfer import TransferConfig
-from structprune.modeling_compact import StructpruneForSequenceClassification
+from structprune.modeling_structprune import StructpruneForSequenceClassification
 from structprune.report import Comparison, ModelResult, write_report
 from structprune.train import digest
 

@@ -39,10 +39,11 @@ from structprune.compact import compact
 from structprune.data import TaskData, encode
 from structprune.finetune import FinetuneConfig, predict
 from structprune.io import atomic_write_text
-from structprune.methods import Budget, l0, transfer
+from structprune.budget import Budget
+from structprune.methods import l0, transfer
 from structprune.methods.transfer import TransferConfig
 from structprune.metrics import compute_metrics, paired_bootstrap
-from structprune.modeling_compact import StructpruneForSequenceClassification
+from structprune.modeling_structprune import StructpruneForSequenceClassification
 from structprune.prune_pipeline import dense_teacher
 
 SEARCH_DEV_FRACTION = 0.2

@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from structprune.arch import ModelStructure, adapter_for, from_hf
-from structprune.masked import MaskedModel
+from structprune.masked_model import MaskedModel
 from tests.conftest import BERT_FAMILY, make_hf, make_inputs
 
 

@@ -10,9 +10,11 @@ import torch
 from conftest import make_hf, make_inputs
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
-from structprune.masked import MaskedModel
-from structprune.masks import count_flops
-from structprune.methods import DEFAULT_TOLERANCE, Budget, get_method
+from structprune.masked_model import MaskedModel
+from structprune.costs import count_flops
+from structprune.budget import Budget
+from structprune.methods import get_method
+from structprune.methods.selection import DEFAULT_TOLERANCE
 from structprune.methods.attribution import attribution_scores, path_pairs
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from structprune import bench
+from structprune import bench, costs
 from structprune.arch.structure import LayerStructure, ModelStructure
 
 
@@ -146,10 +146,10 @@ def test_flops_ideal_speedup_matches_hand_count():
     # pruned layer 1 (no attention, F=4): 4*8*4*2 = 256 -> 1408 MACs. FLOPs are 2 x MACs for both.
     dense, pruned = _structure([(4, 16), (4, 16)]), _structure([(2, 8), (0, 4)])
     spec = {"embedding_project": False}
-    assert bench.flops_ideal_speedup(dense, pruned, spec, seq_len=4) == pytest.approx(2 * 4608 / (2 * 1408))
-    assert bench.flops_ideal_speedup(dense, dense, spec, seq_len=4) == pytest.approx(1.0)
+    assert costs.flops_ideal_speedup(dense, pruned, spec, seq_len=4) == pytest.approx(2 * 4608 / (2 * 1408))
+    assert costs.flops_ideal_speedup(dense, dense, spec, seq_len=4) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="no counted FLOPs"):
-        bench.flops_ideal_speedup(dense, _structure([(0, 0), (0, 0)]), spec, seq_len=4)
+        costs.flops_ideal_speedup(dense, _structure([(0, 0), (0, 0)]), spec, seq_len=4)
 
 
 def test_append_csv_creates_appends_and_unions_header(tmp_path):

@@ -14,9 +14,9 @@ from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
 from structprune.data import get_task
 from structprune.finetune import evaluate
-from structprune.maskbank import BANK_FOLDER
-from structprune.methods import Budget
-from structprune.multitask import MultiTaskModel
+from structprune.multitask.maskbank import BANK_FOLDER
+from structprune.budget import Budget
+from structprune.multitask.model import MultiTaskModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 

@@ -11,8 +11,9 @@ import torch
 
 from structprune.compact import ModelFileError, compact, from_pretrained, save
 from structprune.io import OutputExistsError
-from structprune.masked import MaskedModel
-from structprune.masks import MASK_NAMES, MaskSet, count_params, mask_shapes
+from structprune.masked_model import MaskedModel
+from structprune.costs import count_params
+from structprune.maskset import MASK_NAMES, MaskSet, mask_shapes
 from tests.conftest import BERT_FAMILY, LLAMA_FAMILY, hf457_python, make_hf, make_inputs
 
 TOL = 1e-4

@@ -1,6 +1,6 @@
 """The C++ CPU kernels (``structprune._C``) against the torch reference.
 
-Outputs and every gradient are compared with :mod:`structprune.reference` over shapes
+Outputs and every gradient are compared with :mod:`structprune.ops.reference` over shapes
 (odd sequence lengths, GQA, several head dims), gates with exact zeros, padding and causal
 masks, activations, biases and SwiGLU; gradients are also checked with fp64 gradcheck and
 the registrations with ``torch.library.opcheck``.
@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from structprune import ops, reference
+from structprune import ops
+from structprune.ops import reference
 
-_cpp_ops = pytest.importorskip("structprune._cpp_ops", reason="the C++ extension structprune._C is not built")
+_cpp_ops = pytest.importorskip("structprune.ops.cpp", reason="the C++ extension structprune._C is not built")
 
 TOLERANCE = {
     torch.float32: {"atol": 1e-5, "rtol": 1e-4},

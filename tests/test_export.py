@@ -12,8 +12,8 @@ import torch
 from structprune.compact import compact
 from structprune.export import ExportParityError, OnnxFileError, check_parity, example_inputs, export, session
 from structprune.io import OutputExistsError
-from structprune.masked import MaskedModel
-from structprune.masks import MaskSet
+from structprune.masked_model import MaskedModel
+from structprune.maskset import MaskSet
 from tests.conftest import BERT_FAMILY, hf457_python, make_hf
 
 

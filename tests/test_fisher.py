@@ -14,9 +14,11 @@ from conftest import make_hf, make_inputs
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
 from structprune.compact import compact
-from structprune.masked import MaskedModel
-from structprune.masks import MaskSet, count_flops
-from structprune.methods import Budget, get_method
+from structprune.masked_model import MaskedModel
+from structprune.costs import count_flops
+from structprune.maskset import MaskSet
+from structprune.budget import Budget
+from structprune.methods import get_method
 from structprune.methods.calibration import calibration_batches
 from structprune.methods.fisher import fisher_information, mask_gradients, rearrange, search_masks
 from structprune.methods.mask_tuning import _solve, _System

@@ -9,8 +9,10 @@ import torch
 
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
-from structprune.hardconcrete import HardConcreteGates, expected_cost, max_sparsity
-from structprune.masks import MASK_NAMES, MaskSet, count_flops, count_params, mask_shapes
+from structprune.costs import expected_cost
+from structprune.hardconcrete import HardConcreteGates, max_sparsity
+from structprune.costs import count_flops, count_params
+from structprune.maskset import MASK_NAMES, MaskSet, mask_shapes
 from tests.conftest import make_hf
 
 SEQ = 16

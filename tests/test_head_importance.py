@@ -8,9 +8,12 @@ import torch
 from conftest import make_hf, make_inputs
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
-from structprune.masked import MaskedModel
-from structprune.masks import MaskSet, count_flops
-from structprune.methods import DEFAULT_TOLERANCE, Budget, get_method
+from structprune.masked_model import MaskedModel
+from structprune.costs import count_flops
+from structprune.maskset import MaskSet
+from structprune.budget import Budget
+from structprune.methods import get_method
+from structprune.methods.selection import DEFAULT_TOLERANCE
 from structprune.methods.calibration import calibration_batches
 from structprune.methods.head_importance import head_importance_scores
 

@@ -12,8 +12,9 @@ import random
 import pytest
 import torch
 
-from structprune import ops, reference
-from structprune.reference import ACTIVATIONS
+from structprune import ops
+from structprune.ops import reference
+from structprune.ops.reference import ACTIVATIONS
 
 pytest.importorskip("triton", reason="Triton is not installed")
 from structprune.kernels import gated_ffn as kf  # noqa: E402

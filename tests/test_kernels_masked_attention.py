@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from structprune import ops, reference
+from structprune import ops
+from structprune.ops import reference
 
 triton = pytest.importorskip("triton", reason="Triton is not installed")
 from structprune.kernels import masked_attention as km  # noqa: E402

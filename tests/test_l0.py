@@ -23,7 +23,8 @@ from structprune.compact import compact, from_pretrained
 from structprune.data import get_task
 from structprune.distill import LayerDistillation, TeacherCache, prediction_loss, teacher_layers
 from structprune.finetune import mark_task, model_inputs, trim_padding
-from structprune.methods import Budget, l0
+from structprune.budget import Budget
+from structprune.methods import l0
 from tests.test_cli import cli, make_model, ok, write_task
 from tests.test_methods import encoded_data
 
@@ -151,7 +152,8 @@ from tests.test_l0 import tiny_bert
 from tests.test_methods import encoded_data
 from structprune.compact import compact
 from structprune.arch import from_hf
-from structprune.methods import Budget, l0, transfer
+from structprune.budget import Budget
+from structprune.methods import l0, transfer
 from structprune.train import digest, init_distributed
 torch.set_num_threads(1)
 out, checkpoints, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])

@@ -8,8 +8,11 @@ import torch
 from conftest import make_hf, make_inputs
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
-from structprune.latency import TIE_MS, LatencyTable, measure_table
-from structprune.methods import DEFAULT_TOLERANCE, Budget, get_method
+from structprune.costs import LatencyTable, TIE_MS
+from structprune.latency import measure_table
+from structprune.budget import Budget
+from structprune.methods import get_method
+from structprune.methods.selection import DEFAULT_TOLERANCE
 
 
 def _table(structure: ModelStructure) -> LatencyTable:

@@ -8,10 +8,10 @@ import torch
 from conftest import make_hf, make_inputs
 from structprune.arch import from_hf
 from structprune.finetune import FinetuneConfig
-from structprune.maskbank import BANK_FOLDER, MaskBank, build_bank
-from structprune.masked import MaskedModel
-from structprune.methods import Budget
-from structprune.multitask import MultiTaskModel, finetune_multitask
+from structprune.multitask.maskbank import BANK_FOLDER, MaskBank, build_bank
+from structprune.masked_model import MaskedModel
+from structprune.budget import Budget
+from structprune.multitask.model import MultiTaskModel, finetune_multitask
 
 
 def _task_data(model, labels: int, seed: int) -> dict[str, torch.Tensor]:

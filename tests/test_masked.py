@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from structprune.arch.structure import ModelStructure
-from structprune.masked import MaskedModel, effective_gates
-from structprune.masks import MaskSet, MaskError
+from structprune.masked_model import MaskedModel, effective_gates
+from structprune.maskset import MaskSet, MaskError
 from tests.conftest import BERT_FAMILY, make_hf, make_inputs
 
 
@@ -101,7 +101,7 @@ def test_structure_of_masked_model_is_dense():
 
 def _cpp_ops_or_skip():
     try:
-        from structprune import _cpp_ops
+        from structprune.ops import cpp as _cpp_ops
     except ImportError:
         if os.environ.get("CI"):
             pytest.fail("structprune._C did not build: CI requires the C++ extension")

@@ -10,7 +10,8 @@ import torch
 from structprune.arch import from_hf
 from structprune.arch.structure import LayerStructure, ModelStructure
 from structprune.io import OutputExistsError
-from structprune.masks import MaskError, MaskSet, count_flops, count_params, random_masks, uniform_masks
+from structprune.costs import count_flops, count_params
+from structprune.maskset import MaskError, MaskSet, random_masks, uniform_masks
 from tests.conftest import make_hf
 
 SPEC = {"qkv_bias": True, "o_bias": True, "ffn_bias": True}

@@ -14,9 +14,12 @@ from transformers import (
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
 from structprune.compact import compact
-from structprune.masked import MaskedModel
-from structprune.masks import count_params, mask_shapes
-from structprune.methods import METHODS, Budget, get_method, max_reduction, select_units
+from structprune.masked_model import MaskedModel
+from structprune.costs import count_params
+from structprune.maskset import mask_shapes
+from structprune.budget import Budget
+from structprune.methods import METHODS, get_method
+from structprune.methods.selection import max_reduction, select_units
 
 VOCAB = 100
 

@@ -9,8 +9,8 @@ import torch
 
 from structprune.compact import compact
 from structprune.export import export
-from structprune.masked import MaskedModel
-from structprune.masks import MaskSet, random_masks, uniform_masks
+from structprune.masked_model import MaskedModel
+from structprune.maskset import MaskSet, random_masks, uniform_masks
 
 SENTENCES = ["The movie was wonderful.", "I did not like the ending at all, it dragged on and on for ages.",
              "ok", "Structured pruning removes whole heads and neurons from a transformer."]

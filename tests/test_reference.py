@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from structprune import reference
+from structprune.ops import reference
 
 F64 = torch.float64
 

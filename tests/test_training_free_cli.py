@@ -10,8 +10,8 @@ from transformers import AutoModelForSequenceClassification
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
 from structprune.compact import from_pretrained
-from structprune.latency import LatencyTable
-from structprune.masks import MaskSet
+from structprune.costs import LatencyTable
+from structprune.maskset import MaskSet
 from test_cli import cli, make_model, ok, write_task
 
 

@@ -1,7 +1,7 @@
 """Architecture adapters: the only code that knows Hugging Face module names.
 
 An adapter turns a Hugging Face sequence-classification model into structprune's own model
-(:class:`structprune.modeling_compact.StructpruneForSequenceClassification`) at full size: it
+(:class:`structprune.modeling_structprune.StructpruneForSequenceClassification`) at full size: it
 writes the ``structprune`` spec (per-layer shapes and the settings the forward needs) and maps
 the weights. Everything downstream (masks, masked model, compaction, export) works on that.
 """
@@ -14,7 +14,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from structprune.arch import bert, llama
 from structprune.arch.structure import LayerStructure, ModelStructure
-from structprune.modeling_compact import CLASS_FOR_MODEL_TYPE, SECTION, StructpruneForSequenceClassification
+from structprune.modeling_structprune import CLASS_FOR_MODEL_TYPE, SECTION, StructpruneForSequenceClassification
 
 ADAPTERS = {model_type: module for module in (bert, llama) for model_type in module.MODEL_TYPES}
 

@@ -6,7 +6,7 @@ import torch
 from transformers import PreTrainedModel
 
 from structprune.arch.mapping import activation_name, module_state
-from structprune.modeling_compact import FORMAT_VERSION
+from structprune.modeling_structprune import FORMAT_VERSION
 
 MODEL_TYPES = ("bert", "roberta", "electra")
 CLASSIFIER = {"bert": "bert_pooler", "roberta": "roberta", "electra": "electra"}

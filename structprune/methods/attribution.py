@@ -1,6 +1,6 @@
 """``attribution``: integrated-gradients attribution of attention heads and FFN neurons.
 
-Every head and neuron has a gate on its output (the gates of :class:`~structprune.masked.MaskedModel`).
+Every head and neuron has a gate on its output (the gates of :class:`~structprune.masked_model.MaskedModel`).
 The attribution of unit ``i`` to a task objective ``F`` (the log-likelihood of the labels: minus the
 loss of :mod:`structprune.methods.calibration`) is its integrated gradient (Sundararajan et al.,
 2017) along a straight path that scales a group of gates from 0 to 1, all other gates staying 1::
@@ -40,7 +40,7 @@ few-shot use is simply little data (8 to 64 examples per class). Weights are nev
 ``tune=True`` adds the least-squares rescaling of :mod:`structprune.methods.mask_tuning` (scales).
 
 Budget scope: ``scope="global"`` (default) ranks all units of all layers together (importance per
-unit of cost, :func:`structprune.methods.select_units`): attributions are in the same unit (change
+unit of cost, :func:`structprune.methods.selection.select_units`): attributions are in the same unit (change
 of the log-likelihood) in every layer, so they are comparable across layers, and layers differ in
 how much they matter to a task, which a global ranking exploits. ``scope="layer"`` removes the
 budget's fraction from every layer separately (:func:`structprune.methods.selection.select_per_layer`).
@@ -57,14 +57,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from structprune.arch.structure import ModelStructure
-from structprune.masked import MaskedModel
-from structprune.methods import (
-    DEFAULT_TOLERANCE,
-    Budget,
-    PruneResult,
-    prepare_pruning,
-    result_from_scores,
-)
+from structprune.masked_model import MaskedModel
+from structprune.budget import Budget
+from structprune.methods.result import PruneResult, result_from_scores
+from structprune.methods.selection import DEFAULT_TOLERANCE
+from structprune.methods.setup import prepare_pruning
 from structprune.methods.calibration import calibration_batches, gate_gradient, prepare, unit_gates
 from structprune.methods.mask_tuning import tune_scales
 
@@ -173,7 +170,7 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
         model: a Hugging Face classifier, a full-size structprune model or a MaskedModel (the dense
             model is scored; its weights are not changed).
         task_data: encoded calibration tensors; labels are needed only for ``objective="supervised"``.
-        budget: a :class:`~structprune.methods.Budget`, or a float parameter sparsity.
+        budget: a :class:`~structprune.budget.Budget`, or a float parameter sparsity.
         steps: points on each integration path (see the module docstring).
         path: ``sublayer`` (default: one path per sublayer) or ``model`` (one path for all units).
         aggregate: ``squared`` (default: second moment of per-batch attributions) or ``total``
@@ -183,7 +180,7 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
         max_examples: calibration examples drawn from ``task_data`` with ``seed`` (``None``: all).
         tune: rescale the kept units by layer-wise least squares afterwards
             (:mod:`structprune.methods.mask_tuning`; scales, not weights, change).
-        min_heads, min_neurons, tolerance: see :func:`structprune.methods.select_units`.
+        min_heads, min_neurons, tolerance: see :func:`structprune.methods.selection.select_units`.
     """
     if scope not in SCOPES:
         raise ValueError(f"attribution: scope {scope!r} is not one of {SCOPES}")

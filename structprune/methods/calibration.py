@@ -1,7 +1,7 @@
 """Calibration data and objectives shared by the training-free scoring methods.
 
 The training-free methods (``attribution``, ``fisher``, ``head_importance``) all differentiate a
-task objective with respect to the head and neuron gates of a :class:`~structprune.masked.MaskedModel`
+task objective with respect to the head and neuron gates of a :class:`~structprune.masked_model.MaskedModel`
 over a small calibration set, without changing any weight. This module holds what they share:
 
 * :func:`calibration_batches`: the calibration examples in batches of similar length (sorted by
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from structprune.finetune import model_inputs, trim_padding
-from structprune.masked import MaskedModel
+from structprune.masked_model import MaskedModel
 
 OBJECTIVES = ("supervised", "pseudo", "entropy")
 

@@ -4,7 +4,7 @@ Kwon et al., "A Fast Post-Training Pruning Framework for Transformers" (NeurIPS 
 none of which changes a weight:
 
 1. **Fisher information** of the head and neuron masks: the gradient of the task loss with respect
-   to the gates of a :class:`~structprune.masked.MaskedModel` at 1, one gradient per calibration
+   to the gates of a :class:`~structprune.masked_model.MaskedModel` at 1, one gradient per calibration
    mini-batch (``grad_batch_size`` examples, the batch-mean loss); the diagonal Fisher of unit ``i``
    is ``sum_b g_{b,i}^2``. With ``grad_batch_size=1`` that is the per-example empirical Fisher.
    The loss is the task loss with gold labels, or with the dense model's predictions
@@ -12,9 +12,9 @@ none of which changes a weight:
 2. **Mask search** (:func:`search_masks`): rank heads and neurons separately by Fisher, across all
    layers; for every number of kept heads, keep as many of the best neurons as the budget allows,
    and choose the split with the largest kept Fisher sum. Costs are exact per-unit FLOPs (or
-   parameters) from :mod:`structprune.masks`; a unit's cost is the same in every layer for
+   parameters) from :mod:`structprune.maskset`; a unit's cost is the same in every layer for
    multi-head attention, which makes this search exact. Under a latency budget, units are chosen
-   by :func:`structprune.methods.select_units` with the measured per-layer table instead (latency
+   by :func:`structprune.methods.selection.select_units` with the measured per-layer table instead (latency
    is not linear in the number of units).
 3. **Mask rearrangement** (:func:`rearrange`): within each layer, keep the number of pruned units
    but choose *which* ones by a greedy search that minimises the norm of the summed gradient
@@ -33,7 +33,7 @@ procedure; BENCHMARKS.md compares the two.
 
 With grouped-query attention a query head's cost depends on whether its key/value group survives,
 so the search above would not be exact: units are then chosen by
-:func:`structprune.methods.select_units` on the Fisher values (exact costs, greedy), as under a
+:func:`structprune.methods.selection.select_units` on the Fisher values (exact costs, greedy), as under a
 latency budget.
 """
 
@@ -49,18 +49,12 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from structprune.arch.structure import ModelStructure
-from structprune.masked import MaskedModel
-from structprune.masks import MaskSet
-from structprune.methods import (
-    Budget,
-    PruneResult,
-    _Costs,
-    _Layer,
-    check_reachable,
-    prepare_pruning,
-    result_from_masks,
-    select_units,
-)
+from structprune.masked_model import MaskedModel
+from structprune.maskset import MaskSet
+from structprune.budget import Budget
+from structprune.methods.result import PruneResult, result_from_masks
+from structprune.methods.selection import check_reachable, select_units
+from structprune.methods.setup import prepare_pruning
 from structprune.methods.calibration import calibration_batches, gate_gradient, prepare, unit_gates
 from structprune.methods.mask_tuning import tune_scales
 from structprune.precision import bf16_autocast, resolve_bf16
@@ -92,12 +86,10 @@ def fisher_information(grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def _unit_costs(structure: ModelStructure, spec: dict, budget: Budget) -> tuple[float, float, float]:
     """Cost of the dense model, of one head and of one neuron, in the budget's unit."""
-    costs = _Costs(structure, spec, budget)
-    layer = structure.layers[0]
-    dense = _Layer(layer.heads, layer.kv_heads, layer.ffn)
-    head = costs.layer(dense) - costs.layer(_Layer(layer.heads - 1, layer.kv_heads - 1, layer.ffn))
-    neuron = costs.layer(dense) - costs.layer(_Layer(layer.heads, layer.kv_heads, layer.ffn - 1))
-    return costs.total, head, neuron
+    costs = budget.cost_model(structure, spec)
+    h, kv, f = structure.layers[0].heads, structure.layers[0].kv_heads, structure.layers[0].ffn
+    dense = costs.layer(h, kv, f)
+    return costs.total, dense - costs.layer(h - 1, kv - 1, f), dense - costs.layer(h, kv, f - 1)
 
 
 def search_masks(structure: ModelStructure, spec: dict, fisher: Mapping[str, torch.Tensor], budget: Budget,
@@ -109,7 +101,7 @@ def search_masks(structure: ModelStructure, spec: dict, fisher: Mapping[str, tor
     """
     if any(layer.kv_map is not None for layer in structure.layers):
         raise ValueError("search_masks assumes multi-head attention (equal per-head costs); with grouped-query "
-                         "attention select units with structprune.methods.select_units")
+                         "attention select units with structprune.methods.selection.select_units")
     if budget.kind == "latency":
         raise ValueError("search_masks takes a FLOPs or parameter budget; latency budgets go through select_units")
     check_reachable(structure, spec, budget, min_heads, min_neurons)
@@ -185,7 +177,7 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
     Args:
         model: a Hugging Face classifier, a full-size structprune model or a MaskedModel.
         task_data: encoded calibration tensors (labels needed for ``objective="supervised"``).
-        budget: a FLOPs, parameter or latency :class:`~structprune.methods.Budget` (a float: parameters).
+        budget: a FLOPs, parameter or latency :class:`~structprune.budget.Budget` (a float: parameters).
         objective: ``supervised`` (gold labels) or ``pseudo`` (the dense model's predictions).
         max_examples: calibration examples drawn with ``seed`` (``None``: all); Kwon et al. used 2,048.
         grad_batch_size: examples per gradient (the reference used 32).

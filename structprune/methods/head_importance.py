@@ -9,7 +9,7 @@ attention's share can be met.
 
 Pruning is iterative, in ``iterations`` steps: each step scores the units with those removed so far
 masked out (they score 0), selects the units the whole budget would remove
-(:func:`structprune.methods.select_units`), and commits the lowest-scoring ``step / iterations``
+(:func:`structprune.methods.selection.select_units`), and commits the lowest-scoring ``step / iterations``
 of those heads and of those neurons; the last step commits the whole selection, which keeps
 every earlier removal (importance 0 ranks first). Committing a share of a full-budget selection,
 rather than selecting for a share of the budget, keeps a step from removing a cheap useful unit
@@ -27,16 +27,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from structprune.masked import MaskedModel
-from structprune.masks import MaskSet
-from structprune.methods import (
-    DEFAULT_TOLERANCE,
-    Budget,
-    PruneResult,
-    prepare_pruning,
-    result_from_masks,
-    select_units,
-)
+from structprune.masked_model import MaskedModel
+from structprune.maskset import MaskSet
+from structprune.budget import Budget
+from structprune.methods.result import PruneResult, result_from_masks
+from structprune.methods.selection import DEFAULT_TOLERANCE, select_units
+from structprune.methods.setup import prepare_pruning
 from structprune.methods.calibration import gate_gradient, prepare
 
 FLOOR = 1e-12
@@ -91,7 +87,7 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
         objective: ``supervised`` or ``pseudo`` (see :mod:`structprune.methods.calibration`).
         max_examples: calibration examples drawn with ``seed`` (``None``: all); every iteration
             uses the same ones.
-        min_heads, min_neurons, tolerance: see :func:`structprune.methods.select_units`.
+        min_heads, min_neurons, tolerance: see :func:`structprune.methods.selection.select_units`.
     """
     if iterations < 1:
         raise ValueError(f"head_importance: iterations must be >= 1, got {iterations}")

@@ -44,10 +44,13 @@ from structprune.compact import compact
 from structprune.distill import CACHE_LIMIT_BYTES, LayerDistillation, TeacherCache, prediction_loss, teacher_layers
 from structprune.finetune import model_inputs, trim_padding
 from structprune.hardconcrete import HardConcreteGates, max_sparsity
-from structprune.masked import MaskedModel
-from structprune.masks import MASK_NAMES, count_flops, count_params
-from structprune.methods import Budget, PruneResult, as_budget, dense_model
-from structprune.modeling_compact import StructpruneForSequenceClassification
+from structprune.masked_model import MaskedModel
+from structprune.costs import count_flops, count_params
+from structprune.maskset import MASK_NAMES
+from structprune.budget import Budget, as_budget
+from structprune.methods.result import PruneResult
+from structprune.methods.setup import dense_model
+from structprune.modeling_structprune import StructpruneForSequenceClassification
 from structprune.train import Objective, TrainConfig, TrainResult, digest, train
 
 

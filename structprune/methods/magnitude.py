@@ -3,7 +3,7 @@
 The importance of a unit is the squared L2 norm of the weights it owns: a head's query rows and
 output-projection columns (plus its key and value rows under multi-head attention; with
 grouped-query attention key/value heads are shared, so they are left out), a neuron's up (and
-gate) rows and its down-projection column. :func:`structprune.methods.select_units` divides it
+gate) rows and its down-projection column. :func:`structprune.methods.selection.select_units` divides it
 by the unit's cost, so a unit is ranked by its mean squared weight, and removes the smallest.
 No data is needed: ``task_data`` is ignored.
 """
@@ -16,17 +16,12 @@ import torch
 from transformers import PreTrainedModel
 
 from structprune.arch.structure import ModelStructure
-from structprune.masked import MaskedModel
-from structprune.methods import (
-    DEFAULT_TOLERANCE,
-    Budget,
-    PruneResult,
-    as_budget,
-    check_reachable,
-    dense_model,
-    result_from_scores,
-)
-from structprune.modeling_compact import StructpruneForSequenceClassification
+from structprune.masked_model import MaskedModel
+from structprune.budget import Budget, as_budget
+from structprune.methods.result import PruneResult, result_from_scores
+from structprune.methods.selection import DEFAULT_TOLERANCE, check_reachable
+from structprune.methods.setup import dense_model
+from structprune.modeling_structprune import StructpruneForSequenceClassification
 
 
 def _row_groups(weight: torch.Tensor, size: int) -> torch.Tensor:

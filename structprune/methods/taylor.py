@@ -4,10 +4,10 @@ The importance of a unit is ``|g * dL/dg|`` for a gate ``g`` on its output, take
 (Molchanov et al., 2019; Michel et al., 2019 for heads): to first order, the change of the loss
 when the unit is removed. It is summed over a few calibration batches of labelled task data (the
 absolute value is taken per batch, so units whose effect flips sign between batches still count).
-The gates are those of :class:`~structprune.masked.MaskedModel`, so the gradients come from the
+The gates are those of :class:`~structprune.masked_model.MaskedModel`, so the gradients come from the
 same masked forward the rest of the project uses. Weights are not changed.
 
-Units are then removed by :func:`structprune.methods.select_units`: lowest importance per
+Units are then removed by :func:`structprune.methods.selection.select_units`: lowest importance per
 parameter (or per FLOP) first, until the budget is met.
 """
 
@@ -23,14 +23,11 @@ from transformers import PreTrainedModel
 
 from structprune.data import batches
 from structprune.finetune import model_inputs, trim_padding
-from structprune.masked import MaskedModel
-from structprune.methods import (
-    DEFAULT_TOLERANCE,
-    Budget,
-    PruneResult,
-    prepare_pruning,
-    result_from_scores,
-)
+from structprune.masked_model import MaskedModel
+from structprune.budget import Budget
+from structprune.methods.result import PruneResult, result_from_scores
+from structprune.methods.selection import DEFAULT_TOLERANCE
+from structprune.methods.setup import prepare_pruning
 
 
 def taylor_scores(model: MaskedModel, data: Mapping[str, torch.Tensor], batch_size: int = 32,
@@ -83,9 +80,9 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
         model: a Hugging Face classifier, a full-size structprune model or a MaskedModel
             (its own masks, if any, are ignored: the dense model is scored).
         task_data: encoded, labelled calibration tensors (:func:`structprune.data.encode`).
-        budget: a :class:`~structprune.methods.Budget`, or a float parameter sparsity.
+        budget: a :class:`~structprune.budget.Budget`, or a float parameter sparsity.
         batch_size, calib_batches, seed: the calibration batches (see :func:`taylor_scores`).
-        min_heads, min_neurons, tolerance: see :func:`structprune.methods.select_units`.
+        min_heads, min_neurons, tolerance: see :func:`structprune.methods.selection.select_units`.
     """
     inputs = prepare_pruning(model, budget, min_heads, min_neurons)
     budget, full, masked = inputs.budget, inputs.full, inputs.masked

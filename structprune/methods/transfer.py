@@ -97,10 +97,11 @@ from structprune.auxiliary import IGNORE_INDEX, AuxData, MLMHead, classification
 from structprune.distill import LayerDistillation
 from structprune.finetune import FinetuneConfig, finetune, model_inputs, trim_padding
 from structprune.hardconcrete import HardConcreteGates
-from structprune.masked import MaskedModel, effective_gates
-from structprune.methods import Budget, PruneResult
+from structprune.masked_model import MaskedModel, effective_gates
+from structprune.budget import Budget
+from structprune.methods.result import PruneResult
 from structprune.methods.l0 import DistillObjective, L0Config, Lagrangian, finish, prepare, train_config
-from structprune.modeling_compact import StructpruneForSequenceClassification
+from structprune.modeling_structprune import StructpruneForSequenceClassification
 from structprune.train import TrainResult, digest, train
 
 COUPLINGS = ("joint", "separate-masks", "sequential", "intermediate")

@@ -6,7 +6,7 @@ devices, dtypes or head dims the kernels do not cover). The environment variable
 ``STRUCTPRUNE_BACKEND=reference|cpp|triton`` forces one backend; forcing a backend that is not
 available, or that cannot take the given tensors, raises an error that says what to do.
 
-Semantics (shapes, gates, padding) are documented in :mod:`structprune.reference`.
+Semantics (shapes, gates, padding) are documented in :mod:`structprune.ops.reference`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from structprune import reference
+from structprune.ops import reference
 
 BACKENDS = ("reference", "cpp", "triton")
 
@@ -41,7 +41,7 @@ def _triton_module(op: str):
 
 
 def _cpp_supports(op: str, t: torch.Tensor) -> bool:
-    from structprune import _cpp_ops
+    from structprune.ops import cpp as _cpp_ops
 
     return _cpp_ops.supports(op, t)
 
@@ -89,12 +89,12 @@ def masked_attention(
     causal: bool = False,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Softmax attention with a per-head output gate; see :func:`structprune.reference.masked_attention`."""
+    """Softmax attention with a per-head output gate; see :func:`structprune.ops.reference.masked_attention`."""
     backend = backend_for(q, "masked_attention")
     if backend == "triton":
         return _triton_module("masked_attention").masked_attention(q, k, v, head_gate, key_padding_mask, causal, scale)
     if backend == "cpp":
-        from structprune import _cpp_ops
+        from structprune.ops import cpp as _cpp_ops
 
         return _cpp_ops.masked_attention(q, k, v, head_gate, key_padding_mask, causal, scale)
     return reference.masked_attention(q, k, v, head_gate, key_padding_mask, causal, scale)
@@ -110,12 +110,12 @@ def gated_ffn(
     activation: str = "gelu",
     w_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """FFN with a per-neuron gate; see :func:`structprune.reference.gated_ffn`."""
+    """FFN with a per-neuron gate; see :func:`structprune.ops.reference.gated_ffn`."""
     backend = backend_for(x, "gated_ffn")
     if backend == "triton":
         return _triton_module("gated_ffn").gated_ffn(x, w_up, b_up, w_down, b_down, neuron_gate, activation, w_gate)
     if backend == "cpp":
-        from structprune import _cpp_ops
+        from structprune.ops import cpp as _cpp_ops
 
         return _cpp_ops.gated_ffn(x, w_up, b_up, w_down, b_down, neuron_gate, activation, w_gate)
     return reference.gated_ffn(x, w_up, b_up, w_down, b_down, neuron_gate, activation, w_gate)

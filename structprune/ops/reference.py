@@ -14,25 +14,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+from structprune.modeling_structprune import ACTIVATIONS as _TABLE
+from structprune.modeling_structprune import activation as activation_fn
+
+ACTIVATIONS = tuple(_TABLE)
+"""The activation names every backend implements, in the order of their kernel codes (the table is the model's)."""
 
 
-def _live(gate: torch.Tensor) -> torch.Tensor:
+def activation_code(name: str) -> int:
+    """The kernels' code of activation ``name`` (its index in :data:`ACTIVATIONS`); ``ValueError`` if unknown."""
+    activation_fn(name)
+    return ACTIVATIONS.index(name)
+
+
+def live_gate(gate: torch.Tensor) -> torch.Tensor:
     """The gate with exact zeros detached, so removed units get no gradient."""
     return torch.where(gate != 0, gate, torch.zeros_like(gate))
-
-
-def activation_fn(x: torch.Tensor, activation: str) -> torch.Tensor:
-    """Apply one of :data:`ACTIVATIONS` (GELU is the exact erf form, as in BERT)."""
-    if activation == "gelu":
-        return F.gelu(x)
-    if activation == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    if activation == "relu":
-        return F.relu(x)
-    if activation == "silu":
-        return F.silu(x)
-    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
 
 
 def masked_attention(
@@ -76,7 +73,7 @@ def masked_attention(
         scores = scores.masked_fill(future, neg)
     out = torch.matmul(torch.softmax(scores, dim=-1), v)
     if head_gate is not None:
-        gate = _live(head_gate)
+        gate = live_gate(head_gate)
         gate = gate[None, :] if gate.dim() == 1 else gate
         out = out * gate[:, :, None, None].to(out.dtype)
     return out
@@ -107,9 +104,9 @@ def gated_ffn(
     """
     h = F.linear(x, w_up, b_up)
     if w_gate is not None:
-        h = activation_fn(F.linear(x, w_gate), activation) * h
+        h = activation_fn(activation)(F.linear(x, w_gate)) * h
     else:
-        h = activation_fn(h, activation)
+        h = activation_fn(activation)(h)
     if neuron_gate is not None:
-        h = h * _live(neuron_gate).to(h.dtype)
+        h = h * live_gate(neuron_gate).to(h.dtype)
     return F.linear(h, w_down, b_down)

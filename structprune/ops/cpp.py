@@ -7,7 +7,7 @@ Importing this module loads the extension, which registers ``torch.ops.structpru
   ``torch.library.opcheck`` can trace them without running the kernels;
 * autograd formulas that call the backward ops, so the forward ops are differentiable;
 * the wrappers :func:`gated_ffn` and :func:`masked_attention` with the signatures of
-  :mod:`structprune.reference`, which :mod:`structprune.ops` dispatches to;
+  :mod:`structprune.ops.reference`, which :mod:`structprune.ops` dispatches to;
 * :func:`supports`, which tells :mod:`structprune.ops` which tensors the kernels handle.
 
 Raises ``ImportError`` when the extension was not built (pure-Python install).
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from structprune import _C  # noqa: F401  (loading the library registers the ops)
-from structprune.reference import ACTIVATIONS
+from structprune.ops.reference import activation_code
 
 OPS = ("masked_attention", "gated_ffn")
 DTYPES = (torch.float32, torch.float64)
@@ -116,9 +116,8 @@ def gated_ffn(
     activation: str = "gelu",
     w_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """FFN with a per-neuron gate on the C++ kernel; see :func:`structprune.reference.gated_ffn`."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    """FFN with a per-neuron gate on the C++ kernel; see :func:`structprune.ops.reference.gated_ffn`."""
+    activation_code(activation)
     out, _up_pre, _gate_pre = _ops.gated_ffn_fwd(x, w_up, b_up, w_down, b_down, neuron_gate, activation, w_gate)
     return out
 
@@ -192,7 +191,7 @@ def masked_attention(
     causal: bool = False,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Gated attention on the C++ kernel; see :func:`structprune.reference.masked_attention`."""
+    """Gated attention on the C++ kernel; see :func:`structprune.ops.reference.masked_attention`."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     out, _lse = _ops.masked_attention_fwd(q, k, v, head_gate, key_padding_mask, causal, scale)
     return out

@@ -13,11 +13,8 @@ per-unit factors for kept units (e.g. from mask tuning); compaction folds them i
 down-proj input columns.
 
 A sublayer is removed when its layer mask is 0 or all of its heads / neurons are, and then it
-adds nothing to the residual stream (bias included). Sparsity is counted over the parameters of
-attention and FFN projections (weights and biases); embeddings, norms and the classification head
-are excluded, as in CoFiPruning. FLOPs count multiply-adds as 2 FLOPs per example at a stated
-sequence length (projections, attention scores and context, FFN, the ELECTRA embedding
-projection).
+adds nothing to the residual stream (bias included). Sparsity and FLOPs are counted by
+:mod:`structprune.costs`.
 """
 
 from __future__ import annotations
@@ -33,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from structprune.arch.structure import LayerStructure, ModelStructure
+from structprune.costs import count_flops, count_params
 from structprune.io import atomic_dir, atomic_write_text
 
 MASK_NAMES = ("attn_layer", "head", "ffn_layer", "neuron", "hidden")
@@ -216,37 +214,6 @@ class MaskSet:
         if sorted(masks) != info.get("masks") or sorted(scales) != info.get("scales"):
             raise MaskError(f"{tensor_path} and {info_path} disagree on which masks exist; re-create the masks")
         return cls(masks, scales, info.get("meta", {}))
-
-
-def count_params(structure: ModelStructure, spec: dict) -> int:
-    """Parameters of attention and FFN projections (weights + biases) of a structure."""
-    D, hd = structure.hidden_size, structure.head_dim
-    total = 0
-    for layer in structure.layers:
-        if layer.heads:
-            q, kv = layer.heads * hd, layer.kv_heads * hd
-            total += (q + 2 * kv) * D + q * D
-            total += (q + 2 * kv) * spec["qkv_bias"] + D * spec["o_bias"]
-        if layer.ffn:
-            mats = 3 if structure.gated_ffn else 2
-            total += mats * layer.ffn * D + (layer.ffn + D) * spec["ffn_bias"]
-    return total
-
-
-def count_flops(structure: ModelStructure, spec: dict, seq_len: int) -> int:
-    """Forward FLOPs of one example of length ``seq_len`` (2 per multiply-add)."""
-    D, hd, S = structure.hidden_size, structure.head_dim, seq_len
-    macs = 0
-    if spec.get("embedding_project"):
-        macs += S * spec["embedding_size"] * D
-    for layer in structure.layers:
-        if layer.heads:
-            q, kv = layer.heads * hd, layer.kv_heads * hd
-            macs += S * D * (2 * q + 2 * kv)  # q, o and k, v projections
-            macs += 2 * S * S * q  # scores and context
-        if layer.ffn:
-            macs += S * D * layer.ffn * (3 if structure.gated_ffn else 2)
-    return 2 * macs
 
 
 def random_masks(structure: ModelStructure, generator: torch.Generator, keep: float = 0.5,

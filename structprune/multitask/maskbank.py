@@ -2,9 +2,9 @@
 
 Training-free methods never change weights, so a single base model can serve many tasks, each with
 its own pruned structure. :func:`build_bank` prunes each task's view of a
-:class:`~structprune.multitask.MultiTaskModel` (shared encoder, that task's head) with any method of
+:class:`~structprune.multitask.model.MultiTaskModel` (shared encoder, that task's head) with any method of
 the registry (``fisher`` by default) on that task's calibration data. The bank is saved *next to
-the base model*, in ``<model folder>/maskbank/<task>/`` (one :class:`~structprune.masks.MaskSet`
+the base model*, in ``<model folder>/maskbank/<task>/`` (one :class:`~structprune.maskset.MaskSet`
 folder per task) with ``maskbank/bank.json`` indexing them; :meth:`MaskBank.apply` gives a task's
 masked model and :meth:`MaskBank.compact` its physically smaller model.
 """
@@ -22,11 +22,12 @@ import torch
 from structprune.arch.structure import ModelStructure
 from structprune.compact import compact
 from structprune.io import atomic_write_text
-from structprune.masked import MaskedModel
-from structprune.masks import MaskSet
-from structprune.methods import Budget, get_method
-from structprune.modeling_compact import StructpruneForSequenceClassification
-from structprune.multitask import MultiTaskModel
+from structprune.masked_model import MaskedModel
+from structprune.maskset import MaskSet
+from structprune.budget import Budget
+from structprune.methods import get_method
+from structprune.modeling_structprune import StructpruneForSequenceClassification
+from structprune.multitask.model import MultiTaskModel
 
 BANK_FOLDER = "maskbank"
 INDEX_FILE = "bank.json"
@@ -71,7 +72,7 @@ class MaskBank:
         """Read the bank saved next to the model in ``model_dir`` (safetensors and JSON only)."""
         root = Path(model_dir) / BANK_FOLDER
         if not (root / INDEX_FILE).is_file():
-            raise ValueError(f"no mask bank at {root}: build one with structprune.maskbank.build_bank and save it")
+            raise ValueError(f"no mask bank at {root}: build one with structprune.multitask.maskbank.build_bank and save it")
         index = _read_index(root)
         return cls({task: MaskSet.load(root / task) for task in index}, index)
 

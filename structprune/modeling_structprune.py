@@ -63,17 +63,21 @@ def structure_section(config: PretrainedConfig) -> dict:
     return section
 
 
+ACTIVATIONS = {
+    "gelu": F.gelu,  # exact erf form, as in BERT
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+"""Every activation structprune models use, by the name their spec stores. The one table: the masked ops and
+kernels take these names too."""
+
+
 def activation(name: str):
-    """Activation function by name (GELU is the exact erf form, as in BERT)."""
-    table = {
-        "gelu": F.gelu,
-        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-        "relu": F.relu,
-        "silu": F.silu,
-    }
-    if name not in table:
-        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(table)}")
-    return table[name]
+    """Activation function by name (see :data:`ACTIVATIONS`)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {tuple(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
 
 
 @dataclass

@@ -2,9 +2,9 @@
 
 :class:`MultiTaskModel` holds a full-size structprune model (the shared encoder; its own head is
 the first task's) and a head per task. :meth:`MultiTaskModel.task_model` returns an ordinary
-:class:`~structprune.modeling_compact.StructpruneForSequenceClassification` for one task that
+:class:`~structprune.modeling_structprune.StructpruneForSequenceClassification` for one task that
 *shares* the encoder's parameters and carries that task's head, so every function of the project
-(pruning methods, :class:`~structprune.masked.MaskedModel`, ``compact()``, ``export()``) works on
+(pruning methods, :class:`~structprune.masked_model.MaskedModel`, ``compact()``, ``export()``) works on
 one task at a time without a second forward implementation.
 
 :func:`finetune_multitask` trains the encoder and all heads together: the batches of all tasks
@@ -33,7 +33,7 @@ from structprune.compact import from_pretrained, save
 from structprune.data import batches
 from structprune.finetune import FinetuneConfig, model_inputs, trim_padding
 from structprune.io import atomic_write_text
-from structprune.modeling_compact import SECTION, ClassificationHead, StructpruneForSequenceClassification
+from structprune.modeling_structprune import SECTION, ClassificationHead, StructpruneForSequenceClassification
 
 HEADS_FILE = "heads.safetensors"
 TASKS_FILE = "tasks.json"

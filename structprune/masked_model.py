@@ -1,7 +1,7 @@
 """``MaskedModel``: a dense model whose units are gated, running attention and FFN on ``structprune.ops``.
 
-Gates (named as in :mod:`structprune.masks`) multiply head outputs, FFN neurons, whole sublayers and
-hidden dimensions. Frozen masks come from a :class:`~structprune.masks.MaskSet`; learned methods pass
+Gates (named as in :mod:`structprune.maskset`) multiply head outputs, FFN neurons, whole sublayers and
+hidden dimensions. Frozen masks come from a :class:`~structprune.maskset.MaskSet`; learned methods pass
 differentiable gate tensors to :meth:`MaskedModel.forward` instead. Either way the removal rules of
 DESIGN.md hold: a sublayer whose layer gate is 0, or whose heads / neurons are all 0, adds nothing to
 the residual stream, and with a hidden mask norms take statistics over the kept dimensions only.
@@ -20,8 +20,8 @@ from transformers import PreTrainedModel
 from structprune import ops
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
-from structprune.masks import MaskSet
-from structprune.modeling_compact import (
+from structprune.maskset import MaskSet
+from structprune.modeling_structprune import (
     Attention,
     AttentionContext,
     FeedForward,
@@ -48,7 +48,7 @@ def _attention(x: torch.Tensor, attn: Attention, ctx: AttentionContext, rope, he
     With a head gate on the CPU, only the alive heads are computed at all: their rows of the q/k/v
     weights and columns of the o weights are gathered (differentiably, so dead heads' weights get
     exact zero gradients), as :func:`structprune.compact.compact` would keep them. A key/value head
-    is kept when any query head of its group is (the GQA rule of :mod:`structprune.masks`).
+    is kept when any query head of its group is (the GQA rule of :mod:`structprune.maskset`).
     """
     if _cpu_autocast(x):
         return attn.eager(x, ctx, rope, head_gate)

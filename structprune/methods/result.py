@@ -1,0 +1,53 @@
+"""What a pruning method returns, and the one way scoring methods turn importances into it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from structprune.arch.structure import ModelStructure
+from structprune.budget import Budget
+from structprune.maskset import MaskSet
+from structprune.methods.selection import select_per_layer, select_units
+from structprune.modeling_structprune import StructpruneForSequenceClassification
+
+
+@dataclass
+class PruneResult:
+    """What a method returns: frozen masks, updated weights (methods that train them) and a log."""
+
+    masks: MaskSet
+    weights: dict[str, torch.Tensor] | None
+    log: dict
+
+
+PruneFn = Callable[..., PruneResult]
+
+
+def result_from_scores(method: str, model: StructpruneForSequenceClassification, scores: Mapping[str, torch.Tensor],
+                       budget: Budget, options: Mapping[str, object], log: Mapping[str, object]) -> PruneResult:
+    """Select units from ``scores`` (see :func:`select_units`) and record what was done.
+
+    ``options`` are the method's settings (stored in the masks' metadata, so a mask folder says
+    how it was made); they must include ``min_heads``, ``min_neurons`` and ``tolerance``.
+    """
+    structure = ModelStructure.from_spec(model.spec)
+    select = select_per_layer if options.get("scope") == "layer" else select_units
+    masks = select(structure, model.spec, scores, budget, options["min_heads"], options["min_neurons"],
+                   options["tolerance"])
+    return result_from_masks(method, model, masks, budget, options, log)
+
+
+def result_from_masks(method: str, model: StructpruneForSequenceClassification, masks: MaskSet, budget: Budget,
+                      options: Mapping[str, object], log: Mapping[str, object]) -> PruneResult:
+    """The :class:`PruneResult` of ``masks``: a summary (with the predicted latency reduction under a
+    latency budget) and the method's settings in the masks' metadata."""
+    structure = ModelStructure.from_spec(model.spec)
+    summary = masks.summary(structure, model.spec, seq_len=budget.seq_len)
+    if budget.kind == "latency":
+        summary["latency_reduction_predicted"] = budget.cost_model(structure, model.spec).reduction(
+            masks.resolve(structure))
+    masks.meta = {"method": method, "budget": budget.as_dict(), "options": dict(options)}
+    return PruneResult(masks, None, {**log, "method": method, "achieved": budget.achieved(summary), "summary": summary})
