@@ -29,8 +29,7 @@ import torch.nn.functional as F
 
 from bench_transfer import TransferRunner
 from structprune import bench
-from structprune.distill import TeacherCache, prediction_loss
-from structprune.finetune import model_inputs, trim_padding
+from structprune.data.encoding import model_inputs, trim_padding
 from structprune.budget import Budget
 from structprune.methods import l0
 from structprune.methods.transfer import TransferConfig, TransferObjective, cosine, flat_gradient

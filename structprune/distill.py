@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from structprune.finetune import model_inputs, trim_padding
+from structprune.data.encoding import model_inputs, trim_padding
 
 
 def prediction_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -9,7 +9,7 @@ deterministic on a given machine and thread count (the shuffle order and dropout
 
 :func:`evaluate` scores a model, or an ONNX Runtime session, with :mod:`structprune.metrics`.
 
-Batches are cut to their longest real sequence (:func:`trim_padding`): ``encode`` pads every row
+Batches are cut to their longest real sequence (:func:`structprune.data.encoding.trim_padding`): ``encode`` pads every row
 to the longest example of the whole data set, and most batches need far fewer columns.
 """
 
@@ -24,31 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from structprune.data import TaskSpec, batches
+from structprune.data import TaskSpec
+from structprune.data.encoding import batches, model_inputs, trim_padding
 from structprune.metrics import compute_metrics
 from structprune.train import Objective, TrainConfig, TrainResult, train
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors of ``batch`` a model takes as inputs (labels and extra tokenizer fields left out)."""
-    return {name: batch[name] for name in MODEL_INPUTS if name in batch}
-
-
-def trim_padding(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``batch`` without trailing columns that are padding in every row.
-
-    Exact for right and left padding alike: only columns after the last real token of every
-    row go, which no real token attends to and no classifier reads.
-    """
-    mask = batch.get("attention_mask")
-    if mask is None or mask.ndim != 2:
-        return dict(batch)
-    real = mask.any(0).nonzero()
-    length = int(real.max()) + 1 if len(real) else 1
-    return {name: t[:, :length] if t.ndim == 2 and t.shape[1] == mask.shape[1] else t for name, t in batch.items()}
-
 
 def _num_rows(encoded: Mapping[str, torch.Tensor], what: str) -> int:
     if "input_ids" not in encoded or len(encoded["input_ids"]) == 0:

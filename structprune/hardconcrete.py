@@ -34,7 +34,7 @@ first), as few as bring the masks within ``tolerance`` (bisection over the ranke
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

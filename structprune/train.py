@@ -46,7 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import structprune
-from structprune.data import batches
+from structprune.data.encoding import batches
 from structprune.io import atomic_file, atomic_write_text
 from structprune.precision import bf16_autocast
 

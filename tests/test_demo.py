@@ -13,13 +13,8 @@ from transformers import BertConfig, BertForSequenceClassification
 from structprune.arch import from_hf
 from structprune.cli import main
 from structprune.data import TaskSpec
-from structprune.finetune import (
-    FinetuneConfig,
-    evaluate,
-    finetune,
-    predict,
-    trim_padding,
-)
+from structprune.data.encoding import trim_padding
+from structprune.finetune import FinetuneConfig, evaluate, finetune, predict
 from structprune.report import Comparison, ModelResult, write_report
 
 NUMBER = re.compile(r"\d+\.\d+")

@@ -22,7 +22,8 @@ from structprune.arch.structure import ModelStructure
 from structprune.compact import compact, from_pretrained
 from structprune.data import get_task
 from structprune.distill import LayerDistillation, TeacherCache, prediction_loss, teacher_layers
-from structprune.finetune import mark_task, model_inputs, trim_padding
+from structprune.data.encoding import model_inputs, trim_padding
+from structprune.finetune import mark_task
 from structprune.budget import Budget
 from structprune.methods import l0
 from tests.test_cli import cli, make_model, ok, write_task

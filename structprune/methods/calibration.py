@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from structprune.finetune import model_inputs, trim_padding
+from structprune.data.encoding import model_inputs, trim_padding
 from structprune.masked_model import MaskedModel
 
 OBJECTIVES = ("supervised", "pseudo", "entropy")

@@ -42,7 +42,7 @@ from transformers import PreTrainedModel
 from structprune.arch.structure import ModelStructure
 from structprune.compact import compact
 from structprune.distill import CACHE_LIMIT_BYTES, LayerDistillation, TeacherCache, prediction_loss, teacher_layers
-from structprune.finetune import model_inputs, trim_padding
+from structprune.data.encoding import model_inputs, trim_padding
 from structprune.hardconcrete import HardConcreteGates, max_sparsity
 from structprune.masked_model import MaskedModel
 from structprune.costs import count_flops, count_params

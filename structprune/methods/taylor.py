@@ -21,8 +21,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from structprune.data import batches
-from structprune.finetune import model_inputs, trim_padding
+from structprune.data.encoding import batches
+from structprune.data.encoding import model_inputs, trim_padding
 from structprune.masked_model import MaskedModel
 from structprune.budget import Budget
 from structprune.methods.result import PruneResult, result_from_scores

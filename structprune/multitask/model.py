@@ -30,8 +30,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from structprune.compact import from_pretrained, save
-from structprune.data import batches
-from structprune.finetune import FinetuneConfig, model_inputs, trim_padding
+from structprune.data.encoding import batches
+from structprune.data.encoding import model_inputs, trim_padding
+from structprune.finetune import FinetuneConfig
 from structprune.io import atomic_write_text
 from structprune.modeling_structprune import SECTION, ClassificationHead, StructpruneForSequenceClassification
 
