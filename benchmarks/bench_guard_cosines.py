@@ -32,7 +32,9 @@ from structprune import bench
 from structprune.data.encoding import model_inputs, trim_padding
 from structprune.budget import Budget
 from structprune.methods import l0
-from structprune.methods.transfer import TransferConfig, TransferObjective, cosine, flat_gradient
+from structprune.transfer import TransferConfig
+from structprune.transfer.guard import cosine, flat_gradient
+from structprune.transfer.objective import TransferObjective
 
 HERE = Path(__file__).resolve().parent
 CSV = HERE / "results" / "guard_cosines.csv"

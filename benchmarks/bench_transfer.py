@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 
 from bench_l0 import FLOPS_SEQ, MAX_LENGTH, Runner, _cell, _done, _settings_key
-from structprune import bench
-from structprune.auxiliary import load_auxiliary, parse_aux
+from structprune import bench, transfer
 from structprune.data import load_task
 from structprune.budget import Budget
-from structprune.methods import l0, transfer
+from structprune.methods import l0
+from structprune.transfer.sources import load_auxiliary, parse_aux
 
 HERE = Path(__file__).resolve().parent
 CSV = HERE / "results" / "transfer.csv"

@@ -19,6 +19,7 @@ The rules:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import csv
 import io
 import os
@@ -349,3 +350,26 @@ def append_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, object]]) ->
     atomic_write_text(path, buffer.getvalue())
     os.chmod(path, mode)
     return path
+
+
+def speedup_table(stats: Mapping[str, LatencyStats], ideal: float, header: str) -> str:
+    """A dense-vs-pruned latency table (``stats`` keyed ``dense`` and ``pruned``), the measured and ideal speedup."""
+    lines = [header, f"{'model':<8} {'median ms':>10} {'p10 ms':>9} {'p90 ms':>9}"]
+    lines += [f"{name:<8} {s.median_ms:>10.2f} {s.p10_ms:>9.2f} {s.p90_ms:>9.2f}" for name, s in stats.items()]
+    lines.append(f"speedup: measured {stats['dense'].median_ms / stats['pruned'].median_ms:.2f}x, "
+                 f"FLOPs-ideal {ideal:.2f}x")
+    return "\n".join(lines)
+
+
+def load_warning(cores: float | None, max_cores: float = 0.2) -> str | None:
+    """What to tell the user when other processes used more than ``max_cores`` while timing."""
+    if cores is None or cores <= max_cores:
+        return None
+    return (f"warning: other processes kept {cores:.2f} cores busy while timing; the latencies are inflated and "
+            "noisy, measure again on a quiet machine")
+
+
+def csv_rows(stats: Mapping[str, LatencyStats], settings: Mapping[str, object]) -> list[dict[str, object]]:
+    """One CSV row per timed model: machine, ``settings`` and its statistics."""
+    machine = machine_info()
+    return [machine | dict(settings) | {"model": name} | dataclasses.asdict(s) for name, s in stats.items()]

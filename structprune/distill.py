@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from structprune.data.encoding import model_inputs, trim_padding
+from structprune.modeling_structprune import StructpruneForSequenceClassification
 
 
 def prediction_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -167,3 +168,24 @@ class TeacherCache:
 _ATTRIBUTE = "_structprune_teacher_cache"
 CACHE_LIMIT_BYTES = 2 * 1024**3
 """Largest :class:`TeacherCache` the learned methods build; above it they run the teacher at every step."""
+
+
+def check_teacher(teacher: StructpruneForSequenceClassification, student: StructpruneForSequenceClassification,
+                  task_name: str | None = None, label_names: tuple[str, ...] | None = None) -> None:
+    """Raise ``ValueError`` when ``teacher`` cannot teach ``student`` (task, labels or vocabulary differ)."""
+    t, s = teacher.spec, student.spec
+    if t["num_labels"] != s["num_labels"]:
+        raise ValueError(f"the teacher has {t['num_labels']} outputs but the student has {s['num_labels']}: "
+                         "use a teacher fine-tuned on the same task (same labels)")
+    if t["vocab_size"] != s["vocab_size"]:
+        raise ValueError(f"the teacher's vocabulary ({t['vocab_size']} tokens) differs from the student's "
+                         f"({s['vocab_size']}): teacher and student must share a tokenizer")
+    trained_on = getattr(teacher.config, "finetuned_task", None)
+    if task_name is not None and trained_on and trained_on != task_name:
+        raise ValueError(f"the teacher was fine-tuned on {trained_on!r}, not on {task_name!r}: use a teacher "
+                         f"fine-tuned on {task_name!r} (structprune finetune --task {task_name})")
+    if label_names is not None and trained_on:
+        labels = tuple(teacher.config.id2label[i] for i in range(len(teacher.config.id2label)))
+        if labels != tuple(label_names):
+            raise ValueError(f"the teacher's labels {labels} differ from the task's {tuple(label_names)}: "
+                             "use a teacher fine-tuned on this task")

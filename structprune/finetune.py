@@ -15,9 +15,12 @@ to the longest example of the whole data set, and most batches need far fewer co
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +30,8 @@ from torch import nn
 from structprune.data import TaskSpec
 from structprune.data.encoding import batches, model_inputs, trim_padding
 from structprune.metrics import compute_metrics
-from structprune.train import Objective, TrainConfig, TrainResult, train
+from structprune.modeling_structprune import StructpruneForSequenceClassification
+from structprune.train import Objective, TrainConfig, TrainResult, digest, train
 
 def _num_rows(encoded: Mapping[str, torch.Tensor], what: str) -> int:
     if "input_ids" not in encoded or len(encoded["input_ids"]) == 0:
@@ -150,3 +154,24 @@ def evaluate(model, encoded: Mapping[str, torch.Tensor], task: TaskSpec, batch_s
     if "labels" not in encoded:
         raise ValueError(f"{task.name}: the data has no labels, so there is nothing to score against")
     return compute_metrics(task, predict(model, encoded, batch_size), encoded["labels"])
+
+
+def _fine_tuned_for(model: StructpruneForSequenceClassification, task_name: str) -> bool:
+    return getattr(model.config, "finetuned_task", None) == task_name
+
+
+def dense_teacher(model: StructpruneForSequenceClassification, train_enc: Mapping[str, torch.Tensor], task: TaskSpec,
+                  dense_config: FinetuneConfig, checkpoint_dir: Path | None, progress: bool = True,
+                  model_name: str = "model", tag: str = "l0") -> tuple[StructpruneForSequenceClassification, bool]:
+    """(the dense teacher, whether it was fine-tuned here): ``model`` itself when its config says it was
+    fine-tuned on ``task``, else a copy fine-tuned on ``train_enc`` (resumable under ``checkpoint_dir/dense``)."""
+    if _fine_tuned_for(model, task.name):
+        return model, False
+    dense = copy.deepcopy(model)
+    print(f"[{tag}] {model_name} is not fine-tuned on {task.name}: fine-tuning the dense teacher first", flush=True)
+    finetune(dense, train_enc, dense_config, progress=progress, description="dense fine-tune",
+             checkpoint_dir=None if checkpoint_dir is None else checkpoint_dir / "dense",
+             fingerprint={"task": task.name, "data": digest(train_enc), "model": digest(model.state_dict()),
+                          "config": dataclasses.asdict(dense_config)})
+    mark_task(dense, task)
+    return dense, True

@@ -29,11 +29,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from structprune.arch.structure import LayerStructure, ModelStructure
+from structprune.arch.structure import UNIT_NAMES, LayerStructure, ModelStructure
 from structprune.costs import count_flops, count_params
 from structprune.io import atomic_dir, atomic_write_text
 
-MASK_NAMES = ("attn_layer", "head", "ffn_layer", "neuron", "hidden")
+MASK_NAMES = UNIT_NAMES
 SCALE_NAMES = ("head", "neuron")
 MASKS_FILE = "masks.safetensors"
 SUMMARY_FILE = "masks.json"

@@ -154,7 +154,8 @@ from tests.test_methods import encoded_data
 from structprune.compact import compact
 from structprune.arch import from_hf
 from structprune.budget import Budget
-from structprune.methods import l0, transfer
+from structprune import transfer
+from structprune.methods import l0
 from structprune.train import digest, init_distributed
 torch.set_num_threads(1)
 out, checkpoints, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -165,7 +166,7 @@ config = l0.L0Config(prune_epochs=steps / 4, finetune_epochs=1.5, batch_size=16,
 data = encoded_data(2, rows=64)
 checkpoint_dir = None if checkpoints == "-" else checkpoints
 if method == "transfer":
-    from tests.test_transfer import toy_aux
+    from tests.transfer.transfer_support import toy_aux
     result = transfer.prune(tiny_bert(), data, Budget(0.5), aux=[toy_aux()],
                             config=transfer.TransferConfig(l0=config, coupling=coupling or "separate-masks",
                                                            guard="cosine"),

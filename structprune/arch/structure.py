@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+UNIT_NAMES = ("attn_layer", "head", "ffn_layer", "neuron", "hidden")
+"""The prunable units: whole attention / FFN sublayers, query heads, FFN neurons, hidden dimensions."""
+
 
 @dataclass(frozen=True)
 class LayerStructure:

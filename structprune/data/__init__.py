@@ -17,7 +17,7 @@ the VADER corpora, and tokenisation.
 
 from importlib import import_module
 
-from structprune.data.readers import load_file
+from structprune.data.readers import is_task_file, load_file
 from structprune.data.registry import TASKS, get_task, list_tasks, load_task, load_vader
 from structprune.data.root import DATA_DIR_ENV, default_data_dir, resolve_data_dir
 from structprune.data.splits import HELD_OUT_FRACTION, MIN_HELD_OUT, SPLIT_SEED
@@ -69,6 +69,7 @@ __all__ = [
     "encode",
     "fetch_vader",
     "get_task",
+    "is_task_file",
     "list_tasks",
     "load_file",
     "load_task",

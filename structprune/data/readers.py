@@ -35,6 +35,11 @@ FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}
 """File extension -> format understood by :func:`load_file`."""
 
 
+def is_task_file(name: str | os.PathLike[str]) -> bool:
+    """Whether ``name`` names a task file :func:`load_file` reads (by its extension) rather than a built-in task."""
+    return Path(name).suffix.lower() in FORMATS
+
+
 def read_lines(path: Path, encoding: str = "utf-8") -> list[str]:
     """The lines of a text file, split on ``\\n`` only, without ``\\r``, BOM or final empty line.
 

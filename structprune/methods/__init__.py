@@ -18,29 +18,81 @@ first use.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from importlib import import_module
 
-METHODS: dict[str, str] = {
-    "attribution": "structprune.methods.attribution",
-    "fisher": "structprune.methods.fisher",
-    "head_importance": "structprune.methods.head_importance",
-    "l0": "structprune.methods.l0",
-    "magnitude": "structprune.methods.magnitude",
-    "taylor": "structprune.methods.taylor",
-    "transfer": "structprune.methods.transfer",
+
+@dataclass(frozen=True)
+class Method:
+    """A registry entry: where the method lives and what it declares about itself (all by name, so reading
+    the registry imports nothing)."""
+
+    module: str
+    """Module whose ``prune(model, task_data, budget, **options)`` implements the method."""
+    summary: str
+    options: str
+    """``module:attribute`` of its ``keyword -> Option`` mapping (:mod:`structprune.methods.options`)."""
+    learned: bool = False
+    """Trains weights (the result carries them): it takes ``teacher`` and ``checkpoint_dir``, and its output is
+    the whole pipeline (:mod:`structprune.pipeline`), not a masks folder alone."""
+    inputs: str | None = None
+    """``module:attribute`` of a function building extra inputs from the user's data (e.g. auxiliary tasks)."""
+
+
+def _resolve(reference: str):
+    module, attribute = reference.split(":")
+    return getattr(import_module(module), attribute)
+
+
+_OPTIONS = "structprune.methods.options:"
+
+METHODS: Mapping[str, Method] = {
+    "attribution": Method("structprune.methods.attribution", "integrated-gradients attribution of gates "
+                          "(training-free)", _OPTIONS + "ATTRIBUTION"),
+    "fisher": Method("structprune.methods.fisher", "Fisher mask search and mask tuning, Kwon et al. 2022 "
+                     "(training-free)", _OPTIONS + "FISHER"),
+    "head_importance": Method("structprune.methods.head_importance", "iterative head importance, Michel et al. "
+                              "2019 (training-free)", _OPTIONS + "HEAD_IMPORTANCE"),
+    "l0": Method("structprune.methods.l0", "learned hard-concrete masks with distillation, CoFiPruning",
+                 _OPTIONS + "L0", learned=True),
+    "magnitude": Method("structprune.methods.magnitude", "weight magnitude (no data)", _OPTIONS + "MAGNITUDE"),
+    "taylor": Method("structprune.methods.taylor", "first-order Taylor importance", _OPTIONS + "TAYLOR"),
+    "transfer": Method("structprune.transfer", "l0 helped by auxiliary tasks under limited data",
+                       "structprune.transfer.config:OPTIONS", learned=True,
+                       inputs="structprune.transfer.sources:method_inputs"),
 }
-"""Every pruning method by name: the module whose ``prune`` implements it."""
+"""Every pruning method by name."""
 
 
 def list_methods() -> list[str]:
     return sorted(METHODS)
 
 
-def get_method(name: str) -> Callable:
-    """The ``prune`` function of method ``name``, or a ``ValueError`` listing the methods."""
+def method(name: str) -> Method:
+    """The registry entry of ``name``, or a ``ValueError`` listing the methods."""
     if name not in METHODS:
         close = difflib.get_close_matches(name, list(METHODS), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown pruning method {name!r}.{hint} Available methods: {', '.join(list_methods())}")
-    return import_module(METHODS[name]).prune
+    return METHODS[name]
+
+
+def get_method(name: str) -> Callable:
+    """The ``prune`` function of method ``name``."""
+    return import_module(method(name).module).prune
+
+
+def method_options(name: str) -> Mapping:
+    """``keyword -> Option`` of method ``name``: the settings a user can give it (imports no torch)."""
+    return _resolve(method(name).options)
+
+
+def is_learned(name: str) -> bool:
+    return method(name).learned
+
+
+def inputs_builder(name: str) -> Callable | None:
+    """The function building method ``name``'s extra inputs from the user's data, if it has one."""
+    entry = method(name)
+    return None if entry.inputs is None else _resolve(entry.inputs)

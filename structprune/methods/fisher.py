@@ -240,5 +240,5 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
                "tune": tune, "tune_examples": tune_examples, "teacher": teacher, "rearrange": rearrange_masks,
                "damping": damping, "min_heads": min_heads, "min_neurons": min_neurons, "bf16": bf16, "seed": seed}
     log = {"fisher": fisher, "seconds": seconds, "scoring_seconds": seconds["total"],
-           "tuning": [asdict(fit) for fit in fits]}
+           "calibration_examples": sum(len(b["input_ids"]) for b in batches), "tuning": [asdict(fit) for fit in fits]}
     return result_from_masks("fisher", full, masks, budget, options, log)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -41,69 +40,24 @@ from transformers import PreTrainedModel
 
 from structprune.arch.structure import ModelStructure
 from structprune.compact import compact
-from structprune.distill import CACHE_LIMIT_BYTES, LayerDistillation, TeacherCache, prediction_loss, teacher_layers
+from structprune.distill import (
+    CACHE_LIMIT_BYTES,
+    LayerDistillation,
+    TeacherCache,
+    check_teacher,
+    prediction_loss,
+    teacher_layers,
+)
 from structprune.data.encoding import model_inputs, trim_padding
 from structprune.hardconcrete import HardConcreteGates, max_sparsity
 from structprune.masked_model import MaskedModel
 from structprune.costs import count_flops, count_params
-from structprune.maskset import MASK_NAMES
 from structprune.budget import Budget, as_budget
+from structprune.methods.options import L0Config
 from structprune.methods.result import PruneResult
 from structprune.methods.setup import dense_model
 from structprune.modeling_structprune import StructpruneForSequenceClassification
 from structprune.train import Objective, TrainConfig, TrainResult, digest, train
-
-
-@dataclass(frozen=True)
-class L0Config:
-    """Settings of the ``l0`` method (defaults: CoFi's design, step counts sized for ~1,000 examples).
-
-    ``max_steps`` caps each phase (smoke tests). Learning rates: ``lr`` for the model weights and
-    the distillation map (linear warm-up over ``lr_warmup_ratio``, then decay), ``gate_lr`` and
-    ``lambda_lr`` constant.
-    """
-
-    granularities: tuple[str, ...] = MASK_NAMES
-    prune_epochs: float = 10.0
-    finetune_epochs: float = 5.0
-    sparsity_warmup: float = 0.5
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 5e-5
-    gate_lr: float = 0.05
-    lambda_lr: float = 0.05
-    weight_decay: float = 0.01
-    lr_warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    init_log_alpha: float = 2.0
-    task_weight: float = 0.5
-    pred_weight: float = 0.5
-    layer_weight: float = 0.5
-    temperature: float = 2.0
-    tolerance: float = 0.005
-    seed: int = 0
-    checkpoint_every: int | None = 50
-    max_steps: int | None = None
-
-    def __post_init__(self) -> None:
-        unknown = set(self.granularities) - set(MASK_NAMES)
-        if not self.granularities or unknown:
-            raise ValueError(f"granularities must be a non-empty subset of {MASK_NAMES}, "
-                             f"got {list(self.granularities)}")
-        if self.prune_epochs <= 0 or self.finetune_epochs < 0:
-            raise ValueError(f"need prune_epochs > 0 and finetune_epochs >= 0, got {self.prune_epochs} and "
-                             f"{self.finetune_epochs}")
-        if not 0 <= self.sparsity_warmup <= 1:
-            raise ValueError(f"sparsity_warmup is a share of the pruning phase, in [0, 1]; got {self.sparsity_warmup}")
-        if min(self.lr, self.gate_lr, self.lambda_lr, self.temperature) <= 0:
-            raise ValueError("lr, gate_lr, lambda_lr and temperature must be > 0")
-        if min(self.task_weight, self.pred_weight, self.layer_weight) < 0 or not (
-                self.task_weight or self.pred_weight or self.layer_weight):
-            raise ValueError("loss weights must be >= 0 and not all 0")
-
-    def steps(self, epochs: float, rows: int) -> int:
-        steps = math.ceil(epochs * math.ceil(rows / self.batch_size))
-        return steps if self.max_steps is None else min(steps, self.max_steps)
 
 
 class Lagrangian(nn.Module):
@@ -210,27 +164,6 @@ class DistillObjective(Objective):
             loss = loss + penalty
             values |= more
         return loss, values
-
-
-def check_teacher(teacher: StructpruneForSequenceClassification, student: StructpruneForSequenceClassification,
-                  task_name: str | None = None, label_names: tuple[str, ...] | None = None) -> None:
-    """Raise ``ValueError`` when ``teacher`` cannot teach ``student`` (task, labels or vocabulary differ)."""
-    t, s = teacher.spec, student.spec
-    if t["num_labels"] != s["num_labels"]:
-        raise ValueError(f"the teacher has {t['num_labels']} outputs but the student has {s['num_labels']}: "
-                         "use a teacher fine-tuned on the same task (same labels)")
-    if t["vocab_size"] != s["vocab_size"]:
-        raise ValueError(f"the teacher's vocabulary ({t['vocab_size']} tokens) differs from the student's "
-                         f"({s['vocab_size']}): teacher and student must share a tokenizer")
-    trained_on = getattr(teacher.config, "finetuned_task", None)
-    if task_name is not None and trained_on and trained_on != task_name:
-        raise ValueError(f"the teacher was fine-tuned on {trained_on!r}, not on {task_name!r}: use a teacher "
-                         f"fine-tuned on {task_name!r} (structprune finetune --task {task_name})")
-    if label_names is not None and trained_on:
-        labels = tuple(teacher.config.id2label[i] for i in range(len(teacher.config.id2label)))
-        if labels != tuple(label_names):
-            raise ValueError(f"the teacher's labels {labels} differ from the task's {tuple(label_names)}: "
-                             "use a teacher fine-tuned on this task")
 
 
 def train_config(config: L0Config, steps: int) -> TrainConfig:
@@ -348,18 +281,20 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
           config: L0Config = L0Config(), teacher: StructpruneForSequenceClassification | None = None,
           checkpoint_dir: str | os.PathLike | None = None,
           evaluate: Callable[[nn.Module], dict[str, float]] | None = None, eval_every: int | None = None,
-          progress: bool = False) -> PruneResult:
+          progress: bool = False, **settings: object) -> PruneResult:
     """Learn masks meeting ``budget`` and fine-tune the compacted model (see the module docstring).
 
     Args:
         model: the model fine-tuned on the task (Hugging Face, structprune full size, or MaskedModel);
             it is not changed.
         task_data: encoded, labelled training rows (:func:`structprune.data.encode`).
-        teacher: the distillation teacher (default: ``model``); checked with :func:`check_teacher`.
+        teacher: the distillation teacher (default: ``model``); checked with :func:`structprune.distill.check_teacher`.
         checkpoint_dir: makes the run resumable (and rank 0 of a DDP run writes there).
         evaluate: called with the compact model during fine-tuning (every ``eval_every`` steps and at
             the end) for the log and ``log["evaluations"]``; it must not use the global RNG.
+        settings: :class:`~structprune.methods.options.L0Config` fields that override ``config``'s.
     """
+    config = dataclasses.replace(config, **settings)
     setup = prepare(model, task_data, budget, config, teacher)
     directory = None if checkpoint_dir is None else Path(checkpoint_dir)
     student, gates, layers = setup.parts(config)

@@ -47,8 +47,12 @@ def magnitude_scores(model: StructpruneForSequenceClassification) -> dict[str, t
 
 
 def prune(model: PreTrainedModel | MaskedModel, task_data: object, budget: Budget | float, *,
-          min_heads: int = 1, min_neurons: int = 1, tolerance: float = DEFAULT_TOLERANCE) -> PruneResult:
-    """Masks removing the heads and neurons with the smallest mean squared weight (see the module doc)."""
+          min_heads: int = 1, min_neurons: int = 1, tolerance: float = DEFAULT_TOLERANCE,
+          progress: bool = False) -> PruneResult:
+    """Masks removing the heads and neurons with the smallest mean squared weight (see the module doc).
+
+    ``progress`` is the methods' common keyword; scoring weights is instant, so there is no progress to show.
+    """
     budget = as_budget(budget)
     full = dense_model(model)
     check_reachable(ModelStructure.from_spec(full.spec), full.spec, budget, min_heads, min_neurons)

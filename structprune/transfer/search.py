@@ -3,7 +3,7 @@
 :func:`transfer_search` holds out a seeded :data:`SEARCH_DEV_FRACTION` of the target's training rows as
 a search dev set (the rest trains every run, teacher included, so the choice never sees the real
 evaluation data), loads the auxiliary sources once (deduplicated against all of the target's rows
-and evaluation splits, :func:`structprune.auxiliary.load_auxiliary`) and runs :func:`sweep`:
+and evaluation splits, :func:`structprune.transfer.sources.load_auxiliary`) and runs :func:`sweep`:
 
 1. target-only ``l0`` (the baseline every transfer setting has to beat);
 2. each coupling with transfer ``both`` and schedule ``start``, ``base``'s coupling first (the default,
@@ -34,17 +34,18 @@ from pathlib import Path
 
 import numpy as np
 
-from structprune.auxiliary import AuxSource, load_auxiliary
+from structprune.budget import Budget
 from structprune.compact import compact
 from structprune.data import TaskData, encode
 from structprune.finetune import FinetuneConfig, predict
 from structprune.io import atomic_write_text
-from structprune.budget import Budget
-from structprune.methods import l0, transfer
-from structprune.methods.transfer import TransferConfig
+from structprune.methods import l0
 from structprune.metrics import compute_metrics, paired_bootstrap
 from structprune.modeling_structprune import StructpruneForSequenceClassification
-from structprune.prune_pipeline import dense_teacher
+from structprune.transfer import method
+from structprune.transfer.config import COUPLINGS, TransferConfig
+from structprune.transfer.sources import AuxSource, load_auxiliary
+from structprune.finetune import dense_teacher
 
 SEARCH_DEV_FRACTION = 0.2
 BASELINE = "l0 (target only)"
@@ -90,7 +91,7 @@ def sweep(score: Callable[[TransferConfig | None], Mapping[str, float]], base: T
                      "config": config})
 
     start = dataclasses.replace(base, transfer="both", schedule="start")
-    couplings = [base.coupling] + [c for c in transfer.COUPLINGS if c != base.coupling]  # the default first
+    couplings = [base.coupling] + [c for c in COUPLINGS if c != base.coupling]  # the default first
     queue: list[TransferConfig | None] = [None] + [dataclasses.replace(start, coupling=c) for c in couplings]
     while queue and not spent():
         attempt(queue.pop(0))
@@ -189,7 +190,7 @@ def transfer_search(model: StructpruneForSequenceClassification, tokenizer, trai
         if config is None:
             result = l0.prune(teacher, train_enc, budget, config=base.l0, checkpoint_dir=where, progress=progress)
         else:  # no teacher given: intermediate distils from its retargeted model, the others from ``teacher``
-            result = transfer.prune(teacher, train_enc, budget, aux=aux, config=config, checkpoint_dir=where,
+            result = method.prune(teacher, train_enc, budget, aux=aux, config=config, checkpoint_dir=where,
                                     progress=progress)
         pruned = compact(teacher, result.masks)
         pruned.load_state_dict(result.weights)

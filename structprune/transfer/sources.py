@@ -1,6 +1,7 @@
-"""Auxiliary tasks for transfer under limited target data: their data, deduplication and output heads.
+"""Auxiliary sources of the ``transfer`` method: parsing, loading, deduplication against the target, MLM
+masking, and the auxiliary output heads.
 
-An auxiliary *source* (:class:`AuxSource`) is either
+An auxiliary *source* (:class:`AuxSource`, :func:`parse_aux` reads ``--aux``) is either
 
 * a labelled task of :mod:`structprune.data` (``sst2``, ``mnli``, ``snli``, ``sick``, ``qqp``,
   ``agnews``, ``vader-movies``, ...), read from its ``train`` split when it has one, else from its
@@ -10,17 +11,14 @@ An auxiliary *source* (:class:`AuxSource`) is either
 * ``"mlm"``: masked-language modelling on the target task's own training text, with an MLM head
   whose decoder is the model's input word embedding matrix (:class:`MLMHead`, tied, as in BERT).
 
-:func:`load_auxiliary` loads and encodes every source. **Deduplication** (the data README lists
-overlaps such as MR in SST-2's dev and test, STS-B and SICK sharing 420 sentences): a labelled
-auxiliary example is dropped when any of its sentences (``text_a``, and ``text_b`` for pairs),
-normalised by lower-casing and collapsing whitespace, occurs as a sentence of the target's
-evaluation splits or of the target's training rows; the MLM text (the target's training rows
-themselves) is checked against the evaluation splits. The removed counts are reported per
-source. Sentence-level matching is deliberately strict: an auxiliary pair that shares one sentence
-with a test pair would leak half of it. Punctuation is dropped before comparing, because the
-copies differ in it (SICK's sentences are STS-B's without the final period; SNLI's files are
-tokenised, "sleeping ." for "sleeping."): lower-casing and whitespace alone find 1 of the 467
-sentences STS-B and SICK share. Empty texts never match.
+:func:`load_auxiliary` loads and encodes every source. **Deduplication**: a labelled auxiliary example is
+dropped when any of its sentences (``text_a``, and ``text_b`` for pairs), normalised (:func:`normalise`:
+lower-cased, punctuation removed, whitespace collapsed), occurs as a sentence of the target's evaluation
+splits or of the target's training rows; the MLM text (the target's training rows themselves) is checked
+against the evaluation splits. The removed counts are reported per source. Matching is per sentence, so an
+auxiliary pair that shares one sentence with a test pair is dropped. Punctuation is dropped because copies
+differ in it (SICK's sentences are STS-B's without the final period; SNLI's files are tokenised, "sleeping ."
+for "sleeping."). Empty texts never match.
 
 Then each source is capped at ``max_examples`` rows drawn with the seed (:meth:`TaskData.subset`).
 
@@ -32,6 +30,7 @@ non-special tokens are chosen; of those 80% become the mask token, 10% a random 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -41,8 +40,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from structprune.data import TaskData, TaskSpec, encode, get_task, load_task
+from structprune.data import TaskData, TaskSpec, encode, get_task, is_task_file, load_file, load_task
 from structprune.modeling_structprune import ClassificationHead, activation
+from structprune.transfer.config import config_from_options
 
 MLM = "mlm"
 """The name of the masked-language-modelling source."""
@@ -50,7 +50,6 @@ DEFAULT_MAX_EXAMPLES = 8000
 MASK_PROBABILITY = 0.15
 IGNORE_INDEX = -100
 """Label of the positions the MLM loss ignores (not chosen for masking)."""
-FILE_SUFFIXES = (".csv", ".tsv", ".jsonl")
 
 
 @dataclass(frozen=True)
@@ -106,7 +105,42 @@ def parse_aux(text: str, max_examples: int = DEFAULT_MAX_EXAMPLES) -> list[AuxSo
 
 def is_file_source(source: AuxSource) -> bool:
     """Whether ``source`` names a task file (``.csv``, ``.tsv``, ``.jsonl``) rather than a registered task."""
-    return Path(source.name).suffix.lower() in FILE_SUFFIXES
+    return is_task_file(source.name)
+
+
+def aux_sources(text: str | None, max_examples: int | None = None, text_columns: Sequence[str] = ("sentence",),
+                label_column: str = "label") -> tuple[AuxSource, ...]:
+    """The sources of ``--aux`` (:func:`parse_aux`), task files loaded with the target's columns."""
+    if not text:
+        raise ValueError("the transfer method needs auxiliary sources: --aux TASK[:WEIGHT],... (e.g. --aux mnli,mlm)")
+    sources = parse_aux(text, DEFAULT_MAX_EXAMPLES if max_examples is None else max_examples)
+    return tuple(dataclasses.replace(source, data=load_file(source.name, text_columns=list(text_columns),
+                                                            label_column=label_column, name=Path(source.name).stem))
+                 if is_file_source(source) else source for source in sources)
+
+
+def method_inputs(options: Mapping[str, object], train: TaskData, target_eval: Sequence[TaskData], tokenizer, *,
+                  max_length: int = 128, data_dir: str | None = None, text_columns: Sequence[str] = ("sentence",),
+                  label_column: str = "label") -> tuple[dict, dict, dict]:
+    """The ``transfer`` method's command-line options with ``aux`` loaded (the registry's inputs builder).
+
+    Returns (the options for :func:`structprune.transfer.prune`, report entries, log entries): the sources are
+    loaded and deduplicated here, so a bad source fails before any training.
+    """
+    options = dict(options)
+    sources = aux_sources(options.pop("aux", None), options.pop("aux_max_examples", None), text_columns, label_column)
+    config = config_from_options(options)  # bad settings fail before any loading
+    seed = options.get("seed", 0)
+    aux, dedup = load_auxiliary(sources, train, target_eval, tokenizer, max_length, seed, data_dir)
+    for name, counts in dedup.items():
+        print(f"[transfer] {name}: {counts['kept']} examples from {counts['split']}, {counts['removed']} removed as "
+              "duplicates of the target's data", flush=True)
+    used = "; ".join(f"{s.name} (weight {s.weight:g}, {dedup[s.name]['split']} split: {dedup[s.name]['kept']} "
+                     f"examples used, {dedup[s.name]['removed']} removed as duplicates of target sentences)"
+                     for s in sources)
+    setup = {"auxiliary": f"{used}. Coupling {config.coupling}, transfer {config.transfer}, schedule "
+                          f"{config.schedule}, aux weight {config.aux_weight:g}, guard {config.guard}"}
+    return options | {"aux": aux}, setup, {"aux_dedup": dedup}
 
 
 @dataclass

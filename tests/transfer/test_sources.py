@@ -1,5 +1,6 @@
-"""Auxiliary sources: parsing, deduplication against the target (counted), the cap, MLM masking statistics,
-the tied MLM decoder, auxiliary heads reading the encoder as the model's head does, and bad input."""
+"""Auxiliary sources (structprune.transfer.sources): parsing, deduplication against the target (counted), the
+cap, MLM masking statistics, the tied MLM decoder, auxiliary heads reading the encoder as the model's head does,
+and bad input."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 from transformers import BertTokenizerFast
 
 from structprune.arch import from_hf
-from structprune.auxiliary import (
+from structprune.data import TaskData, get_task, load_task
+from structprune.transfer.sources import (
     IGNORE_INDEX,
     MLM,
     AuxSource,
@@ -24,7 +26,6 @@ from structprune.auxiliary import (
     parse_aux,
     sentences,
 )
-from structprune.data import TaskData, get_task, load_task
 from tests.test_cli import make_model
 from tests.test_l0 import tiny_bert
 

@@ -1,0 +1,170 @@
+"""What every command shares: the task and output options, their typed form, and loading models and data.
+
+Arguments become typed objects here (:class:`TaskArgs`), so nothing below the command line sees an
+``argparse.Namespace``. Heavy modules (torch, transformers) are imported inside the functions that need
+them, so building the parser (and ``--help``) stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from structprune.data.readers import is_task_file
+from structprune.data.registry import list_tasks
+from structprune.methods.options import SEED
+
+THREADS = 2
+"""Threads of every timed or ONNX Runtime command (the benchmark protocol's, structprune.bench.CPU_THREADS)."""
+
+
+class CliError(ValueError):
+    """A command-line input that cannot be used, with what to do instead."""
+
+
+@dataclass(frozen=True)
+class TaskArgs:
+    """Which examples a command reads: a built-in task's split or a task file, optionally subsampled."""
+
+    task: str
+    split: str
+    train_size: int | None = None
+    data_dir: str | None = None
+    text_columns: tuple[str, ...] = ("sentence",)
+    label_column: str = "label"
+    max_length: int = 128
+    seed: int = 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TaskArgs:
+        return cls(args.task, args.split, args.train_size, args.data_dir, tuple(args.text_column or ["sentence"]),
+                   args.label_column, args.max_length, 0 if args.seed is None else args.seed)
+
+    @property
+    def is_file(self) -> bool:
+        return is_task_file(self.task)
+
+    def load(self, split: str | None = None):
+        """The examples (:class:`~structprune.data.TaskData`): the task file, or ``split`` (default: ``self.split``)
+        of a built-in task; cut to ``train_size`` when given."""
+        from structprune.data import load_file, load_task
+
+        if self.is_file:
+            data = load_file(self.task, text_columns=list(self.text_columns), label_column=self.label_column)
+            return data if self.train_size is None else data.subset(self.train_size, self.seed)
+        return load_task(self.task, split or self.split, data_dir=self.data_dir, train_size=self.train_size,
+                         seed=self.seed)
+
+    def held_out(self, split: str):
+        """``split`` of a built-in task in full (``None`` for a task file, which has only its own rows)."""
+        from structprune.data import load_task
+
+        return None if self.is_file else load_task(self.task, split, data_dir=self.data_dir)
+
+    def other_splits(self) -> tuple:
+        """Every split of a built-in task except the one read (none for a task file)."""
+        from structprune.data import get_task
+
+        if self.is_file:
+            return ()
+        return tuple(self.held_out(split) for split in get_task(self.task).splits if split != self.split)
+
+
+def add_task_options(p: argparse.ArgumentParser, split: str, subset: str = "use a random subset of this many "
+                     "training examples") -> None:
+    p.add_argument("--task", required=True,
+                   help=f"a built-in task ({', '.join(list_tasks())}) or a .csv/.tsv/.jsonl file of labelled "
+                        "examples (see --text-column, --label-column)")
+    p.add_argument("--split", default=split, help=f"split of a built-in task to read (default: {split}); "
+                                                  "ignored for files")
+    p.add_argument("--train-size", type=int, default=None, help=f"{subset}, drawn with --seed (default: all)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder holding the benchmark data sets (default: $STRUCTPRUNE_DATA_DIR, else "
+                        "../shared/data from the current directory); the vader-* tasks need none")
+    p.add_argument("--text-column", action="append", default=None,
+                   help="for a task file: the text column (header name); give it twice for sentence pairs "
+                        "(default: sentence)")
+    p.add_argument("--label-column", default="label", help="for a task file: the label column (default: label)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per example; longer ones are cut "
+                                                               "(default: 128)")
+    SEED.add_to(p)
+
+
+def add_output_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--out", required=True, help=what)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds something")
+
+
+def _is_structprune_folder(path: Path) -> bool:
+    from structprune.modeling_structprune import SECTION
+
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return SECTION in json.loads(config.read_text())
+    except json.JSONDecodeError as err:
+        raise CliError(f"{config} is not valid JSON ({err}); the model folder is corrupt") from None
+
+
+def check_outputs(name: str, outputs: int, num_labels: int | None) -> None:
+    if num_labels is not None and outputs != num_labels:
+        raise CliError(f"{name} has a classification head with {outputs} outputs but the task has {num_labels} "
+                       "labels; use a model trained for this task")
+
+
+def load_model(name: str, num_labels: int | None = None):
+    """A structprune model from a structprune folder, or from a Hugging Face folder / hub name.
+
+    A Hugging Face checkpoint without a classification head gets a new one (``num_labels``
+    outputs) initialised from seed 0, so ``prune`` and ``compact`` on the same folder see the
+    same model.
+    """
+    import torch
+    from safetensors import SafetensorError
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from structprune.arch import from_hf
+    from structprune.compact import from_pretrained
+
+    path = Path(name)
+    if path.is_dir() and _is_structprune_folder(path):
+        model = from_pretrained(path)
+        check_outputs(name, model.spec["num_labels"], num_labels)
+        return model.eval()
+    where = "the folder" if path.exists() else "a local folder (none exists there) or the Hugging Face hub"
+    failure = f"cannot load a sequence-classification model from {name!r} as {where}"
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise CliError(f"{failure}: {err}") from None
+    if any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+        check_outputs(name, config.num_labels, num_labels)
+    elif num_labels is not None:
+        config.num_labels = num_labels
+    torch.manual_seed(0)
+    try:
+        hf = AutoModelForSequenceClassification.from_pretrained(name, config=config)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise CliError(f"{failure}: {err}") from None
+    return from_hf(hf).eval()
+
+
+def load_tokenizer(name: str | Path, required: bool = True):
+    """The tokenizer saved with a model (``None`` when absent and not ``required``)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(name))
+    except (OSError, ValueError) as err:
+        if not required:
+            return None
+        raise CliError(f"cannot load the tokenizer of {name} ({err}); the model folder needs its tokenizer "
+                       "files (save them with the model)") from None
+
+
+def refuse_existing_file(path: str, overwrite: bool) -> None:
+    if Path(path).exists() and not overwrite:
+        raise CliError(f"{path} already exists; choose another file or pass --overwrite")

@@ -1,0 +1,132 @@
+"""``structprune finetune``, ``compact``, ``export`` and ``latency-table``: commands that make model files."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from structprune.cli.common import (
+    THREADS,
+    CliError,
+    TaskArgs,
+    add_output_options,
+    add_task_options,
+    load_model,
+    load_tokenizer,
+    refuse_existing_file,
+)
+
+
+def run_finetune(args: argparse.Namespace) -> None:
+    from structprune.compact import save
+    from structprune.data import encode
+    from structprune.finetune import FinetuneConfig, evaluate, finetune, mark_task
+    from structprune.io import check_output_dir
+
+    check_output_dir(args.out, args.overwrite)
+    task = TaskArgs.from_args(args)
+    train = task.load()
+    model = load_model(args.model, train.task.num_labels)
+    tokenizer = load_tokenizer(args.model)
+    config = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=task.seed)
+    log = finetune(model, encode(train, tokenizer, task.max_length), config, checkpoint_dir=args.checkpoint_dir,
+                   fingerprint={"model": args.model, "task": train.task.name, "rows": len(train),
+                                "config": dataclasses.asdict(config), "max_length": task.max_length})
+    mark_task(model, train.task)
+    save(model, args.out, tokenizer, overwrite=args.overwrite)
+    print(f"fine-tuned on {len(train)} {train.task.name} examples in {log.seconds:.0f} s "
+          f"({log.steps} steps, final loss {log.losses[-1]:.4f}); written to {args.out}")
+    evaluation = task.held_out(args.eval_split) if args.eval_split else None
+    if evaluation is not None:
+        metrics = evaluate(model, encode(evaluation, tokenizer, task.max_length), train.task)
+        print(f"{train.task.name} {args.eval_split} ({len(evaluation)} examples): "
+              + ", ".join(f"{name} {value:.2f}" for name, value in metrics.items()))
+
+
+def run_compact(args: argparse.Namespace) -> None:
+    from structprune.arch import ModelStructure
+    from structprune.compact import compact, save
+    from structprune.io import check_output_dir
+    from structprune.maskset import MaskSet
+
+    check_output_dir(args.out, args.overwrite)
+    masks = MaskSet.load(args.masks)
+    model = load_model(args.model, masks.meta.get("num_labels"))
+    pruned = compact(model, masks)
+    save(pruned, args.out, load_tokenizer(args.model, required=False), overwrite=args.overwrite)
+    summary = masks.summary(ModelStructure.from_spec(model.spec), model.spec)
+    print(f"compact model written to {args.out}: {summary['params_kept']:,} of {summary['params_dense']:,} "
+          f"attention + FFN parameters kept (sparsity {summary['param_sparsity']:.3f})")
+
+
+def run_latency_table(args: argparse.Namespace) -> None:
+    from structprune.latency import measure_table
+
+    if args.batch < 1 or args.seq < 1:
+        raise CliError(f"--batch and --seq must be >= 1, got {args.batch} and {args.seq}")
+    refuse_existing_file(args.out, args.overwrite)
+    table = measure_table(load_model(args.model), args.batch, args.seq, args.ffn_points, args.threads)
+    table.save(args.out)
+    print(f"latency table written to {args.out}: ONNX Runtime CPU, batch {args.batch}, sequence {args.seq}, "
+          f"{args.threads} threads; all sublayers removed {table.base_ms:.2f} ms, per layer: "
+          f"{len(table.attn_ms) - 1} heads {table.attn_ms[-1]:.2f} ms, {table.ffn_widths[-1]} neurons "
+          f"{table.ffn_ms[-1]:.2f} ms")
+    print(f"use it: structprune prune ... --budget-kind latency --latency-table {args.out} --target-sparsity 0.5")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from structprune.export import ONNX_FILE, export
+    from structprune.io import check_output_dir
+
+    check_output_dir(args.out, args.overwrite)
+    model = load_model(args.model)
+    tokenizer = load_tokenizer(args.model, required=False)
+    result = export(model, args.out, tokenizer, overwrite=args.overwrite, threads=args.threads)
+    print(f"ONNX model written to {result.directory / ONNX_FILE}: parity with PyTorch max |diff| "
+          f"{result.max_abs_diff:.2e} on shapes {result.checked_shapes}, {result.fused_attention} fused attention "
+          "nodes" + ("" if tokenizer is not None else "; no tokenizer found, so none was saved"))
+
+
+def register(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a dense model on a task (baseline and teacher)",
+                       description="Fine-tune MODEL on a task (all of it, or --train-size examples) and save it as a "
+                                   "structprune folder that records the task and labels, ready to be a teacher.")
+    p.add_argument("--model", required=True, help="model folder (structprune or Hugging Face) or hub name")
+    add_task_options(p, split="train")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs (default: 3)")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per step (default: 32)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
+    p.add_argument("--eval-split", default="dev", help="split to score after training ('' to skip; default: dev)")
+    p.add_argument("--checkpoint-dir", default=None, help="checkpoint here and resume from it (default: none)")
+    add_output_options(p, "model folder to write")
+    p.set_defaults(run=run_finetune)
+
+    p = sub.add_parser("compact", help="apply a masks folder to a model and save the smaller model",
+                       description="Remove the masked heads and neurons from MODEL for real and save the smaller "
+                                   "dense model (loadable with structprune.from_pretrained). MODEL must be the model "
+                                   "the masks were made for (e.g. the fine-tuned one).")
+    p.add_argument("masks", help="masks folder written by `structprune prune`")
+    p.add_argument("--model", required=True, help="the model the masks were made for (folder or hub name)")
+    add_output_options(p, "model folder to write")
+    p.set_defaults(run=run_compact)
+
+    p = sub.add_parser("latency-table", help="measure a per-layer latency table for latency budgets",
+                       description="Measure how long MODEL's attention (per head count) and FFN (per width) "
+                                   "sublayers take on ONNX Runtime CPU, for `prune --budget-kind latency`.")
+    p.add_argument("--model", required=True, help="the dense model (folder or hub name)")
+    p.add_argument("--batch", type=int, default=8, help="examples per call (default: 8)")
+    p.add_argument("--seq", type=int, default=128, help="tokens per example (default: 128)")
+    p.add_argument("--ffn-points", type=int, default=8, help="FFN widths measured besides 0 (default: 8)")
+    p.add_argument("--threads", type=int, default=THREADS, help=f"ONNX Runtime intra-op threads (default: {THREADS})")
+    add_output_options(p, "table file (JSON) to write")
+    p.set_defaults(run=run_latency_table)
+
+    p = sub.add_parser("export", help="export a model to ONNX (with a PyTorch parity check)",
+                       description="Export MODEL to an ONNX folder (model.onnx, config.json, tokenizer) that "
+                                   "optimum's ORTModelForSequenceClassification reads; fails if ONNX Runtime "
+                                   "disagrees with PyTorch.")
+    p.add_argument("model", help="model folder (structprune or Hugging Face) or hub name")
+    p.add_argument("--threads", type=int, default=THREADS,
+                   help=f"ONNX Runtime threads of the parity check (default: {THREADS})")
+    add_output_options(p, "ONNX folder to write")
+    p.set_defaults(run=run_export)

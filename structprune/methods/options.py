@@ -1,0 +1,178 @@
+"""The options every pruning method declares: typed settings and their command-line flags.
+
+This module imports nothing heavy (no torch), so the command line can show every method's options
+instantly. A method's options are a mapping ``keyword -> Option``: the keyword is an argument of its
+``prune`` function, the :class:`Option` says how a user sets it (flag, type, help). ``l0`` and
+``transfer`` keep their many settings in a config dataclass (:class:`L0Config` here; ``TransferConfig``
+in :mod:`structprune.transfer.config`) whose fields carry their help, so one declaration serves the
+Python API, the defaults shown in ``--help`` and the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from structprune.arch.structure import UNIT_NAMES
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting as a command-line flag; ``None`` (the flag not given) leaves the method's default."""
+
+    flag: str
+    help: str
+    type: Callable[[str], object] | None = None
+    choices: tuple[str, ...] | None = None
+    boolean: bool = False
+    """``--flag`` / ``--no-flag``."""
+    convert: Callable[[object], object] | None = None
+    """Applied to a given value before the method sees it."""
+
+    @property
+    def dest(self) -> str:
+        """The attribute argparse stores the value under."""
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    def add_to(self, parser) -> None:
+        """Add the flag to an ``argparse`` parser or argument group."""
+        if self.boolean:
+            parser.add_argument(self.flag, action=argparse.BooleanOptionalAction, default=None, help=self.help)
+        else:
+            parser.add_argument(self.flag, type=self.type, choices=self.choices, default=None, help=self.help)
+
+    def value(self, given: object) -> object:
+        """What the method receives for a given command-line value."""
+        return given if self.convert is None else self.convert(given)
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """``"a, b"`` -> ``("a", "b")``."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def count_or_all(text: str) -> int | str:
+    """A positive example count, or ``all``."""
+    if text == "all":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of examples or 'all', got {text!r}")
+    return value
+
+
+def setting(default: object, help: str, flag: bool = True, type: Callable[[str], object] | None = None,
+            choices: tuple[str, ...] | None = None) -> object:
+    """A config dataclass field with its help text (and, unless ``flag`` is false, its command-line flag)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "type": type, "choices": choices})
+
+
+def config_options(config: type, **flags: str) -> dict[str, Option]:
+    """``keyword -> Option`` of every flagged field of a config dataclass (help ends with its default).
+
+    ``flags`` renames a field's flag (``batch_size="--batch-size"`` is the default naming anyway).
+    """
+    out = {}
+    for f in dataclasses.fields(config):
+        meta = f.metadata
+        if not meta.get("flag"):
+            continue
+        default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
+        kind = meta["type"] or (type(f.default) if f.default is not None and not isinstance(f.default, tuple)
+                                else None)
+        out[f.name] = Option(flags.get(f.name, "--" + f.name.replace("_", "-")),
+                             f"{meta['help']} (default: {default})", kind, meta["choices"])
+    return out
+
+
+@dataclass(frozen=True)
+class L0Config:
+    """Settings of the ``l0`` method (defaults: CoFi's design, step counts sized for ~1,000 examples).
+
+    ``max_steps`` caps each phase (smoke tests). Learning rates: ``lr`` for the model weights and
+    the distillation map (linear warm-up over ``lr_warmup_ratio``, then decay), ``gate_lr`` and
+    ``lambda_lr`` constant.
+    """
+
+    granularities: tuple[str, ...] = setting(UNIT_NAMES, "units to gate, comma-separated", type=comma_list)
+    prune_epochs: float = setting(10.0, "epochs of the pruning phase")
+    finetune_epochs: float = setting(5.0, "epochs of fine-tuning the compact model")
+    sparsity_warmup: float = setting(0.5, "share of the pruning phase over which the target rises", flag=False)
+    batch_size: int = setting(32, "examples per step", flag=False)
+    grad_accum: int = setting(1, "micro-batches per step")
+    lr: float = setting(5e-5, "weights' learning rate")
+    gate_lr: float = setting(0.05, "gates' learning rate")
+    lambda_lr: float = setting(0.05, "Lagrange multipliers' learning rate, gradient ascent")
+    weight_decay: float = setting(0.01, "AdamW weight decay of the weights", flag=False)
+    lr_warmup_ratio: float = setting(0.1, "share of each phase with a linear learning-rate warm-up", flag=False)
+    max_grad_norm: float = setting(1.0, "gradient clipping norm", flag=False)
+    init_log_alpha: float = setting(2.0, "initial gate log-alpha", flag=False)
+    task_weight: float = setting(0.5, "weight of the task loss")
+    pred_weight: float = setting(0.5, "weight of prediction distillation")
+    layer_weight: float = setting(0.5, "weight of layer-wise hidden-state distillation")
+    temperature: float = setting(2.0, "prediction distillation temperature")
+    tolerance: float = setting(0.005, "how far mask extraction may land from the target", flag=False)
+    seed: int = setting(0, "seed of gate noise, shuffling and dropout", flag=False)
+    checkpoint_every: int | None = setting(50, "steps between checkpoints", flag=False)
+    max_steps: int | None = setting(None, "cap on the steps of each phase (smoke tests)", type=int)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.granularities) - set(UNIT_NAMES)
+        if not self.granularities or unknown:
+            raise ValueError(f"granularities must be a non-empty subset of {UNIT_NAMES}, "
+                             f"got {list(self.granularities)}")
+        if self.prune_epochs <= 0 or self.finetune_epochs < 0:
+            raise ValueError(f"need prune_epochs > 0 and finetune_epochs >= 0, got {self.prune_epochs} and "
+                             f"{self.finetune_epochs}")
+        if not 0 <= self.sparsity_warmup <= 1:
+            raise ValueError(f"sparsity_warmup is a share of the pruning phase, in [0, 1]; got {self.sparsity_warmup}")
+        if min(self.lr, self.gate_lr, self.lambda_lr, self.temperature) <= 0:
+            raise ValueError("lr, gate_lr, lambda_lr and temperature must be > 0")
+        if min(self.task_weight, self.pred_weight, self.layer_weight) < 0 or not (
+                self.task_weight or self.pred_weight or self.layer_weight):
+            raise ValueError("loss weights must be >= 0 and not all 0")
+
+    def steps(self, epochs: float, rows: int) -> int:
+        steps = math.ceil(epochs * math.ceil(rows / self.batch_size))
+        return steps if self.max_steps is None else min(steps, self.max_steps)
+
+
+SEED = Option("--seed", "seed of the data subset, calibration draws and any shuffling (default: 0)", int)
+BATCH_SIZE = Option("--batch-size", "examples per step (l0, transfer) or per calibration batch (default: the "
+                                    "method's: 32, attribution 8)", int)
+CALIB_BATCHES = Option("--calib-batches", "taylor: batches of task data used to score units (default: 8)", int)
+OBJECTIVE = Option("--objective", "attribution, fisher, head_importance: supervised: gold labels; pseudo: the "
+                                  "model's own predictions as labels; entropy: prediction entropy (attribution "
+                                  "only); pseudo and entropy ignore the labels (default: supervised)",
+                   choices=("supervised", "pseudo", "entropy"))
+CALIB_EXAMPLES = Option("--calib-examples", "attribution, fisher, head_importance: calibration examples drawn "
+                                            "from the task data (default: 2048, head_importance 512)", int)
+STEPS = Option("--steps", "attribution: points on each integration path (default: 4)", int)
+SCOPE = Option("--scope", "attribution: rank units across all layers (global) or prune each layer alike "
+                          "(default: global)", choices=("global", "layer"))
+TUNE = Option("--tune", "least-squares mask tuning of the kept units (fisher: on by default; attribution: off)",
+              boolean=True)
+TUNING_TEACHER = Option("--tuning-teacher", "fisher: the sublayer outputs mask tuning reconstructs "
+                                            "(default: dense)", choices=("dense", "intermediate"))
+TUNE_EXAMPLES = Option("--tune-examples", "fisher: calibration examples mask tuning fits, a number or 'all' "
+                                          "(default: 512)", count_or_all,
+                      convert=lambda value: None if value == "all" else value)
+BF16 = Option("--bf16", "fisher: bf16 autocast for the gradient and tuning passes (default: where the hardware "
+                        "runs bf16 natively: CUDA, or a CPU with AVX512-BF16 / AMX)", boolean=True)
+
+ATTRIBUTION: Mapping[str, Option] = {"steps": STEPS, "objective": OBJECTIVE, "scope": SCOPE, "batch_size": BATCH_SIZE,
+                                     "max_examples": CALIB_EXAMPLES, "tune": TUNE, "seed": SEED}
+FISHER: Mapping[str, Option] = {"objective": OBJECTIVE, "max_examples": CALIB_EXAMPLES, "grad_batch_size": BATCH_SIZE,
+                                "tune": TUNE, "tune_examples": TUNE_EXAMPLES, "teacher": TUNING_TEACHER, "bf16": BF16,
+                                "seed": SEED}
+HEAD_IMPORTANCE: Mapping[str, Option] = {"objective": OBJECTIVE, "batch_size": BATCH_SIZE,
+                                         "max_examples": CALIB_EXAMPLES, "seed": SEED}
+L0: Mapping[str, Option] = {**config_options(L0Config), "batch_size": BATCH_SIZE, "seed": SEED}
+MAGNITUDE: Mapping[str, Option] = {}
+TAYLOR: Mapping[str, Option] = {"batch_size": BATCH_SIZE, "calib_batches": CALIB_BATCHES, "seed": SEED}
