@@ -1,8 +1,8 @@
 """Build script for structprune.
 
 The package is pure Python plus one optional C++ extension, ``structprune._C`` (CPU kernels
-from ``csrc/*.cpp``, parallelised with OpenMP). CUDA sources under ``csrc/cuda/`` join the
-same extension only when the installed torch has CUDA and a CUDA toolkit is found.
+from ``csrc/*.cpp``, parallelised with OpenMP); the GPU kernels are Triton (``kernels/``), compiled
+at run time.
 
 The extension is optional by design: when torch's build helpers cannot be imported, when
 ``STRUCTPRUNE_SKIP_EXT=1`` is set, or when compiling fails (no compiler, missing headers),
@@ -77,7 +77,7 @@ def _extension_build() -> tuple[list, type[build_ext]]:
         return [], build_ext
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError as exc:
         warnings.warn(
             f"torch.utils.cpp_extension is not importable ({exc}); installing structprune as pure "
@@ -90,29 +90,11 @@ def _extension_build() -> tuple[list, type[build_ext]]:
     # Paths relative to this file, as setuptools requires.
     root = os.path.dirname(os.path.abspath(__file__))
     cpp_sources = sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(root, "csrc", "*.cpp")))
-    cuda_sources = sorted(
-        os.path.relpath(p, root)
-        for pattern in ("*.cu", "*.cpp")
-        for p in glob.glob(os.path.join(root, "csrc", "cuda", pattern))
-    )
     openmp_compile, openmp_link = _openmp_flags()
     cxx_flags = ["/O2" if sys.platform == "win32" else "-O3", *openmp_compile]
     link_flags = openmp_link + _torch_rpath(os.path.dirname(torch.__file__))
-    if cuda_sources and torch.version.cuda is not None and CUDA_HOME is not None:
-        extension = CUDAExtension(
-            EXTENSION,
-            cpp_sources + cuda_sources,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
-            extra_link_args=link_flags,
-            define_macros=[("STRUCTPRUNE_WITH_CUDA", None)],
-        )
-    else:
-        extension = CppExtension(
-            EXTENSION,
-            cpp_sources,
-            extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=link_flags,
-        )
+    extension = CppExtension(EXTENSION, cpp_sources, extra_compile_args={"cxx": cxx_flags},
+                             extra_link_args=link_flags)
     return [extension], _optional(BuildExtension)
 
 

@@ -1,6 +1,6 @@
 """Compaction latency on CPU: compacted models vs their dense baseline, torch eager and ONNX Runtime.
 
-For each model and mask set, the model is compacted with :func:`structprune.compact.compact`
+For each model and mask set, the model is compacted with :func:`structprune.compaction.compact`
 (the dense baseline too, with all-ones masks), exported ONCE to ONNX with
 :func:`structprune.export.export`, and served by :func:`structprune.export.session` with 2
 intra-op threads; torch eager runs under ``inference_mode`` with 2 threads. At every (batch,
@@ -43,7 +43,7 @@ from transformers import (
 from structprune import bench
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
-from structprune.compact import compact
+from structprune.compaction import compact
 from structprune.costs import flops_ideal_speedup
 from structprune.export import example_inputs, export, session
 from structprune.maskset import MaskSet, uniform_masks

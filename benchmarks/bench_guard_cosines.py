@@ -1,6 +1,6 @@
 """How similar are a target's and an auxiliary task's gradients? The evidence behind the transfer guard.
 
-The ``transfer`` method's cosine guard (:mod:`structprune.methods.transfer`) compares, at every pruning step,
+The ``transfer`` method's cosine guard (:mod:`structprune.transfer`) compares, at every pruning step,
 the gradient of the target loss with that of each auxiliary loss on the last encoder layer. This script
 measures those cosines at the start of pruning (the dense target model, the gates at their initial logits),
 over ``--batches`` pairs of mini-batches, for each auxiliary source:

@@ -41,10 +41,10 @@ from dense_cache import FINETUNE, MAX_LENGTH, SETUPS, eval_data, tokenizer, trai
 from structprune import bench  # noqa: E402
 from structprune.arch import from_hf  # noqa: E402
 from structprune.arch.structure import ModelStructure  # noqa: E402
-from structprune.compact import compact  # noqa: E402
+from structprune.compaction import compact  # noqa: E402
 from structprune.data import TaskSpec, encode  # noqa: E402
 from structprune.demo import minilm_dir  # noqa: E402
-from structprune.finetune import evaluate  # noqa: E402
+from structprune.evaluation import evaluate
 from structprune.io import atomic_write_text  # noqa: E402
 from structprune.multitask.maskbank import MaskBank, build_bank  # noqa: E402
 from structprune.maskset import MaskSet  # noqa: E402
@@ -166,7 +166,7 @@ def task_rows(model: MultiTaskModel, bank: MaskBank, tasks: Mapping[str, Task], 
     """One row per (scored task, mask task): each task's head with every task's mask, compacted and scored.
 
     A task's own mask goes through :meth:`MaskBank.compact`; another task's mask is applied to this
-    task's view with :func:`~structprune.compact.compact` (the bank refuses a mask under another
+    task's view with :func:`~structprune.compaction.compact` (the bank refuses a mask under another
     task's name on purpose). Jaccard overlaps are against the scored task's own mask. Rows are
     yielded as they are scored so that the caller can save each at once.
     """

@@ -35,10 +35,10 @@ from dense_cache import MAX_LENGTH, SETUPS, dense_model, eval_data, tokenizer, t
 
 from structprune import bench  # noqa: E402
 from structprune.arch.structure import ModelStructure  # noqa: E402
-from structprune.compact import compact  # noqa: E402
+from structprune.compaction import compact  # noqa: E402
 from structprune.data import TaskData, encode  # noqa: E402
 from structprune.export import example_inputs, export, session  # noqa: E402
-from structprune.finetune import evaluate  # noqa: E402
+from structprune.evaluation import evaluate
 from structprune.costs import LatencyTable
 from structprune.latency import measure_table  # noqa: E402
 from structprune.maskset import MaskSet  # noqa: E402

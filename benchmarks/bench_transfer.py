@@ -5,7 +5,7 @@ the target's training subset (cached; it is also the teacher and the starting po
 target sparsity, each method prunes it and the compact model is scored on the target's evaluation split:
 
 * ``l0``: learned masks on the target data only (:mod:`structprune.methods.l0`);
-* ``joint``, ``separate-masks``, ``sequential``, ``intermediate``: :mod:`structprune.methods.transfer` with that
+* ``joint``, ``separate-masks``, ``sequential``, ``intermediate``: :mod:`structprune.transfer` with that
   coupling, the auxiliary sources of ``AUX`` (or ``--aux``), and the transfer / schedule / guard settings given
   (``intermediate`` rows also score their teacher, column ``teacher_accuracy``).
 

@@ -1,7 +1,7 @@
 """Dense fine-tuned all-MiniLM-L6-v2 models for the training-free benchmark, cached on disk.
 
 Each task's dense baseline is fine-tuned once with :func:`structprune.finetune.finetune` and saved
-(:func:`structprune.compact.save`) under ``benchmarks/cache/dense/<task>-<train size>-s<seed>/``
+(:func:`structprune.compaction.save`) under ``benchmarks/cache/dense/<task>-<train size>-s<seed>/``
 (ignored by git); later runs load it instead of training again. Run this file directly to
 fill the cache before a benchmark run::
 
@@ -22,10 +22,11 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from structprune.arch import from_hf
-from structprune.compact import from_pretrained, save
+from structprune.compaction import from_pretrained, save
 from structprune.data import encode, load_task
 from structprune.demo import minilm_dir
-from structprune.finetune import FinetuneConfig, evaluate, finetune
+from structprune.evaluation import evaluate
+from structprune.finetune import FinetuneConfig, finetune
 from structprune.io import atomic_write_text
 from structprune.modeling_structprune import StructpruneForSequenceClassification
 

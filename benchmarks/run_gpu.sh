@@ -71,7 +71,7 @@ PY
 for part in ${PARTS:-tests attention ffn train_step}; do
   case $part in
     tests) STRUCTPRUNE_TRITON_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -v -p no:cacheprovider \
-             -o pythonpath="$site" ${TESTS:-tests/test_kernels_masked_attention.py tests/test_kernels_gated_ffn.py} \
+             -o pythonpath="$site" ${TESTS:-tests/ops/test_kernels_masked_attention.py tests/ops/test_kernels_gated_ffn.py} \
              > "$out/tests.log" 2>&1; grep -cE "PASSED" "$out/tests.log"; grep -E "FAILED|ERROR|passed|failed" "$out/tests.log" | tail -15 ;;
     attention) timeout "${ATTN_TIMEOUT:-300}" python3 benchmarks/bench_attention.py --device cuda \
                  --csv "$out/attention.csv" ${ATTN_ARGS:-} 2>&1 | tee "$out/attention.log" ;;

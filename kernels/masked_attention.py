@@ -46,7 +46,8 @@ _LOG2E = 1.4426950408889634
 
 def _configs(space: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     """Autotuning space on a GPU, as (BLOCK_M, BLOCK_N, warps, stages), the first entry alone
-    without autotuning; a single small config under the interpreter (see DESIGN.md)."""
+    without autotuning; a single small config under the interpreter, whose Triton 3.9 fails with several
+    ("0 active drivers")."""
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     space = space if _AUTOTUNE else space[:1]

@@ -16,10 +16,10 @@ _EXPORTS = {
     "MaskSet": "structprune.maskset",
     "MaskedModel": "structprune.masked_model",
     "ModelStructure": "structprune.arch",
-    "compact": "structprune.compact",
+    "compact": "structprune.compaction",
     "from_hf": "structprune.arch",
-    "from_pretrained": "structprune.compact",
-    "save": "structprune.compact",
+    "from_pretrained": "structprune.compaction",
+    "save": "structprune.compaction",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -20,24 +20,16 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from structprune.data import TaskSpec
-from structprune.data.encoding import batches, model_inputs, trim_padding
-from structprune.metrics import compute_metrics
+from structprune.data.encoding import model_inputs, num_rows, trim_padding
 from structprune.modeling_structprune import StructpruneForSequenceClassification
 from structprune.train import Objective, TrainConfig, TrainResult, digest, train
-
-def _num_rows(encoded: Mapping[str, torch.Tensor], what: str) -> int:
-    if "input_ids" not in encoded or len(encoded["input_ids"]) == 0:
-        raise ValueError(f"{what}: the data set is empty (no input_ids rows); load a task with examples")
-    return len(encoded["input_ids"])
-
 
 @dataclass(frozen=True)
 class FinetuneConfig:
@@ -100,7 +92,7 @@ def finetune(model: nn.Module, encoded: Mapping[str, torch.Tensor], config: Fine
              eval_every: int | None = None) -> TrainResult:
     """Train ``model`` in place on ``encoded`` (with ``labels``) with :func:`structprune.train.train`;
     it is left in eval mode. ``checkpoint_dir`` makes the run resumable (see :mod:`structprune.train`)."""
-    rows = _num_rows(encoded, description)
+    rows = num_rows(encoded, description)
     if "labels" not in encoded:
         raise ValueError(f"{description}: the data has no labels; fine-tuning needs labelled examples")
     train_config = TrainConfig(steps=config.total_steps(rows), batch_size=config.batch_size,
@@ -117,43 +109,6 @@ def mark_task(model: nn.Module, task: TaskSpec) -> None:
     names = task.label_names or ("score",)
     model.config.id2label = dict(enumerate(names))
     model.config.label2id = {name: i for i, name in enumerate(names)}
-
-
-def _is_ort_session(model: object) -> bool:
-    return hasattr(model, "run") and hasattr(model, "get_inputs") and not isinstance(model, nn.Module)
-
-
-def predict(model, encoded: Mapping[str, torch.Tensor], batch_size: int = 64) -> torch.Tensor:
-    """Logits of ``model`` (a torch model or an ONNX Runtime session) for every row, in order."""
-    _num_rows(encoded, "predict")
-    outputs = []
-    if _is_ort_session(model):
-        names = [i.name for i in model.get_inputs()]
-        missing = [n for n in names if n not in encoded]
-        if missing:
-            raise ValueError(f"the ONNX graph needs inputs {missing}, which the encoded data lacks "
-                             f"(it has {sorted(encoded)}); encode with the model's own tokenizer")
-        for batch in batches(encoded, batch_size):
-            batch = trim_padding(batch)
-            feed = {n: batch[n].numpy().astype(np.int64) for n in names}
-            outputs.append(torch.from_numpy(model.run(None, feed)[0]))
-        return torch.cat(outputs)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        for batch in batches(encoded, batch_size):
-            inputs = {k: v.to(device) for k, v in model_inputs(trim_padding(batch)).items()}
-            outputs.append(model(**inputs).logits.float().cpu())
-    model.train(was_training)
-    return torch.cat(outputs)
-
-
-def evaluate(model, encoded: Mapping[str, torch.Tensor], task: TaskSpec, batch_size: int = 64) -> dict[str, float]:
-    """The task's metrics (in percent) of ``model`` or an ONNX Runtime session on ``encoded``."""
-    if "labels" not in encoded:
-        raise ValueError(f"{task.name}: the data has no labels, so there is nothing to score against")
-    return compute_metrics(task, predict(model, encoded, batch_size), encoded["labels"])
 
 
 def _fine_tuned_for(model: StructpruneForSequenceClassification, task_name: str) -> bool:

@@ -21,7 +21,7 @@ import torch
 
 from structprune import bench
 from structprune.arch.structure import ModelStructure
-from structprune.compact import compact
+from structprune.compaction import compact
 from structprune.costs import LatencyTable
 from structprune.export import example_inputs, export, session
 from structprune.maskset import MaskSet, mask_shapes

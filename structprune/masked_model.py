@@ -2,10 +2,10 @@
 
 Gates (named as in :mod:`structprune.maskset`) multiply head outputs, FFN neurons, whole sublayers and
 hidden dimensions. Frozen masks come from a :class:`~structprune.maskset.MaskSet`; learned methods pass
-differentiable gate tensors to :meth:`MaskedModel.forward` instead. Either way the removal rules of
-DESIGN.md hold: a sublayer whose layer gate is 0, or whose heads / neurons are all 0, adds nothing to
+differentiable gate tensors to :meth:`MaskedModel.forward` instead. Either way the gate rule of
+docs/architecture.md holds: a sublayer whose layer gate is 0, or whose heads / neurons are all 0, adds nothing to
 the residual stream, and with a hidden mask norms take statistics over the kept dimensions only.
-So a masked model and its :func:`structprune.compact.compact` form give the same outputs.
+So a masked model and its :func:`structprune.compaction.compact` form give the same outputs.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _attention(x: torch.Tensor, attn: Attention, ctx: AttentionContext, rope, he
 
     With a head gate on the CPU, only the alive heads are computed at all: their rows of the q/k/v
     weights and columns of the o weights are gathered (differentiably, so dead heads' weights get
-    exact zero gradients), as :func:`structprune.compact.compact` would keep them. A key/value head
+    exact zero gradients), as :func:`structprune.compaction.compact` would keep them. A key/value head
     is kept when any query head of its group is (the GQA rule of :mod:`structprune.maskset`).
     """
     if _cpu_autocast(x):

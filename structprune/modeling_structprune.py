@@ -1,7 +1,7 @@
 """The one forward implementation of structprune models, dense or physically pruned.
 
 This module is deliberately standalone: it imports only ``torch`` and ``transformers``, because
-:func:`structprune.compact.save` copies this very file into every saved model folder as
+:func:`structprune.compaction.save` copies this very file into every saved model folder as
 ``modeling_structprune.py``. That lets ``AutoModelForSequenceClassification.from_pretrained(dir,
 trust_remote_code=True)`` load a compact model on a machine where structprune is not installed.
 
@@ -53,7 +53,7 @@ def structure_section(config: PretrainedConfig) -> dict:
     if not isinstance(section, dict) or "layers" not in section:
         raise ValueError(
             f"config of model_type {getattr(config, 'model_type', '?')!r} has no '{SECTION}' section; "
-            "it was not written by structprune (use structprune.compact(...).save(dir))"
+            "it was not written by structprune (use structprune.save(model, dir))"
         )
     if section.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(

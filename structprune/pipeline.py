@@ -30,12 +30,13 @@ import torch
 from structprune import bench
 from structprune.arch.structure import ModelStructure
 from structprune.budget import Budget
-from structprune.compact import compact, save
+from structprune.compaction import compact, save
 from structprune.costs import count_flops, count_params
 from structprune.data import TaskData, encode
-from structprune.distill import check_teacher
+from structprune.methods.distill import check_teacher
 from structprune.export import example_inputs, export, session
-from structprune.finetune import FinetuneConfig, dense_teacher, evaluate, finetune, mark_task
+from structprune.evaluation import evaluate
+from structprune.finetune import FinetuneConfig, dense_teacher, finetune, mark_task
 from structprune.io import atomic_dir, atomic_write_text, check_output_dir
 from structprune.methods import get_method, is_learned
 from structprune.modeling_structprune import StructpruneForSequenceClassification

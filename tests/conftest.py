@@ -9,7 +9,7 @@ import pytest
 import torch
 
 # The Triton kernels run on the CPU under Triton's interpreter, which has to be chosen before
-# triton is imported (DESIGN.md, Kernels), and transformers imports it; on a CUDA machine they
+# triton is imported, and transformers imports it; on a CUDA machine they
 # run compiled.
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
@@ -124,8 +124,8 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def run_script(tmp_path_factory) -> Path:
-    """tests/test_l0.py's RUN_SCRIPT as a file: the subprocess runs of the l0 and transfer tests."""
-    from tests.test_l0 import RUN_SCRIPT
+    """tests/methods/test_l0.py's RUN_SCRIPT as a file: the subprocess runs of the l0 and transfer tests."""
+    from tests.methods.test_l0 import RUN_SCRIPT
     path = tmp_path_factory.mktemp("run") / "run.py"
     path.write_text(RUN_SCRIPT.format(repo=str(REPO)))
     return path

@@ -14,7 +14,8 @@ from structprune.arch import from_hf
 from structprune.cli import main
 from structprune.data import TaskSpec
 from structprune.data.encoding import trim_padding
-from structprune.finetune import FinetuneConfig, evaluate, finetune, predict
+from structprune.evaluation import evaluate, predict
+from structprune.finetune import FinetuneConfig, finetune
 from structprune.report import Comparison, ModelResult, write_report
 
 NUMBER = re.compile(r"\d+\.\d+")

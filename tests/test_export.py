@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from structprune.compact import compact
+from structprune.compaction import compact
 from structprune.export import ExportParityError, OnnxFileError, check_parity, example_inputs, export, session
 from structprune.io import OutputExistsError
 from structprune.masked_model import MaskedModel

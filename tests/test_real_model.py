@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from structprune.compact import compact
+from structprune.compaction import compact
 from structprune.export import export
 from structprune.masked_model import MaskedModel
 from structprune.maskset import MaskSet, random_masks, uniform_masks

@@ -11,7 +11,8 @@ import torch
 import structprune
 from structprune.arch import from_hf
 from structprune.data import get_task
-from structprune.finetune import FinetuneConfig, TaskLoss, evaluate, finetune
+from structprune.evaluation import evaluate
+from structprune.finetune import FinetuneConfig, TaskLoss, finetune
 from structprune.train import (
     BEST_FILE,
     CHECKPOINT_FILE,
@@ -21,7 +22,7 @@ from structprune.train import (
     check_writable,
     train,
 )
-from tests.test_methods import encoded_data, tiny_bert
+from tests.methods.test_methods import encoded_data, tiny_bert
 
 
 def _model():

@@ -127,7 +127,7 @@ def load_model(name: str, num_labels: int | None = None):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from structprune.arch import from_hf
-    from structprune.compact import from_pretrained
+    from structprune.compaction import from_pretrained
 
     path = Path(name)
     if path.is_dir() and _is_structprune_folder(path):

@@ -20,7 +20,7 @@ from structprune.cli.common import (
 def run_bench(args: argparse.Namespace) -> None:
     from structprune import bench
     from structprune.arch import ModelStructure
-    from structprune.compact import empty_model
+    from structprune.compaction import empty_model
     from structprune.costs import flops_ideal_speedup
     from structprune.export import example_inputs, session
 
@@ -60,10 +60,10 @@ def run_bench(args: argparse.Namespace) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from structprune.compact import empty_model
+    from structprune.compaction import empty_model
     from structprune.data import encode
     from structprune.export import ONNX_FILE, session
-    from structprune.finetune import evaluate
+    from structprune.evaluation import evaluate
 
     task = TaskArgs.from_args(args)
     data = task.load()

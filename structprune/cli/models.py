@@ -18,9 +18,10 @@ from structprune.cli.common import (
 
 
 def run_finetune(args: argparse.Namespace) -> None:
-    from structprune.compact import save
+    from structprune.compaction import save
     from structprune.data import encode
-    from structprune.finetune import FinetuneConfig, evaluate, finetune, mark_task
+    from structprune.evaluation import evaluate
+    from structprune.finetune import FinetuneConfig, finetune, mark_task
     from structprune.io import check_output_dir
 
     check_output_dir(args.out, args.overwrite)
@@ -45,7 +46,7 @@ def run_finetune(args: argparse.Namespace) -> None:
 
 def run_compact(args: argparse.Namespace) -> None:
     from structprune.arch import ModelStructure
-    from structprune.compact import compact, save
+    from structprune.compaction import compact, save
     from structprune.io import check_output_dir
     from structprune.maskset import MaskSet
 

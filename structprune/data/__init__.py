@@ -35,7 +35,7 @@ from structprune.data.vader import (
     vader_cache_dir,
 )
 
-_ENCODING = ("MODEL_INPUTS", "batches", "encode", "model_inputs", "trim_padding")
+_ENCODING = ("MODEL_INPUTS", "batches", "encode", "model_inputs", "num_rows", "trim_padding")
 
 
 def __getattr__(name: str):
@@ -75,6 +75,7 @@ __all__ = [
     "load_task",
     "load_vader",
     "model_inputs",
+    "num_rows",
     "resolve_data_dir",
     "trim_padding",
     "vader_cache_dir",

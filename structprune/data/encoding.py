@@ -100,3 +100,10 @@ def trim_padding(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     real = mask.any(0).nonzero()
     length = int(real.max()) + 1 if len(real) else 1
     return {name: t[:, :length] if t.ndim == 2 and t.shape[1] == mask.shape[1] else t for name, t in batch.items()}
+
+
+def num_rows(encoded: Mapping[str, torch.Tensor], what: str) -> int:
+    """The rows of ``encoded``; ``ValueError`` naming ``what`` when there are none."""
+    if "input_ids" not in encoded or len(encoded["input_ids"]) == 0:
+        raise ValueError(f"{what}: the data set is empty (no input_ids rows); load a task with examples")
+    return len(encoded["input_ids"])

@@ -2,10 +2,10 @@
 
 Starting from a model fine-tuned on the task (also the teacher, unless another is given):
 
-1. **Pruning** (``prune_epochs``): hard-concrete gates (:mod:`structprune.hardconcrete`) on the
+1. **Pruning** (``prune_epochs``): hard-concrete gates (:mod:`structprune.methods.hardconcrete`) on the
    chosen granularities are trained with the weights. The loss is
    ``task_weight * task loss + pred_weight * prediction distillation (temperature)
-   + layer_weight * layer distillation (dynamic mapping, :mod:`structprune.distill`)
+   + layer_weight * layer distillation (dynamic mapping, :mod:`structprune.methods.distill`)
    + lambda_1 * (s - t) + lambda_2 * (s - t)^2``, where ``s`` is the expected sparsity of the
    budget's kind (parameters or FLOPs, exact expectation of the compaction's counts) and ``t`` the
    target, raised linearly from the gates' initial expected sparsity over the first
@@ -13,7 +13,7 @@ Starting from a model fine-tuned on the task (also the teacher, unless another i
    trained by gradient ascent (AdamW, ``maximize``).
    Weights, gates and multipliers have separate learning rates.
 2. **Extraction**: deterministic 0/1 masks (the rule of
-   :meth:`~structprune.hardconcrete.HardConcreteGates.extract`), within ``tolerance`` of the target.
+   :meth:`~structprune.methods.hardconcrete.HardConcreteGates.extract`), within ``tolerance`` of the target.
 3. **Fine-tuning** (``finetune_epochs``): the model is compacted with the masks frozen and trained
    on the same loss without the Lagrangian term.
 
@@ -39,8 +39,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from structprune.arch.structure import ModelStructure
-from structprune.compact import compact
-from structprune.distill import (
+from structprune.compaction import compact
+from structprune.methods.distill import (
     CACHE_LIMIT_BYTES,
     LayerDistillation,
     TeacherCache,
@@ -49,7 +49,7 @@ from structprune.distill import (
     teacher_layers,
 )
 from structprune.data.encoding import model_inputs, trim_padding
-from structprune.hardconcrete import HardConcreteGates, max_sparsity
+from structprune.methods.hardconcrete import HardConcreteGates, max_sparsity
 from structprune.masked_model import MaskedModel
 from structprune.costs import count_flops, count_params
 from structprune.budget import Budget, as_budget
@@ -187,8 +187,8 @@ class PruneSetup:
     fingerprint: dict
     data: Mapping[str, torch.Tensor]
     """The task data the phases train on: with each row's index (``row``) when the teacher's outputs are
-    cached (:class:`~structprune.distill.TeacherCache`, built by :func:`prepare` when it fits in
-    :data:`~structprune.distill.CACHE_LIMIT_BYTES`)."""
+    cached (:class:`~structprune.methods.distill.TeacherCache`, built by :func:`prepare` when it fits in
+    :data:`~structprune.methods.distill.CACHE_LIMIT_BYTES`)."""
 
     def parts(self, config: L0Config, student: MaskedModel | None = None
               ) -> tuple[MaskedModel, HardConcreteGates, LayerDistillation]:
@@ -288,7 +288,7 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
         model: the model fine-tuned on the task (Hugging Face, structprune full size, or MaskedModel);
             it is not changed.
         task_data: encoded, labelled training rows (:func:`structprune.data.encode`).
-        teacher: the distillation teacher (default: ``model``); checked with :func:`structprune.distill.check_teacher`.
+        teacher: the distillation teacher (default: ``model``); checked with :func:`structprune.methods.distill.check_teacher`.
         checkpoint_dir: makes the run resumable (and rank 0 of a DDP run writes there).
         evaluate: called with the compact model during fine-tuning (every ``eval_every`` steps and at
             the end) for the log and ``log["evaluations"]``; it must not use the global RNG.

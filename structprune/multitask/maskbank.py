@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from structprune.arch.structure import ModelStructure
-from structprune.compact import compact
+from structprune.compaction import compact
 from structprune.io import atomic_write_text
 from structprune.masked_model import MaskedModel
 from structprune.maskset import MaskSet
@@ -52,7 +52,7 @@ class MaskBank:
         return MaskedModel(model.task_model(task), self.masks[task])
 
     def compact(self, model: MultiTaskModel, task: str) -> StructpruneForSequenceClassification:
-        """``task``'s physically pruned model (see :func:`structprune.compact.compact`)."""
+        """``task``'s physically pruned model (see :func:`structprune.compaction.compact`)."""
         self._check(model, task)
         return compact(model.task_model(task), self.masks[task])
 

@@ -11,7 +11,7 @@ one task at a time without a second forward implementation.
 are shuffled into one seeded order (each step one task's batch, so tasks are sampled in
 proportion to their size), AdamW with linear warm-up and decay.
 
-Files: :meth:`save` writes the first task's model with :func:`structprune.compact.save` (so the
+Files: :meth:`save` writes the first task's model with :func:`structprune.compaction.save` (so the
 folder is a normal structprune model folder) plus ``heads.safetensors`` and ``tasks.json``.
 """
 
@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from structprune.compact import from_pretrained, save
+from structprune.compaction import from_pretrained, save
 from structprune.data.encoding import batches
 from structprune.data.encoding import model_inputs, trim_padding
 from structprune.finetune import FinetuneConfig

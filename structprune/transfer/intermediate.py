@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from structprune.distill import LayerDistillation
+from structprune.methods.distill import LayerDistillation
 from structprune.finetune import FinetuneConfig, finetune
 from structprune.masked_model import MaskedModel
 from structprune.methods.l0 import DistillObjective, PruneSetup, prepare

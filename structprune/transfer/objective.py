@@ -36,8 +36,8 @@ from torch import nn
 
 from structprune.budget import Budget
 from structprune.data.encoding import model_inputs, trim_padding
-from structprune.distill import LayerDistillation
-from structprune.hardconcrete import HardConcreteGates
+from structprune.methods.distill import LayerDistillation
+from structprune.methods.hardconcrete import HardConcreteGates
 from structprune.masked_model import MaskedModel, effective_gates
 from structprune.methods.l0 import DistillObjective
 from structprune.modeling_structprune import StructpruneForSequenceClassification

@@ -35,9 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from structprune.budget import Budget
-from structprune.compact import compact
+from structprune.compaction import compact
 from structprune.data import TaskData, encode
-from structprune.finetune import FinetuneConfig, predict
+from structprune.evaluation import predict
+from structprune.finetune import FinetuneConfig
 from structprune.io import atomic_write_text
 from structprune.methods import l0
 from structprune.metrics import compute_metrics, paired_bootstrap

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from structprune.hardconcrete import HardConcreteGates
+from structprune.methods.hardconcrete import HardConcreteGates
 from structprune.methods.l0 import Lagrangian
 from structprune.transfer.config import TransferConfig
 from structprune.transfer.joint import Joint

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from structprune.distill import LayerDistillation
-from structprune.hardconcrete import HardConcreteGates
+from structprune.methods.distill import LayerDistillation
+from structprune.methods.hardconcrete import HardConcreteGates
 from structprune.masked_model import MaskedModel
 from structprune.methods.l0 import DistillObjective, PruneSetup
 from structprune.train import TrainResult

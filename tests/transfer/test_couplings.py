@@ -11,7 +11,7 @@ from torch import nn
 from structprune import transfer
 from structprune.methods import l0
 from structprune.transfer import TransferConfig, intermediate, method
-from tests.test_l0 import tiny_bert
+from tests.methods.test_l0 import tiny_bert
 from tests.transfer.transfer_support import (
     DATA,
     SHORT,

@@ -15,7 +15,7 @@ from structprune.methods import l0
 from structprune.transfer import TransferConfig, guard
 from structprune.transfer.guard import gradient_cosine
 from structprune.transfer.objective import TransferObjective
-from tests.test_l0 import tiny_bert
+from tests.methods.test_l0 import tiny_bert
 from tests.transfer.transfer_support import (
     BATCH,
     DATA,

@@ -8,7 +8,7 @@ import pytest
 
 from structprune.transfer import TransferConfig
 from structprune.transfer.search import BASELINE, SearchResult, run_name, sweep
-from tests.test_cli import make_model, ok, write_task
+from tests.cli.test_cli import make_model, ok, write_task
 from tests.transfer.transfer_support import spy_prune_teacher
 
 
@@ -80,7 +80,7 @@ def test_cli_transfer_search_writes_runs_and_the_choice(tmp_path):
 
 
 def test_cli_transfer_search_refuses_a_confidence_outside_0_1(tmp_path):
-    from tests.test_cli import cli
+    from tests.cli.test_cli import cli
     code, _, err = cli("transfer-search", "--model", tmp_path / "m", "--task", "sst2", "--aux", "mlm",
                        "--target-sparsity", 0.3, "--budget-runs", 2, "--min-confidence", 1.5, "--out", tmp_path / "s")
     assert code == 1 and "--min-confidence is a probability in [0, 1], got 1.5" in err

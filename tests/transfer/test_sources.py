@@ -26,8 +26,8 @@ from structprune.transfer.sources import (
     parse_aux,
     sentences,
 )
-from tests.test_cli import make_model
-from tests.test_l0 import tiny_bert
+from tests.cli.test_cli import make_model
+from tests.methods.test_l0 import tiny_bert
 
 SST2, MNLI = get_task("sst2"), get_task("mnli")
 

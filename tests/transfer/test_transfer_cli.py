@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from tests.test_cli import make_model, ok, write_task
+from tests.cli.test_cli import make_model, ok, write_task
 from tests.transfer.transfer_support import spy_prune_teacher
 
 
@@ -56,7 +56,7 @@ def test_cli_prune_transfer_intermediate_checkpoints_each_phase(tmp_path, monkey
 
 
 def test_cli_transfer_refuses_bad_sources(tmp_path):
-    from tests.test_cli import cli
+    from tests.cli.test_cli import cli
     model_dir = make_model(tmp_path / "model")
     task = write_task(tmp_path / "task.tsv", rows=16)
     base = ["prune", "--method", "transfer", "--model", model_dir, "--task", task, "--target-sparsity", 0.3,

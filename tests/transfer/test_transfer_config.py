@@ -8,7 +8,7 @@ import pytest
 from structprune import transfer
 from structprune.methods.l0 import L0Config
 from structprune.transfer import TransferConfig
-from tests.test_l0 import tiny_bert
+from tests.methods.test_l0 import tiny_bert
 from tests.transfer.transfer_support import DATA, toy_aux
 
 

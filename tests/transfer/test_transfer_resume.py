@@ -1,5 +1,5 @@
 """Exact resume of the ``transfer`` method (after an exception and after a real kill) and DDP with two gloo
-processes (the subprocess runs of tests/test_l0.py's RUN_SCRIPT with method transfer)."""
+processes (the subprocess runs of tests/methods/test_l0.py's RUN_SCRIPT with method transfer)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from structprune import transfer
 from structprune.transfer import TransferConfig
 from structprune.transfer.objective import TransferObjective
-from tests.test_l0 import (
+from tests.methods.test_l0 import (
     assert_matches_one_process,
     assert_same_run,
     kill_and_resume,
@@ -47,7 +47,7 @@ def test_interrupted_run_resumes_exactly(coupling, schedule, killed_in, tmp_path
 
 
 STEPS = 16
-"""Pruning steps of the subprocess runs (RUN_SCRIPT of tests/test_l0.py with method transfer)."""
+"""Pruning steps of the subprocess runs (RUN_SCRIPT of tests/methods/test_l0.py with method transfer)."""
 
 
 @pytest.fixture(scope="module")

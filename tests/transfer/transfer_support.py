@@ -1,4 +1,4 @@
-"""Helpers shared by the tests of structprune.transfer: toy auxiliary sources on the tiny BERT of tests/test_l0.py,
+"""Helpers shared by the tests of structprune.transfer: toy auxiliary sources on the tiny BERT of tests/methods/test_l0.py,
 a transfer objective built beside the l0 one, one backward of separate-masks, gradient snapshots, and a spy on
 the teachers of pruning phases.
 """
@@ -15,8 +15,8 @@ from structprune.methods import l0
 from structprune.transfer import TransferConfig, method
 from structprune.transfer.objective import TransferObjective
 from structprune.transfer.sources import MLM, AuxData
-from tests.test_l0 import FAST, VOCAB, tiny_bert
-from tests.test_methods import encoded_data
+from tests.methods.test_l0 import FAST, VOCAB, tiny_bert
+from tests.methods.test_methods import encoded_data
 
 SHORT = dataclasses.replace(FAST, max_steps=6)
 """6 steps per phase (64 rows, batch 16: 4 steps per epoch)."""

@@ -3,7 +3,7 @@
 On a CPU the kernels run under ``TRITON_INTERPRET=1`` (set in conftest) at small shapes, fp32
 and fp16; on a CUDA machine the same tests run compiled, bf16 included, plus longer sequences.
 Outputs and the gradients of q, k, v and the gate are compared with the fp64 reference;
-low-precision tolerances follow flash-attention's rule (DESIGN.md): the kernel's error is at
+low-precision tolerances follow flash-attention's rule: the kernel's error is at
 most twice that of the reference computed in the same precision, plus a small floor.
 """
 

@@ -13,7 +13,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from conftest import make_hf, make_inputs
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
-from structprune.compact import compact
+from structprune.compaction import compact
 from structprune.masked_model import MaskedModel
 from structprune.costs import count_flops
 from structprune.maskset import MaskSet

@@ -18,7 +18,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 from structprune.cli import build_parser, main
 
 WORDS = ["good", "great", "fine", "fun", "bad", "awful", "poor", "dull", "the", "movie", "film", "plot", "was", "is", "very", "not"]
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def cli(*args: object) -> tuple[int, str, str]:

@@ -13,7 +13,7 @@ from transformers import (
 
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
-from structprune.compact import compact
+from structprune.compaction import compact
 from structprune.masked_model import MaskedModel
 from structprune.costs import count_params
 from structprune.maskset import mask_shapes
@@ -53,7 +53,7 @@ MODELS = {"bert": tiny_bert, "llama": tiny_llama}
 
 SCORING = sorted(name for name in METHODS if name not in ("l0", "transfer"))
 """Methods that score units and select them with select_units (l0 and transfer learn their masks:
-tests/test_l0.py, tests/test_transfer.py)."""
+tests/methods/test_l0.py, tests/transfer/)."""
 
 
 def run(method: str, model, budget: Budget):

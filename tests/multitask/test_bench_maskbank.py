@@ -13,12 +13,12 @@ from structprune import bench
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
 from structprune.data import get_task
-from structprune.finetune import evaluate
+from structprune.evaluation import evaluate
 from structprune.multitask.maskbank import BANK_FOLDER
 from structprune.budget import Budget
 from structprune.multitask.model import MultiTaskModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import bench_maskbank  # noqa: E402
 

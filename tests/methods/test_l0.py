@@ -19,17 +19,17 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
-from structprune.compact import compact, from_pretrained
+from structprune.compaction import compact, from_pretrained
 from structprune.data import get_task
-from structprune.distill import LayerDistillation, TeacherCache, prediction_loss, teacher_layers
+from structprune.methods.distill import LayerDistillation, TeacherCache, prediction_loss, teacher_layers
 from structprune.data.encoding import model_inputs, trim_padding
 from structprune.finetune import mark_task
 from structprune.budget import Budget
-from structprune.methods import l0
-from tests.test_cli import cli, make_model, ok, write_task
-from tests.test_methods import encoded_data
+from structprune.methods import distill, l0
+from tests.cli.test_cli import cli, make_model, ok, write_task
+from tests.methods.test_methods import encoded_data
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VOCAB = 100
 
 
@@ -115,11 +115,11 @@ def test_teacher_for_other_labels_or_task_is_refused():
     teacher = from_hf(tiny_bert())
     mark_task(teacher, get_task("rte"))
     with pytest.raises(ValueError, match="fine-tuned on 'rte', not on 'sst2'"):
-        l0.check_teacher(teacher, student, "sst2", get_task("sst2").label_names)
+        distill.check_teacher(teacher, student, "sst2", get_task("sst2").label_names)
     mark_task(teacher, get_task("sst2"))
-    l0.check_teacher(teacher, student, "sst2", get_task("sst2").label_names)
+    distill.check_teacher(teacher, student, "sst2", get_task("sst2").label_names)
     with pytest.raises(ValueError, match="labels .* differ from the task's"):
-        l0.check_teacher(teacher, student, None, ("no", "yes"))
+        distill.check_teacher(teacher, student, None, ("no", "yes"))
     with pytest.raises(ValueError, match="labels range over 0..2 but the model has 2 outputs"):
         l0.prune(tiny_bert(), encoded_data(3), 0.5)
 
@@ -149,9 +149,9 @@ def test_prediction_and_layer_distillation():
 RUN_SCRIPT = """
 import json, sys, torch
 sys.path.insert(0, {repo!r})
-from tests.test_l0 import tiny_bert
-from tests.test_methods import encoded_data
-from structprune.compact import compact
+from tests.methods.test_l0 import tiny_bert
+from tests.methods.test_methods import encoded_data
+from structprune.compaction import compact
 from structprune.arch import from_hf
 from structprune.budget import Budget
 from structprune import transfer

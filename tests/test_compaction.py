@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from structprune.compact import ModelFileError, compact, from_pretrained, save
+from structprune.compaction import ModelFileError, compact, from_pretrained, save
 from structprune.io import OutputExistsError
 from structprune.masked_model import MaskedModel
 from structprune.costs import count_params

@@ -9,10 +9,10 @@ from transformers import AutoModelForSequenceClassification
 
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
-from structprune.compact import from_pretrained
+from structprune.compaction import from_pretrained
 from structprune.costs import LatencyTable
 from structprune.maskset import MaskSet
-from test_cli import cli, make_model, ok, write_task
+from tests.cli.test_cli import cli, make_model, ok, write_task
 
 
 @pytest.fixture(scope="module")
