@@ -31,7 +31,7 @@ from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
 from structprune.io import atomic_dir
 from structprune.masked_model import MaskedModel
-from structprune.maskset import MaskSet
+from structprune.maskset import KeptLayer, MaskSet
 from structprune.modeling_structprune import CLASS_FOR_MODEL_TYPE, SECTION, StructpruneForSequenceClassification
 
 MODELING_FILE = "modeling_structprune.py"
@@ -48,6 +48,76 @@ def _index(t: torch.Tensor, dim: int, keep: list[int]) -> torch.Tensor:
 
 def _rows(head_ids, head_dim: int) -> list[int]:
     return [h * head_dim + d for h in head_ids for d in range(head_dim)]
+
+
+class _Slicer:
+    """Copies the full model's weights into the compact model's state dict, cut to the kept rows and
+    columns, with kept-unit scales folded in."""
+
+    def __init__(self, source: dict[str, torch.Tensor]):
+        self.source, self.state = source, {}
+
+    def take(self, name: str, dim_keep: dict[int, list[int]], scale_cols: torch.Tensor | None = None) -> None:
+        t = self.source[name]
+        for dim, keep in dim_keep.items():
+            t = _index(t, dim, keep)
+        if scale_cols is not None:
+            t = t * scale_cols.to(device=t.device, dtype=t.dtype)
+        self.state[name] = t.contiguous()
+
+    def linear(self, prefix: str, rows: list[int] | None, cols: list[int] | None, col_scale=None,
+               out_scale=None) -> None:
+        """A linear (or norm) ``prefix``: its kept ``rows`` (outputs) and ``cols`` (inputs); ``None`` keeps all."""
+        dims = {k: v for k, v in ((0, rows), (1, cols)) if v is not None}
+        weight_scale = col_scale
+        if out_scale is not None:
+            weight_scale = out_scale if weight_scale is None else weight_scale * out_scale
+        self.take(f"{prefix}.weight", dims, weight_scale)
+        if f"{prefix}.bias" in self.source:
+            self.take(f"{prefix}.bias", {0: rows} if rows is not None else {}, out_scale)
+
+    def embeddings(self, spec: dict, H: list[int]) -> None:
+        project = spec["family"] == "bert" and spec.get("embedding_project")
+        for name in ("embeddings.word", "embeddings.position", "embeddings.token_type"):
+            if f"{name}.weight" in self.source:
+                self.take(f"{name}.weight", {} if project else {1: H})
+        if spec["family"] == "bert":
+            if project:
+                self.linear("embeddings.project", H, None)
+                self.linear("embeddings.norm", None, None)
+            else:
+                self.linear("embeddings.norm", H, None)
+
+    def layer(self, i: int, kept: KeptLayer, gates: dict[str, torch.Tensor], spec: dict, H: list[int]) -> None:
+        p, hd, bert = f"layers.{i}", spec["head_dim"], spec["family"] == "bert"
+        if kept.heads:
+            q_rows, kv_rows = _rows(kept.heads, hd), _rows(kept.kv_heads, hd)
+            self.linear(f"{p}.attn.q", q_rows, H)
+            self.linear(f"{p}.attn.k", kv_rows, H)
+            self.linear(f"{p}.attn.v", kv_rows, H)
+            head_scale = gates["head"][i][list(kept.heads)] if "head" in gates else torch.ones(len(kept.heads))
+            layer_scale = gates["attn_layer"][i] if "attn_layer" in gates else None
+            self.linear(f"{p}.attn.o", H, q_rows, head_scale.repeat_interleave(hd), layer_scale)
+        if kept.heads or bert:
+            self.linear(f"{p}.attn_norm", H, None)
+        if kept.neurons:
+            n = list(kept.neurons)
+            self.linear(f"{p}.ffn.up", n, H)
+            if spec["gated_ffn"]:
+                self.linear(f"{p}.ffn.gate", n, H)
+            neuron_scale = gates["neuron"][i][n] if "neuron" in gates else None
+            layer_scale = gates["ffn_layer"][i] if "ffn_layer" in gates else None
+            self.linear(f"{p}.ffn.down", H, n, neuron_scale, layer_scale)
+        if kept.neurons or bert:
+            self.linear(f"{p}.ffn_norm", H, None)
+
+    def head(self, spec: dict, H: list[int]) -> None:
+        if spec["family"] == "llama":
+            self.linear("final_norm", H, None)
+            self.linear("head.out", None, H)
+        else:
+            self.linear("head.dense", None, H)
+            self.linear("head.out", None, None)
 
 
 def compact(model: PreTrainedModel | MaskedModel, masks: MaskSet) -> StructpruneForSequenceClassification:
@@ -69,67 +139,12 @@ def compact(model: PreTrainedModel | MaskedModel, masks: MaskSet) -> Structprune
          "kv_map": list(layer.kv_map) if layer.kv_map is not None else None, "ffn": layer.ffn}
         for layer in new_structure.layers
     ]
-    source = {name: t.detach() for name, t in full.state_dict().items()}
-    state = {}
-
-    def take(name: str, dim_keep: dict[int, list[int]], scale_cols: torch.Tensor | None = None) -> None:
-        t = source[name]
-        for dim, keep in dim_keep.items():
-            t = _index(t, dim, keep)
-        if scale_cols is not None:
-            t = t * scale_cols.to(device=t.device, dtype=t.dtype)
-        state[name] = t.contiguous()
-
-    def take_linear(prefix: str, rows: list[int] | None, cols: list[int] | None, col_scale=None, out_scale=None):
-        dims = {k: v for k, v in ((0, rows), (1, cols)) if v is not None}
-        weight_scale = col_scale
-        if out_scale is not None:
-            weight_scale = out_scale if weight_scale is None else weight_scale * out_scale
-        take(f"{prefix}.weight", dims, weight_scale)
-        if f"{prefix}.bias" in source:
-            take(f"{prefix}.bias", {0: rows} if rows is not None else {}, out_scale)
-
-    H = list(hidden)
-    project = spec["family"] == "bert" and spec.get("embedding_project")
-    for name in ("embeddings.word", "embeddings.position", "embeddings.token_type"):
-        if f"{name}.weight" in source:
-            take(f"{name}.weight", {} if project else {1: H})
-    if spec["family"] == "bert":
-        if project:
-            take_linear("embeddings.project", H, None)
-            take_linear("embeddings.norm", None, None)
-        else:
-            take_linear("embeddings.norm", H, None)
-    hd = spec["head_dim"]
-    for i, (layer, kept) in enumerate(zip(full.layers, kept_layers)):
-        p = f"layers.{i}"
-        if kept.heads:
-            q_rows, kv_rows = _rows(kept.heads, hd), _rows(kept.kv_heads, hd)
-            take_linear(f"{p}.attn.q", q_rows, H)
-            take_linear(f"{p}.attn.k", kv_rows, H)
-            take_linear(f"{p}.attn.v", kv_rows, H)
-            head_scale = gates["head"][i][list(kept.heads)] if "head" in gates else torch.ones(len(kept.heads))
-            col_scale = head_scale.repeat_interleave(hd)
-            layer_scale = gates["attn_layer"][i] if "attn_layer" in gates else None
-            take_linear(f"{p}.attn.o", H, q_rows, col_scale, layer_scale)
-        if kept.heads or spec["family"] == "bert":
-            take_linear(f"{p}.attn_norm", H, None)
-        if kept.neurons:
-            n = list(kept.neurons)
-            take_linear(f"{p}.ffn.up", n, H)
-            if layer.ffn.gate is not None:
-                take_linear(f"{p}.ffn.gate", n, H)
-            neuron_scale = gates["neuron"][i][n] if "neuron" in gates else None
-            layer_scale = gates["ffn_layer"][i] if "ffn_layer" in gates else None
-            take_linear(f"{p}.ffn.down", H, n, neuron_scale, layer_scale)
-        if kept.neurons or spec["family"] == "bert":
-            take_linear(f"{p}.ffn_norm", H, None)
-    if spec["family"] == "llama":
-        take_linear("final_norm", H, None)
-        take_linear("head.out", None, H)
-    else:
-        take_linear("head.dense", None, H)
-        take_linear("head.out", None, None)
+    slicer, H = _Slicer({name: t.detach() for name, t in full.state_dict().items()}), list(hidden)
+    slicer.embeddings(spec, H)
+    for i, kept in enumerate(kept_layers):
+        slicer.layer(i, kept, gates, spec, H)
+    slicer.head(spec, H)
+    state = slicer.state
 
     config = copy.deepcopy(full.config)
     setattr(config, SECTION, spec)

@@ -320,6 +320,44 @@ def _set_rng_state(state: Mapping) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _resume(checkpoints: _Checkpoints, objective: Objective, optimizer, scheduler, result: TrainResult, rank: int,
+            world: int) -> None:
+    """Load the run's checkpoint, if there is one, into the objective, optimiser, scheduler, RNG and ``result``."""
+    state = checkpoints.load()
+    if state is None:
+        return
+    objective.load_state_dict(state["objective"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if len(state["rng"]) != world:
+        raise CheckpointError(f"{checkpoints.directory} was written by a run of {len(state['rng'])} process(es); "
+                              f"resume it with that many, not {world}")
+    _set_rng_state(state["rng"][rank])
+    result.losses, result.best = list(state["losses"]), state["best"]
+    result.evaluations = list(state["evaluations"])
+    result.start_step = int(state["step"])
+    checkpoints.truncate_log(result.start_step)
+
+
+def _accumulate(model: nn.Module, shards: list, step: int, device: torch.device, world: int, autocast,
+                description: str) -> tuple[torch.Tensor, dict]:
+    """Forward and backward of every micro-batch of one step (gradients summed, DDP synchronised on the last);
+    the step's weighted loss and the objective's logged values."""
+    loss_sum, values = torch.zeros((), dtype=torch.float64), {}
+    for micro, (shard, weight) in enumerate(shards):
+        shard = {name: t.to(device) for name, t in shard.items()}
+        sync = model.no_sync() if world > 1 and micro < len(shards) - 1 else nullcontext()
+        with sync:
+            with autocast:
+                loss, values = model(shard, step, micro)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{description}: the loss became {loss.item()} at step {step}; "
+                                         "lower the learning rate")
+            (loss * (weight * world) if weight * world != 1 else loss).backward()
+        loss_sum += loss.detach().double().cpu() * weight
+    return loss_sum, values
+
+
 def train(objective: Objective, data: Mapping[str, torch.Tensor], config: TrainConfig,
           checkpoint_dir: str | os.PathLike | None = None, fingerprint: Mapping | None = None,
           evaluate: Callable[[], dict[str, float]] | None = None, progress: bool = True,
@@ -350,19 +388,7 @@ def train(objective: Objective, data: Mapping[str, torch.Tensor], config: TrainC
     autocast = bf16_autocast(device, config.mixed_precision and device.type == "cuda")
     result = TrainResult()
     torch.manual_seed(config.seed + rank)
-    state = checkpoints.load()
-    if state is not None:
-        objective.load_state_dict(state["objective"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if len(state["rng"]) != world:
-            raise CheckpointError(f"{checkpoint_dir} was written by a run of {len(state['rng'])} process(es); "
-                                  f"resume it with that many, not {world}")
-        _set_rng_state(state["rng"][rank])
-        result.losses, result.best = list(state["losses"]), state["best"]
-        result.evaluations = list(state["evaluations"])
-        result.start_step = int(state["step"])
-        checkpoints.truncate_log(result.start_step)
+    _resume(checkpoints, objective, optimizer, scheduler, result, rank, world)
     step = result.start_step
     start = time.perf_counter()
     objective.train()
@@ -370,19 +396,7 @@ def train(objective: Objective, data: Mapping[str, torch.Tensor], config: TrainC
               disable=not progress or rank != 0) as bar:
         while step < config.steps:
             optimizer.zero_grad(set_to_none=True)
-            shards = stream.shards(step)
-            loss_sum, values = torch.zeros((), dtype=torch.float64), {}
-            for micro, (shard, weight) in enumerate(shards):
-                shard = {name: t.to(device) for name, t in shard.items()}
-                sync = model.no_sync() if world > 1 and micro < len(shards) - 1 else nullcontext()
-                with sync:
-                    with autocast:
-                        loss, values = model(shard, step, micro)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"{description}: the loss became {loss.item()} at step {step}; "
-                                                 "lower the learning rate")
-                    (loss * (weight * world) if weight * world != 1 else loss).backward()
-                loss_sum += loss.detach().double().cpu() * weight
+            loss_sum, values = _accumulate(model, stream.shards(step), step, device, world, autocast, description)
             if world > 1:
                 dist.all_reduce(loss_sum)
             if config.max_grad_norm is not None and clipped:

@@ -207,6 +207,44 @@ def _gates(masks: MaskSet, structure: ModelStructure, dtype: torch.dtype, device
     return {name: g.to(device=device, dtype=dtype) for name, g in effective_gates(masks.gates(structure)).items()}
 
 
+def _fit_heads(runner: _Runner, i: int, heads: list[int], head_gate: torch.Tensor, batches: list, contexts: list,
+               student_x: list, targets: list, max_heads: int, hd: int, damping: float,
+               max_scale: float) -> tuple[torch.Tensor, SublayerFit]:
+    """Scales of layer ``i``'s kept ``heads`` whose attention output best reconstructs ``targets``."""
+    layer = runner.model.layers[i]
+    w_o = layer.attn.o.weight.t().reshape(max_heads, hd, -1)[heads]  # [k, hd, D]
+    system = _System(torch.zeros(len(heads), len(heads), dtype=torch.float64),
+                     torch.zeros(len(heads), dtype=torch.float64))
+    for batch, (_, ctx, rope), sx, t_attn in zip(batches, contexts, student_x, targets):
+        rows = runner.rows(batch, False)
+        context = runner.contexts(i, sx, ctx, rope, head_gate)[rows]
+        context = context.reshape(-1, max_heads, hd)[:, heads]  # [T, k, hd]
+        a = torch.einsum("tkd,kdo->kto", context, w_o).reshape(len(heads), -1)
+        bias = layer.attn.o.bias if layer.attn.o.bias is not None else 0.0
+        b = (t_attn[rows] - bias - sx[rows]).reshape(-1)
+        system.add(a @ a.t(), a @ b, b @ b)
+    return _fit(system, i, "attention", damping, max_scale)
+
+
+def _fit_neurons(runner: _Runner, i: int, neurons: list[int], gates: dict[str, torch.Tensor], batches: list,
+                 contexts: list, student_x: list, targets: list, last: bool, damping: float,
+                 max_scale: float) -> tuple[torch.Tensor, SublayerFit]:
+    """Scales of layer ``i``'s kept ``neurons`` whose FFN output best reconstructs ``targets``."""
+    layer = runner.model.layers[i]
+    w_d = layer.ffn.down.weight[:, neurons]  # [D, k]
+    gram = (w_d.t() @ w_d).double()
+    system = _System(torch.zeros(len(neurons), len(neurons), dtype=torch.float64),
+                     torch.zeros(len(neurons), dtype=torch.float64))
+    for batch, (_, ctx, rope), sx, t_ffn in zip(batches, contexts, student_x, targets):
+        _, v = runner.layer(i, sx, ctx, rope, gates)
+        rows = runner.rows(batch, last)
+        h = v["activation"][rows][:, neurons]  # [T, k]
+        bias = layer.ffn.down.bias if layer.ffn.down.bias is not None else 0.0
+        b = t_ffn[rows] - bias - v["ffn_residual"][rows]  # [T, D]
+        system.add(gram * (h.t() @ h).double(), (h * (b @ w_d)).sum(0), (b * b).sum())
+    return _fit(system, i, "ffn", damping, max_scale)
+
+
 @torch.no_grad()
 def tune_scales(model: StructpruneForSequenceClassification, masks: MaskSet,
                 batches: list[dict[str, torch.Tensor]], teacher: MaskSet | None = None, damping: float = 1.0,
@@ -241,7 +279,6 @@ def tune_scales(model: StructpruneForSequenceClassification, masks: MaskSet,
         student_x = list(teacher_x)
         last = structure.num_layers - 1
         for i in tqdm(range(structure.num_layers), desc="mask tuning", unit="layer", disable=not progress):
-            layer = model.layers[i]
             heads = masks.masks["head"][i].nonzero().flatten().tolist()
             neurons = masks.masks["neuron"][i].nonzero().flatten().tolist()
             targets, next_teacher = [], []
@@ -262,35 +299,13 @@ def tune_scales(model: StructpruneForSequenceClassification, masks: MaskSet,
                 return out
 
             if heads:
-                w_o = layer.attn.o.weight.t().reshape(structure.max_heads, hd, -1)[heads]  # [k, hd, D]
-                system = _System(torch.zeros(len(heads), len(heads), dtype=torch.float64),
-                                 torch.zeros(len(heads), dtype=torch.float64))
-                head_gate = masks.masks["head"][i].to(weight)
-                for batch, (_, ctx, rope), sx, (t_attn, _) in zip(batches, contexts, student_x, targets):
-                    rows = runner.rows(batch, False)
-                    context = runner.contexts(i, sx, ctx, rope, head_gate)[rows]
-                    context = context.reshape(-1, structure.max_heads, hd)[:, heads]  # [T, k, hd]
-                    a = torch.einsum("tkd,kdo->kto", context, w_o).reshape(len(heads), -1)
-                    bias = layer.attn.o.bias if layer.attn.o.bias is not None else 0.0
-                    b = (t_attn[rows] - bias - sx[rows]).reshape(-1)
-                    system.add(a @ a.t(), a @ b, b @ b)
-                s, fit = _fit(system, i, "attention", damping, max_scale)
+                s, fit = _fit_heads(runner, i, heads, masks.masks["head"][i].to(weight), batches, contexts,
+                                    student_x, [t for t, _ in targets], structure.max_heads, hd, damping, max_scale)
                 scales["head"][i, heads] = s.float()
                 fits.append(fit)
             if neurons:
-                w_d = layer.ffn.down.weight[:, neurons]  # [D, k]
-                gram = (w_d.t() @ w_d).double()
-                system = _System(torch.zeros(len(neurons), len(neurons), dtype=torch.float64),
-                                 torch.zeros(len(neurons), dtype=torch.float64))
-                gates = binary_at(student_gates(), "neuron")
-                for batch, (_, ctx, rope), sx, (_, t_ffn) in zip(batches, contexts, student_x, targets):
-                    _, v = runner.layer(i, sx, ctx, rope, gates)
-                    rows = runner.rows(batch, i == last)
-                    h = v["activation"][rows][:, neurons]  # [T, k]
-                    bias = layer.ffn.down.bias if layer.ffn.down.bias is not None else 0.0
-                    b = t_ffn[rows] - bias - v["ffn_residual"][rows]  # [T, D]
-                    system.add(gram * (h.t() @ h).double(), (h * (b @ w_d)).sum(0), (b * b).sum())
-                s, fit = _fit(system, i, "ffn", damping, max_scale)
+                s, fit = _fit_neurons(runner, i, neurons, binary_at(student_gates(), "neuron"), batches, contexts,
+                                      student_x, [t for _, t in targets], i == last, damping, max_scale)
                 scales["neuron"][i, neurons] = s.float()
                 fits.append(fit)
             gates = student_gates()
