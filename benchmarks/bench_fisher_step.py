@@ -18,9 +18,9 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from structprune import bench
+from structprune.budget import Budget
 from structprune.data import encode, load_task
 from structprune.demo import minilm_dir
-from structprune.budget import Budget
 from structprune.methods import fisher
 
 CSV = Path(__file__).resolve().parent / "results" / "fisher_step.csv"

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from bench_transfer import TransferRunner
+
 from structprune import bench
-from structprune.data.encoding import model_inputs, trim_padding
 from structprune.budget import Budget
+from structprune.data.encoding import model_inputs, trim_padding
 from structprune.methods import l0
 from structprune.transfer import TransferConfig
 from structprune.transfer.guard import cosine, flat_gradient

@@ -36,13 +36,13 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from structprune import bench
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
+from structprune.budget import Budget
 from structprune.compaction import compact, from_pretrained, save
 from structprune.data import encode, load_task
 from structprune.demo import minilm_dir
 from structprune.evaluation import evaluate
 from structprune.finetune import FinetuneConfig, finetune, mark_task
 from structprune.io import atomic_write_text
-from structprune.budget import Budget
 from structprune.methods import l0
 from structprune.methods.result import PruneResult
 

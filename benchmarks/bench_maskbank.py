@@ -41,14 +41,14 @@ from dense_cache import FINETUNE, MAX_LENGTH, SETUPS, eval_data, tokenizer, trai
 from structprune import bench  # noqa: E402
 from structprune.arch import from_hf  # noqa: E402
 from structprune.arch.structure import ModelStructure  # noqa: E402
+from structprune.budget import Budget
 from structprune.compaction import compact  # noqa: E402
 from structprune.data import TaskSpec, encode  # noqa: E402
 from structprune.demo import minilm_dir  # noqa: E402
 from structprune.evaluation import evaluate
 from structprune.io import atomic_write_text  # noqa: E402
-from structprune.multitask.maskbank import MaskBank, build_bank  # noqa: E402
 from structprune.maskset import MaskSet  # noqa: E402
-from structprune.budget import Budget
+from structprune.multitask.maskbank import MaskBank, build_bank  # noqa: E402
 from structprune.multitask.model import MultiTaskModel, finetune_multitask  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / "cache" / "maskbank"

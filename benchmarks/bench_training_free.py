@@ -31,18 +31,25 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dense_cache import MAX_LENGTH, SETUPS, dense_model, eval_data, tokenizer, train_data  # noqa: E402
+from dense_cache import (  # noqa: E402
+    MAX_LENGTH,
+    SETUPS,
+    dense_model,
+    eval_data,
+    tokenizer,
+    train_data,
+)
 
 from structprune import bench  # noqa: E402
 from structprune.arch.structure import ModelStructure  # noqa: E402
+from structprune.budget import Budget
 from structprune.compaction import compact  # noqa: E402
-from structprune.data import TaskData, encode  # noqa: E402
-from structprune.export import example_inputs, export, session  # noqa: E402
-from structprune.evaluation import evaluate
 from structprune.costs import LatencyTable
+from structprune.data import TaskData, encode  # noqa: E402
+from structprune.evaluation import evaluate
+from structprune.export import example_inputs, export, session  # noqa: E402
 from structprune.latency import measure_table  # noqa: E402
 from structprune.maskset import MaskSet  # noqa: E402
-from structprune.budget import Budget
 from structprune.methods import get_method  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

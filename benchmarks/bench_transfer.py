@@ -30,11 +30,11 @@ import sys
 from pathlib import Path
 
 import torch
-
 from bench_l0 import FLOPS_SEQ, MAX_LENGTH, Runner, _cell, _done, _settings_key
+
 from structprune import bench, transfer
-from structprune.data import load_task
 from structprune.budget import Budget
+from structprune.data import load_task
 from structprune.methods import l0
 from structprune.transfer.sources import load_auxiliary, parse_aux
 

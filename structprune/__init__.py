@@ -8,7 +8,7 @@ The pipeline, one public function per arrow::
 The names below load on first use, so ``import structprune`` (and ``structprune --help``) stays instant.
 """
 
-from importlib import import_module
+from structprune.lazy import exports
 
 __version__ = "0.1.0"
 
@@ -25,11 +25,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'structprune' has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name]), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = exports("structprune", _EXPORTS)

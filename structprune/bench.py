@@ -19,8 +19,8 @@ The rules:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import csv
+import dataclasses
 import io
 import os
 import platform

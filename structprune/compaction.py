@@ -32,7 +32,11 @@ from structprune.arch.structure import ModelStructure
 from structprune.io import atomic_dir
 from structprune.masked_model import MaskedModel
 from structprune.maskset import KeptLayer, MaskSet
-from structprune.modeling_structprune import CLASS_FOR_MODEL_TYPE, SECTION, StructpruneForSequenceClassification
+from structprune.modeling_structprune import (
+    CLASS_FOR_MODEL_TYPE,
+    SECTION,
+    StructpruneForSequenceClassification,
+)
 
 MODELING_FILE = "modeling_structprune.py"
 WEIGHTS_FILE = "model.safetensors"

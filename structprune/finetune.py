@@ -31,6 +31,7 @@ from structprune.data.encoding import model_inputs, num_rows, trim_padding
 from structprune.modeling_structprune import StructpruneForSequenceClassification
 from structprune.train import Objective, TrainConfig, TrainResult, digest, train
 
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Settings of :func:`finetune`.

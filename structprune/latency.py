@@ -27,6 +27,7 @@ from structprune.export import example_inputs, export, session
 from structprune.maskset import MaskSet, mask_shapes
 from structprune.modeling_structprune import StructpruneForSequenceClassification
 
+
 def _masks(structure: ModelStructure, heads: int, width: int) -> MaskSet:
     shapes = mask_shapes(structure)
     head, neuron = torch.zeros(shapes["head"]), torch.zeros(shapes["neuron"])

@@ -33,12 +33,12 @@ from structprune.budget import Budget
 from structprune.compaction import compact, save
 from structprune.costs import count_flops, count_params
 from structprune.data import TaskData, encode
-from structprune.methods.distill import check_teacher
-from structprune.export import example_inputs, export, session
 from structprune.evaluation import evaluate
+from structprune.export import example_inputs, export, session
 from structprune.finetune import FinetuneConfig, dense_teacher, finetune, mark_task
 from structprune.io import atomic_dir, atomic_write_text, check_output_dir
 from structprune.methods import get_method, is_learned
+from structprune.methods.distill import check_teacher
 from structprune.modeling_structprune import StructpruneForSequenceClassification
 from structprune.report import Comparison, ModelResult, write_report
 

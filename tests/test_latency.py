@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_hf, make_inputs
+
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
-from structprune.costs import LatencyTable, TIE_MS
-from structprune.latency import measure_table
 from structprune.budget import Budget
+from structprune.costs import TIE_MS, LatencyTable
+from structprune.latency import measure_table
 from structprune.methods import get_method
 from structprune.methods.selection import DEFAULT_TOLERANCE
 

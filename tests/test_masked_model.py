@@ -10,7 +10,7 @@ import torch
 
 from structprune.arch.structure import ModelStructure
 from structprune.masked_model import MaskedModel, effective_gates
-from structprune.maskset import MaskSet, MaskError
+from structprune.maskset import MaskError, MaskSet
 from tests.conftest import BERT_FAMILY, make_hf, make_inputs
 
 

@@ -9,8 +9,8 @@ import torch
 
 from structprune.arch import from_hf
 from structprune.arch.structure import LayerStructure, ModelStructure
-from structprune.io import OutputExistsError
 from structprune.costs import count_flops, count_params
+from structprune.io import OutputExistsError
 from structprune.maskset import MaskError, MaskSet, random_masks, uniform_masks
 from tests.conftest import make_hf
 

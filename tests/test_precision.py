@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_hf, make_inputs
+
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
+from structprune.budget import Budget
 from structprune.masked_model import MaskedModel, effective_gates
 from structprune.maskset import MaskSet
-from structprune.budget import Budget
 from structprune.methods import get_method
 from structprune.methods.calibration import calibration_batches
 from structprune.methods.fisher import fisher_information, mask_gradients
 from structprune.methods.mask_tuning import tune_scales
-from structprune.modeling_structprune import StructpruneForSequenceClassification, gate_product
+from structprune.modeling_structprune import (
+    StructpruneForSequenceClassification,
+    gate_product,
+)
 from structprune.precision import bf16_autocast, native_bf16, resolve_bf16
 
 

@@ -7,7 +7,11 @@ import copy
 from transformers import PretrainedConfig, PreTrainedModel
 
 from structprune.arch import bert, llama
-from structprune.modeling_structprune import CLASS_FOR_MODEL_TYPE, SECTION, StructpruneForSequenceClassification
+from structprune.modeling_structprune import (
+    CLASS_FOR_MODEL_TYPE,
+    SECTION,
+    StructpruneForSequenceClassification,
+)
 
 ADAPTERS = {model_type: module for module in (bert, llama) for model_type in module.MODEL_TYPES}
 

@@ -62,8 +62,8 @@ def run_bench(args: argparse.Namespace) -> None:
 def run_eval(args: argparse.Namespace) -> None:
     from structprune.compaction import empty_model
     from structprune.data import encode
-    from structprune.export import ONNX_FILE, session
     from structprune.evaluation import evaluate
+    from structprune.export import ONNX_FILE, session
 
     task = TaskArgs.from_args(args)
     data = task.load()

@@ -15,8 +15,6 @@ the VADER corpora, and tokenisation.
   evaluation (:mod:`.encoding`, loaded on first use: it imports torch, the rest of the package does not).
 """
 
-from importlib import import_module
-
 from structprune.data.readers import is_task_file, load_file
 from structprune.data.registry import TASKS, get_task, list_tasks, load_task, load_vader
 from structprune.data.root import DATA_DIR_ENV, default_data_dir, resolve_data_dir
@@ -34,15 +32,11 @@ from structprune.data.vader import (
     fetch_vader,
     vader_cache_dir,
 )
+from structprune.lazy import exports
 
 _ENCODING = ("MODEL_INPUTS", "batches", "encode", "model_inputs", "num_rows", "trim_padding")
 
-
-def __getattr__(name: str):
-    if name in _ENCODING:
-        return getattr(import_module("structprune.data.encoding"), name)
-    raise AttributeError(f"module 'structprune.data' has no attribute {name!r}")
-
+__getattr__, __dir__ = exports("structprune.data", {name: "structprune.data.encoding" for name in _ENCODING})
 
 __all__ = [
     "MODEL_INPUTS",

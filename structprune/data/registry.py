@@ -17,10 +17,30 @@ from functools import partial
 from pathlib import Path
 from types import MappingProxyType
 
-from structprune.data.readers import Column, Reader, jsonl, label_first, parallel, qqp, tsv
+from structprune.data.readers import (
+    Column,
+    Reader,
+    jsonl,
+    label_first,
+    parallel,
+    qqp,
+    tsv,
+)
 from structprune.data.root import DATA_DIR_ENV, resolve_data_dir
-from structprune.data.splits import CARVED_NOTE, SPLIT_SEED, carved, carved_splits, take_train_size
-from structprune.data.tasks import KIND_METRICS, Row, TaskData, TaskSpec, build_task_data
+from structprune.data.splits import (
+    CARVED_NOTE,
+    SPLIT_SEED,
+    carved,
+    carved_splits,
+    take_train_size,
+)
+from structprune.data.tasks import (
+    KIND_METRICS,
+    Row,
+    TaskData,
+    TaskSpec,
+    build_task_data,
+)
 from structprune.data.vader import (
     VADER_FILES,
     VADER_SOURCE,

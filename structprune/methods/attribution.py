@@ -57,13 +57,18 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from structprune.arch.structure import ModelStructure
-from structprune.masked_model import MaskedModel
 from structprune.budget import Budget
+from structprune.masked_model import MaskedModel
+from structprune.methods.calibration import (
+    calibration_batches,
+    gate_gradient,
+    prepare,
+    unit_gates,
+)
+from structprune.methods.mask_tuning import tune_scales
 from structprune.methods.result import PruneResult, result_from_scores
 from structprune.methods.selection import DEFAULT_TOLERANCE
 from structprune.methods.setup import prepare_pruning
-from structprune.methods.calibration import calibration_batches, gate_gradient, prepare, unit_gates
-from structprune.methods.mask_tuning import tune_scales
 
 SCOPES = ("global", "layer")
 PATHS = ("sublayer", "model")

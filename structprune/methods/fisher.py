@@ -49,14 +49,19 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from structprune.arch.structure import ModelStructure
+from structprune.budget import Budget
 from structprune.masked_model import MaskedModel
 from structprune.maskset import MaskSet
-from structprune.budget import Budget
+from structprune.methods.calibration import (
+    calibration_batches,
+    gate_gradient,
+    prepare,
+    unit_gates,
+)
+from structprune.methods.mask_tuning import tune_scales
 from structprune.methods.result import PruneResult, result_from_masks
 from structprune.methods.selection import check_reachable, select_units
 from structprune.methods.setup import prepare_pruning
-from structprune.methods.calibration import calibration_batches, gate_gradient, prepare, unit_gates
-from structprune.methods.mask_tuning import tune_scales
 from structprune.precision import bf16_autocast, resolve_bf16
 
 TEACHERS = ("dense", "intermediate")

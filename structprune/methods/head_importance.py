@@ -27,13 +27,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from structprune.budget import Budget
 from structprune.masked_model import MaskedModel
 from structprune.maskset import MaskSet
-from structprune.budget import Budget
+from structprune.methods.calibration import gate_gradient, prepare
 from structprune.methods.result import PruneResult, result_from_masks
 from structprune.methods.selection import DEFAULT_TOLERANCE, select_units
 from structprune.methods.setup import prepare_pruning
-from structprune.methods.calibration import gate_gradient, prepare
 
 FLOOR = 1e-12
 """Floor of a kept unit's normalised importance (at most 1), so that it ranks after every removed unit (0)."""

@@ -39,7 +39,11 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from structprune.arch.structure import ModelStructure
+from structprune.budget import Budget, as_budget
 from structprune.compaction import compact
+from structprune.costs import count_flops, count_params
+from structprune.data.encoding import model_inputs, trim_padding
+from structprune.masked_model import MaskedModel
 from structprune.methods.distill import (
     CACHE_LIMIT_BYTES,
     LayerDistillation,
@@ -48,11 +52,7 @@ from structprune.methods.distill import (
     prediction_loss,
     teacher_layers,
 )
-from structprune.data.encoding import model_inputs, trim_padding
 from structprune.methods.hardconcrete import HardConcreteGates, max_sparsity
-from structprune.masked_model import MaskedModel
-from structprune.costs import count_flops, count_params
-from structprune.budget import Budget, as_budget
 from structprune.methods.options import L0Config
 from structprune.methods.result import PruneResult
 from structprune.methods.setup import dense_model

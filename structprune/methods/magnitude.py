@@ -16,8 +16,8 @@ import torch
 from transformers import PreTrainedModel
 
 from structprune.arch.structure import ModelStructure
-from structprune.masked_model import MaskedModel
 from structprune.budget import Budget, as_budget
+from structprune.masked_model import MaskedModel
 from structprune.methods.result import PruneResult, result_from_scores
 from structprune.methods.selection import DEFAULT_TOLERANCE, check_reachable
 from structprune.methods.setup import dense_model

@@ -39,7 +39,10 @@ from tqdm.auto import tqdm
 from structprune.arch.structure import ModelStructure
 from structprune.masked_model import effective_gates
 from structprune.maskset import MaskSet
-from structprune.modeling_structprune import LAYER_GATES, StructpruneForSequenceClassification
+from structprune.modeling_structprune import (
+    LAYER_GATES,
+    StructpruneForSequenceClassification,
+)
 from structprune.precision import bf16_autocast
 
 ACCEPTED_ISTOP = (0, 1, 2)

@@ -21,10 +21,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from structprune.data.encoding import batches
-from structprune.data.encoding import model_inputs, trim_padding
-from structprune.masked_model import MaskedModel
 from structprune.budget import Budget
+from structprune.data.encoding import batches, model_inputs, trim_padding
+from structprune.masked_model import MaskedModel
 from structprune.methods.result import PruneResult, result_from_scores
 from structprune.methods.selection import DEFAULT_TOLERANCE
 from structprune.methods.setup import prepare_pruning

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from structprune.arch.structure import ModelStructure
+from structprune.budget import Budget
 from structprune.compaction import compact
 from structprune.io import atomic_write_text
 from structprune.masked_model import MaskedModel
 from structprune.maskset import MaskSet
-from structprune.budget import Budget
 from structprune.methods import get_method
 from structprune.modeling_structprune import StructpruneForSequenceClassification
 from structprune.multitask.model import MultiTaskModel

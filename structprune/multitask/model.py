@@ -30,11 +30,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from structprune.compaction import from_pretrained, save
-from structprune.data.encoding import batches
-from structprune.data.encoding import model_inputs, trim_padding
+from structprune.data.encoding import batches, model_inputs, trim_padding
 from structprune.finetune import FinetuneConfig
 from structprune.io import atomic_write_text
-from structprune.modeling_structprune import SECTION, ClassificationHead, StructpruneForSequenceClassification
+from structprune.modeling_structprune import (
+    SECTION,
+    ClassificationHead,
+    StructpruneForSequenceClassification,
+)
 
 HEADS_FILE = "heads.safetensors"
 TASKS_FILE = "tasks.json"

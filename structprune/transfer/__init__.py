@@ -9,7 +9,7 @@ in :mod:`~structprune.transfer.sources`, the couplings in :mod:`~structprune.tra
 The names below load on first use, so importing :mod:`structprune.transfer.config` imports no torch.
 """
 
-from importlib import import_module
+from structprune.lazy import exports
 
 _EXPORTS = {
     "COUPLINGS": "structprune.transfer.config",
@@ -31,11 +31,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'structprune.transfer' has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name]), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = exports("structprune.transfer", _EXPORTS)

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from structprune.methods.distill import LayerDistillation
 from structprune.finetune import FinetuneConfig, finetune
 from structprune.masked_model import MaskedModel
+from structprune.methods.distill import LayerDistillation
 from structprune.methods.l0 import DistillObjective, PruneSetup, prepare
 from structprune.modeling_structprune import StructpruneForSequenceClassification
 from structprune.train import TrainResult

@@ -22,7 +22,13 @@ from transformers import PreTrainedModel
 
 from structprune.budget import Budget
 from structprune.masked_model import MaskedModel
-from structprune.methods.l0 import DistillObjective, PruneSetup, finish, prepare, train_config
+from structprune.methods.l0 import (
+    DistillObjective,
+    PruneSetup,
+    finish,
+    prepare,
+    train_config,
+)
 from structprune.methods.result import PruneResult
 from structprune.modeling_structprune import StructpruneForSequenceClassification
 from structprune.train import TrainResult, digest, train

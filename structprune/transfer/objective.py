@@ -36,16 +36,21 @@ from torch import nn
 
 from structprune.budget import Budget
 from structprune.data.encoding import model_inputs, trim_padding
+from structprune.masked_model import MaskedModel, effective_gates
 from structprune.methods.distill import LayerDistillation
 from structprune.methods.hardconcrete import HardConcreteGates
-from structprune.masked_model import MaskedModel, effective_gates
 from structprune.methods.l0 import DistillObjective
 from structprune.modeling_structprune import StructpruneForSequenceClassification
 from structprune.transfer.config import TransferConfig
 from structprune.transfer.guard import update_trust, verdicts
 from structprune.transfer.joint import Joint
 from structprune.transfer.separate_masks import SeparateMasks
-from structprune.transfer.sources import IGNORE_INDEX, AuxData, MLMHead, classification_head
+from structprune.transfer.sources import (
+    IGNORE_INDEX,
+    AuxData,
+    MLMHead,
+    classification_head,
+)
 from structprune.transfer.streams import key_generator, own_dropout
 
 

@@ -38,7 +38,7 @@ from structprune.budget import Budget
 from structprune.compaction import compact
 from structprune.data import TaskData, encode
 from structprune.evaluation import predict
-from structprune.finetune import FinetuneConfig
+from structprune.finetune import FinetuneConfig, dense_teacher
 from structprune.io import atomic_write_text
 from structprune.methods import l0
 from structprune.metrics import compute_metrics, paired_bootstrap
@@ -46,7 +46,6 @@ from structprune.modeling_structprune import StructpruneForSequenceClassificatio
 from structprune.transfer import method
 from structprune.transfer.config import COUPLINGS, TransferConfig
 from structprune.transfer.sources import AuxSource, load_auxiliary
-from structprune.finetune import dense_teacher
 
 SEARCH_DEV_FRACTION = 0.2
 BASELINE = "l0 (target only)"

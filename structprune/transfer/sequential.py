@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from structprune.masked_model import MaskedModel
 from structprune.methods.distill import LayerDistillation
 from structprune.methods.hardconcrete import HardConcreteGates
-from structprune.masked_model import MaskedModel
 from structprune.methods.l0 import DistillObjective, PruneSetup
 from structprune.train import TrainResult
 from structprune.transfer.config import TransferConfig

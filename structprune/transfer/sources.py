@@ -40,7 +40,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from structprune.data import TaskData, TaskSpec, encode, get_task, is_task_file, load_file, load_task
+from structprune.data import (
+    TaskData,
+    TaskSpec,
+    encode,
+    get_task,
+    is_task_file,
+    load_file,
+    load_task,
+)
 from structprune.modeling_structprune import ClassificationHead, activation
 from structprune.transfer.config import config_from_options
 

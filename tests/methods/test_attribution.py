@@ -6,16 +6,16 @@ import copy
 
 import pytest
 import torch
-
 from conftest import make_hf, make_inputs
+
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
-from structprune.masked_model import MaskedModel
-from structprune.costs import count_flops
 from structprune.budget import Budget
+from structprune.costs import count_flops
+from structprune.masked_model import MaskedModel
 from structprune.methods import get_method
-from structprune.methods.selection import DEFAULT_TOLERANCE
 from structprune.methods.attribution import attribution_scores, path_pairs
+from structprune.methods.selection import DEFAULT_TOLERANCE
 
 
 def _data(model, n: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -7,20 +7,25 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from conftest import make_hf, make_inputs
 from scipy.sparse.linalg import lsmr
 from transformers import BertConfig, BertForSequenceClassification
 
-from conftest import make_hf, make_inputs
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
-from structprune.compaction import compact
-from structprune.masked_model import MaskedModel
-from structprune.costs import count_flops
-from structprune.maskset import MaskSet
 from structprune.budget import Budget
+from structprune.compaction import compact
+from structprune.costs import count_flops
+from structprune.masked_model import MaskedModel
+from structprune.maskset import MaskSet
 from structprune.methods import get_method
 from structprune.methods.calibration import calibration_batches
-from structprune.methods.fisher import fisher_information, mask_gradients, rearrange, search_masks
+from structprune.methods.fisher import (
+    fisher_information,
+    mask_gradients,
+    rearrange,
+    search_masks,
+)
 from structprune.methods.mask_tuning import _solve, _System
 
 

@@ -9,10 +9,9 @@ import torch
 
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
-from structprune.costs import expected_cost
-from structprune.methods.hardconcrete import HardConcreteGates, max_sparsity
-from structprune.costs import count_flops, count_params
+from structprune.costs import count_flops, count_params, expected_cost
 from structprune.maskset import MASK_NAMES, MaskSet, mask_shapes
+from structprune.methods.hardconcrete import HardConcreteGates, max_sparsity
 from tests.conftest import make_hf
 
 SEQ = 16

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_hf, make_inputs
+
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
-from structprune.masked_model import MaskedModel
-from structprune.costs import count_flops
-from structprune.maskset import MaskSet
 from structprune.budget import Budget
+from structprune.costs import count_flops
+from structprune.masked_model import MaskedModel
+from structprune.maskset import MaskSet
 from structprune.methods import get_method
-from structprune.methods.selection import DEFAULT_TOLERANCE
 from structprune.methods.calibration import calibration_batches
 from structprune.methods.head_importance import head_importance_scores
+from structprune.methods.selection import DEFAULT_TOLERANCE
 
 
 def _data(model, n: int = 16) -> dict[str, torch.Tensor]:

@@ -19,13 +19,18 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
+from structprune.budget import Budget
 from structprune.compaction import compact, from_pretrained
 from structprune.data import get_task
-from structprune.methods.distill import LayerDistillation, TeacherCache, prediction_loss, teacher_layers
 from structprune.data.encoding import model_inputs, trim_padding
 from structprune.finetune import mark_task
-from structprune.budget import Budget
 from structprune.methods import distill, l0
+from structprune.methods.distill import (
+    LayerDistillation,
+    TeacherCache,
+    prediction_loss,
+    teacher_layers,
+)
 from tests.cli.test_cli import cli, make_model, ok, write_task
 from tests.methods.test_methods import encoded_data
 

@@ -13,11 +13,11 @@ from transformers import (
 
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
-from structprune.compaction import compact
-from structprune.masked_model import MaskedModel
-from structprune.costs import count_params
-from structprune.maskset import mask_shapes
 from structprune.budget import Budget
+from structprune.compaction import compact
+from structprune.costs import count_params
+from structprune.masked_model import MaskedModel
+from structprune.maskset import mask_shapes
 from structprune.methods import METHODS, get_method
 from structprune.methods.selection import max_reduction, select_units
 

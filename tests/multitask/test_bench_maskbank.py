@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_hf, make_inputs
+
 from structprune import bench
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
+from structprune.budget import Budget
 from structprune.data import get_task
 from structprune.evaluation import evaluate
 from structprune.multitask.maskbank import BANK_FOLDER
-from structprune.budget import Budget
 from structprune.multitask.model import MultiTaskModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_hf, make_inputs
+
 from structprune.arch import from_hf
-from structprune.finetune import FinetuneConfig
-from structprune.multitask.maskbank import BANK_FOLDER, MaskBank, build_bank
-from structprune.masked_model import MaskedModel
 from structprune.budget import Budget
+from structprune.finetune import FinetuneConfig
+from structprune.masked_model import MaskedModel
+from structprune.multitask.maskbank import BANK_FOLDER, MaskBank, build_bank
 from structprune.multitask.model import MultiTaskModel, finetune_multitask
 
 
