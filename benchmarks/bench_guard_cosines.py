@@ -48,7 +48,7 @@ def objective_for(target: str, aux: str, args: argparse.Namespace) -> tuple[Tran
     runner = TransferRunner(target, argparse.Namespace(device="cpu", train_size=args.train_size), args.seed, config,
                             aux)
     dense, _ = runner.dense()
-    setup = l0.prepare(dense, runner.train_enc, Budget(0.8, seq_len=128), config, None)
+    setup = l0.learned_setup(dense, runner.train_enc, Budget(0.8, seq_len=128), config, None)
     student, gates, layers = setup.parts(config)
     guarded = TransferConfig(l0=config, coupling="separate-masks")  # the coupling whose guard this measures
     objective = TransferObjective(student, setup.teacher, layers, guarded, gates, setup.budget,

@@ -1,16 +1,12 @@
-"""A small fine-tuning loop and the evaluation helper used by the CLI and the demo.
+"""Task fine-tuning, and the dense teacher of a pruning run.
 
-:func:`finetune` trains any model that takes Hugging Face inputs and returns ``.loss`` (a Hugging
-Face classifier, a structprune model dense or compact, or a :class:`~structprune.masked_model.MaskedModel`)
-on encoded task tensors from :func:`structprune.data.encode`: AdamW, linear warm-up then linear
-decay to 0, gradient clipping, shuffled batches. It is the shared loop of :mod:`structprune.train`
-with the task loss (:class:`TaskLoss`), so it can checkpoint and resume. Under one seed it is
-deterministic on a given machine and thread count (the shuffle order and dropout are seeded).
-
-:func:`evaluate` scores a model, or an ONNX Runtime session, with :mod:`structprune.metrics`.
-
-Batches are cut to their longest real sequence (:func:`structprune.data.encoding.trim_padding`): ``encode`` pads every row
-to the longest example of the whole data set, and most batches need far fewer columns.
+:func:`finetune` trains any model that takes Hugging Face inputs and returns ``.loss`` (a Hugging Face
+classifier, a structprune model dense or compact, or a :class:`~structprune.masked_model.MaskedModel`) on
+encoded task tensors from :func:`structprune.data.encode`: AdamW, linear warm-up then linear decay to 0,
+gradient clipping, shuffled batches. It is the shared loop of :mod:`structprune.train` with the task loss
+(:class:`TaskLoss`), so it can checkpoint and resume. Under one seed it is deterministic on a given machine
+and thread count (the shuffle order and dropout are seeded). Batches are cut to their longest real sequence
+(:func:`structprune.data.encoding.trim_padding`). :func:`dense_teacher` gives a pruning run its teacher.
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ compare and report, into one folder.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -166,6 +165,12 @@ class Run:
     """Further entries of the method's log (e.g. how many auxiliary examples were removed as duplicates)."""
 
 
+def _finetune_text(c: FinetuneConfig) -> str:
+    steps = "" if c.max_steps is None else f", at most {c.max_steps} steps"
+    return (f"fine-tuned here: {c.epochs} epochs, batch {c.batch_size}, AdamW lr {c.lr:g} (weight decay "
+            f"{c.weight_decay:g}), linear warm-up over {c.warmup_ratio:.0%} then decay, seed {c.seed}{steps}")
+
+
 def _pruning_text(run: Run, log: dict) -> str:
     if run.describe_pruning is not None:
         return run.describe_pruning(log)
@@ -258,8 +263,7 @@ def _comparison(config: Run, train: TaskData, evaluation: TaskData, dense, prune
         "task": f"{task.name}, {len(train)} training examples (seed {config.seed}), evaluated on {evaluation.split} "
                 f"({len(evaluation)} examples)",
         "model": f"{model_name}, max length {config.max_length}",
-        "teacher": ("fine-tuned here: " + json.dumps(dataclasses.asdict(config.dense_config))) if trained_here
-        else "given (fine-tuned on the task)",
+        "teacher": _finetune_text(config.dense_config) if trained_here else "given (fine-tuned on the task)",
         "pruning": _pruning_text(config, log),
         **config.setup,
         "recovery": recovery,

@@ -8,6 +8,7 @@ its own keywords and flags, and whether it trains weights. A method that does ru
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from structprune.cli.common import (
@@ -68,6 +69,8 @@ def _write_masks(args: argparse.Namespace, task: TaskArgs) -> None:
     check_output_dir(args.out, args.overwrite)
     data = task.load()
     model = load_model(args.model, data.task.num_labels)
+    print(f"[{args.method}] pruning {args.model} on {len(data)} {data.task.name} examples to {budget.kind} sparsity "
+          f"{budget.target}", file=sys.stderr, flush=True)
     encoded = encode(data, load_tokenizer(args.model), task.max_length)
     result = get_method(args.method)(model, encoded, budget, progress=True, **_method_options(args, args.method))
     result.masks.meta |= {"model": args.model, "task": data.task.name, "num_labels": data.task.num_labels,

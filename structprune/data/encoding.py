@@ -1,4 +1,5 @@
-"""Tokenisation of :class:`~structprune.data.tasks.TaskData` into tensors, batching them, and the model's view of a batch.
+"""Tokenisation of :class:`~structprune.data.tasks.TaskData` into tensors, batching them, and the model's
+view of a batch.
 
 The tokenizer is passed in (any Hugging Face ``PreTrainedTokenizerBase``); transformers is not
 imported here.

@@ -62,7 +62,7 @@ from structprune.masked_model import MaskedModel
 from structprune.methods.calibration import (
     calibration_batches,
     gate_gradient,
-    prepare,
+    objective_batches,
     unit_gates,
 )
 from structprune.methods.mask_tuning import tune_scales
@@ -116,7 +116,7 @@ def attribution_scores(model: MaskedModel, data: Mapping[str, torch.Tensor], ste
     was_training = model.training
     model.eval()
     try:
-        batches = prepare(model, data, objective, "attribution", batch_size, max_examples, seed)
+        batches = objective_batches(model, data, objective, "attribution", batch_size, max_examples, seed)
         sizes = [len(b["input_ids"]) for b in batches]
         total = sum(sizes)
         zeros = {name: torch.zeros_like(g, dtype=torch.float64) for name, g in unit_gates(model).items()}
@@ -198,7 +198,8 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
                                       seed, progress)
     scores = {name: attributions[f"{name}_squared"] if aggregate == "squared" else attributions[name].abs()
               for name in ("head", "neuron")}
-    options = {"steps": steps, "objective": objective, "path": path, "aggregate": aggregate, "scope": scope, "batch_size": batch_size,
+    options = {"steps": steps, "objective": objective, "path": path, "aggregate": aggregate, "scope": scope,
+               "batch_size": batch_size,
                "max_examples": max_examples, "stratify": stratify, "tune": tune, "seed": seed,
                "min_heads": min_heads, "min_neurons": min_neurons, "tolerance": tolerance}
     result = result_from_scores("attribution", full, scores, budget, options, {"attributions": attributions})

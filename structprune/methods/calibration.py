@@ -90,8 +90,8 @@ def objective(name: str, logits: torch.Tensor, batch: Mapping[str, torch.Tensor]
     return F.cross_entropy(logits.float(), labels)
 
 
-def prepare(model: MaskedModel, data: Mapping[str, torch.Tensor], name: str, method: str, batch_size: int,
-            max_examples: int | None, seed: int) -> list[dict[str, torch.Tensor]]:
+def objective_batches(model: MaskedModel, data: Mapping[str, torch.Tensor], name: str, method: str,
+                      batch_size: int, max_examples: int | None, seed: int) -> list[dict[str, torch.Tensor]]:
     """Checked calibration batches for objective ``name`` (with pseudo-labels when it needs them)."""
     check_objective(name, data, method)
     device = model.model.embeddings.word.weight.device

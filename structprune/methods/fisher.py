@@ -55,7 +55,7 @@ from structprune.maskset import MaskSet
 from structprune.methods.calibration import (
     calibration_batches,
     gate_gradient,
-    prepare,
+    objective_batches,
     unit_gates,
 )
 from structprune.methods.mask_tuning import tune_scales
@@ -211,7 +211,7 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
     was_training = masked.training
     masked.eval()
     try:
-        batches = prepare(masked, task_data, objective, "fisher", grad_batch_size, max_examples, seed)
+        batches = objective_batches(masked, task_data, objective, "fisher", grad_batch_size, max_examples, seed)
         grads = mask_gradients(masked, batches, objective, progress, bf16)
     finally:
         masked.train(was_training)

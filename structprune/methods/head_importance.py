@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 from structprune.budget import Budget
 from structprune.masked_model import MaskedModel
 from structprune.maskset import MaskSet
-from structprune.methods.calibration import gate_gradient, prepare
+from structprune.methods.calibration import gate_gradient, objective_batches
 from structprune.methods.result import PruneResult, result_from_masks
 from structprune.methods.selection import DEFAULT_TOLERANCE, select_units
 from structprune.methods.setup import prepare_pruning
@@ -100,7 +100,7 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
     masked.eval()
     masks, history = None, []
     try:
-        batches = prepare(masked, task_data, objective, "head_importance", batch_size, max_examples, seed)
+        batches = objective_batches(masked, task_data, objective, "head_importance", batch_size, max_examples, seed)
         for step in tqdm(range(1, iterations + 1), desc="head importance", unit="iteration", disable=not progress):
             scores = head_importance_scores(masked, batches, masks, objective)
             selected = select_units(structure, full.spec, scores, budget, min_heads, min_neurons, tolerance)

@@ -174,8 +174,9 @@ def train_config(config: L0Config, steps: int) -> TrainConfig:
 
 
 @dataclass(frozen=True)
-class PruneSetup:
-    """What a learned pruning run starts from, checked (see :func:`prepare`); shared by ``l0`` and ``transfer``."""
+class LearnedSetup:
+    """What a learned pruning run starts from, checked (see :func:`learned_setup`); shared by ``l0`` and
+    ``transfer``."""
 
     budget: Budget
     full: StructpruneForSequenceClassification
@@ -187,7 +188,7 @@ class PruneSetup:
     fingerprint: dict
     data: Mapping[str, torch.Tensor]
     """The task data the phases train on: with each row's index (``row``) when the teacher's outputs are
-    cached (:class:`~structprune.methods.distill.TeacherCache`, built by :func:`prepare` when it fits in
+    cached (:class:`~structprune.methods.distill.TeacherCache`, built by :func:`learned_setup` when it fits in
     :data:`~structprune.methods.distill.CACHE_LIMIT_BYTES`)."""
 
     def parts(self, config: L0Config, student: MaskedModel | None = None
@@ -206,8 +207,9 @@ class PruneSetup:
         return round(config.sparsity_warmup * (self.prune_steps if steps is None else steps))
 
 
-def prepare(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Tensor], budget: Budget | float,
-            config: L0Config, teacher: StructpruneForSequenceClassification | None) -> PruneSetup:
+def learned_setup(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Tensor],
+                  budget: Budget | float, config: L0Config,
+                  teacher: StructpruneForSequenceClassification | None) -> LearnedSetup:
     """Check the budget (reachable with ``config.granularities``), the teacher and the labels before any
     training, and lay out the phases; the fingerprint identifies the run for checkpoints."""
     budget = as_budget(budget)
@@ -240,11 +242,11 @@ def prepare(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.
                            layers) <= CACHE_LIMIT_BYTES:
         TeacherCache(teacher, task_data, layers).attach(teacher)
         data = dict(task_data) | {"row": torch.arange(rows)}
-    return PruneSetup(budget, full, structure, teacher, rows, config.steps(config.prune_epochs, rows),
+    return LearnedSetup(budget, full, structure, teacher, rows, config.steps(config.prune_epochs, rows),
                       config.steps(config.finetune_epochs, rows) if config.finetune_epochs else 0, fingerprint, data)
 
 
-def finish(method: str, setup: PruneSetup, objective: DistillObjective, pruning: TrainResult,
+def finish(method: str, setup: LearnedSetup, objective: DistillObjective, pruning: TrainResult,
            config: L0Config, options: Mapping[str, object],
            directory: Path | None, fingerprint: Mapping, evaluate: Callable[[nn.Module], dict[str, float]] | None,
            eval_every: int | None, progress: bool) -> PruneResult:
@@ -288,14 +290,15 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
         model: the model fine-tuned on the task (Hugging Face, structprune full size, or MaskedModel);
             it is not changed.
         task_data: encoded, labelled training rows (:func:`structprune.data.encode`).
-        teacher: the distillation teacher (default: ``model``); checked with :func:`structprune.methods.distill.check_teacher`.
+        teacher: the distillation teacher (default: ``model``); checked with
+            :func:`structprune.methods.distill.check_teacher`.
         checkpoint_dir: makes the run resumable (and rank 0 of a DDP run writes there).
         evaluate: called with the compact model during fine-tuning (every ``eval_every`` steps and at
             the end) for the log and ``log["evaluations"]``; it must not use the global RNG.
         settings: :class:`~structprune.methods.options.L0Config` fields that override ``config``'s.
     """
     config = dataclasses.replace(config, **settings)
-    setup = prepare(model, task_data, budget, config, teacher)
+    setup = learned_setup(model, task_data, budget, config, teacher)
     directory = None if checkpoint_dir is None else Path(checkpoint_dir)
     student, gates, layers = setup.parts(config)
     objective = DistillObjective(student, setup.teacher, layers, config, gates, setup.budget,

@@ -25,7 +25,7 @@ import torch
 from structprune.finetune import FinetuneConfig, finetune
 from structprune.masked_model import MaskedModel
 from structprune.methods.distill import LayerDistillation
-from structprune.methods.l0 import DistillObjective, PruneSetup, prepare
+from structprune.methods.l0 import DistillObjective, LearnedSetup, learned_setup
 from structprune.modeling_structprune import StructpruneForSequenceClassification
 from structprune.train import TrainResult
 from structprune.transfer.config import TransferConfig
@@ -33,7 +33,7 @@ from structprune.transfer.objective import TransferObjective
 from structprune.transfer.sources import AuxData
 
 
-def aux_phase(setup: PruneSetup, config: TransferConfig, student: MaskedModel, layers: LayerDistillation,
+def aux_phase(setup: LearnedSetup, config: TransferConfig, student: MaskedModel, layers: LayerDistillation,
               aux: Sequence[AuxData], run: Callable[[DistillObjective, int, str], TrainResult]) -> TransferObjective:
     """Phase I: train the dense ``student`` on the auxiliary losses at ``dense_lr`` with ``run`` (phase
     ``"aux"``); the trained objective."""
@@ -45,9 +45,9 @@ def aux_phase(setup: PruneSetup, config: TransferConfig, student: MaskedModel, l
     return before
 
 
-def retarget(student: MaskedModel, task_data: Mapping[str, torch.Tensor], setup: PruneSetup,
+def retarget(student: MaskedModel, task_data: Mapping[str, torch.Tensor], setup: LearnedSetup,
              config: TransferConfig, teacher: StructpruneForSequenceClassification | None, directory: Path | None,
-             fingerprint: Mapping, progress: bool) -> PruneSetup:
+             fingerprint: Mapping, progress: bool) -> LearnedSetup:
     """Phase R: fine-tune ``student``'s model on the target (checkpoints under ``directory / "retarget"``, keyed by
     the budget-free ``fingerprint``); the setup of pruning that model, the teacher too unless ``teacher`` is
     given."""
@@ -57,4 +57,4 @@ def retarget(student: MaskedModel, task_data: Mapping[str, torch.Tensor], setup:
     finetune(student.model, setup.data, dense, progress=progress, description="transfer retarget",
              checkpoint_dir=None if directory is None else directory / "retarget",
              fingerprint=dict(fingerprint) | {"phase": "retarget"})
-    return prepare(student.model, task_data, setup.budget, c, teacher)
+    return learned_setup(student.model, task_data, setup.budget, c, teacher)

@@ -24,9 +24,9 @@ from structprune.budget import Budget
 from structprune.masked_model import MaskedModel
 from structprune.methods.l0 import (
     DistillObjective,
-    PruneSetup,
+    LearnedSetup,
     finish,
-    prepare,
+    learned_setup,
     train_config,
 )
 from structprune.methods.result import PruneResult
@@ -55,7 +55,7 @@ def _check_aux(aux: Sequence[AuxData]) -> None:
                              f"but its task has {source.task.num_labels} classes")
 
 
-def _check_vocabulary(aux: Sequence[AuxData], setup: PruneSetup) -> None:
+def _check_vocabulary(aux: Sequence[AuxData], setup: LearnedSetup) -> None:
     for source in aux:
         if source.is_mlm and source.vocab_size > setup.full.spec["vocab_size"]:
             raise ValueError(f"the MLM data's tokenizer has {source.vocab_size} tokens, more than the model's "
@@ -83,7 +83,7 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
     config = config_from_options(settings, config)
     _check_aux(aux)
     c = config.l0
-    setup = prepare(model, task_data, budget, c, teacher)
+    setup = learned_setup(model, task_data, budget, c, teacher)
     _check_vocabulary(aux, setup)
     directory = None if checkpoint_dir is None else Path(checkpoint_dir)
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "l0"}

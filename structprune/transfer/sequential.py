@@ -21,14 +21,14 @@ from collections.abc import Callable, Sequence
 from structprune.masked_model import MaskedModel
 from structprune.methods.distill import LayerDistillation
 from structprune.methods.hardconcrete import HardConcreteGates
-from structprune.methods.l0 import DistillObjective, PruneSetup
+from structprune.methods.l0 import DistillObjective, LearnedSetup
 from structprune.train import TrainResult
 from structprune.transfer.config import TransferConfig
 from structprune.transfer.objective import TransferObjective
 from structprune.transfer.sources import AuxData
 
 
-def aux_phase(setup: PruneSetup, config: TransferConfig, student: MaskedModel, gates: HardConcreteGates,
+def aux_phase(setup: LearnedSetup, config: TransferConfig, student: MaskedModel, gates: HardConcreteGates,
               layers: LayerDistillation, aux: Sequence[AuxData],
               run: Callable[[DistillObjective, int, str], TrainResult]) -> TransferObjective:
     """Phase A: train ``student`` and ``gates`` on the auxiliary losses with ``run`` (phase ``"aux"``); the
@@ -41,7 +41,7 @@ def aux_phase(setup: PruneSetup, config: TransferConfig, student: MaskedModel, g
     return before
 
 
-def target_start(setup: PruneSetup, config: TransferConfig, before: TransferObjective
+def target_start(setup: LearnedSetup, config: TransferConfig, before: TransferObjective
                  ) -> tuple[MaskedModel, HardConcreteGates, LayerDistillation]:
     """Phase B's student, gates and layer distillation map: phase A's weights and/or gate logits (``transfer``),
     fresh parts otherwise."""

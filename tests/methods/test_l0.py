@@ -88,7 +88,7 @@ def test_teacher_cache_gives_the_live_teachers_outputs():
 
 
 def test_l0_trains_on_the_cached_teacher_when_it_fits():
-    setup = l0.prepare(tiny_bert(), encoded_data(2), 0.5, FAST, None)
+    setup = l0.learned_setup(tiny_bert(), encoded_data(2), 0.5, FAST, None)
     assert torch.equal(setup.data["row"], torch.arange(24))
     row = trim_padding({name: value[:1] for name, value in setup.data.items()})
     with torch.no_grad():

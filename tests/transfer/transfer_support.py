@@ -50,7 +50,7 @@ def grads(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def build(config: TransferConfig, aux: list[AuxData], cls: type = TransferObjective):
     """A transfer objective and the l0 objective over identical copies of the model (same gate noise)."""
-    setup = l0.prepare(tiny_bert(), DATA, 0.5, config.l0, None)
+    setup = l0.learned_setup(tiny_bert(), DATA, 0.5, config.l0, None)
     student, gates, layers = setup.parts(config.l0)
     objective = cls(student, setup.teacher, layers, config, gates, setup.budget, setup.warmup_steps(config.l0),
                     setup.prune_steps, aux)
