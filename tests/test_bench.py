@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from structprune import bench, costs
-from structprune.arch.structure import LayerStructure, ModelStructure
+from structprune import bench
 
 
 class FakeClock:
@@ -131,25 +130,6 @@ def test_ort_latency_feeds_graph_inputs_only():
     assert runs[0] == (["logits"], ["attention_mask", "input_ids"], np.ndarray)
     with pytest.raises(ValueError, match="attention_mask"):
         bench.ort_forward(fake_session, {"input_ids": inputs["input_ids"]})
-
-
-def _structure(layers: list[tuple[int, int]]) -> ModelStructure:
-    return ModelStructure("bert", "bert", hidden_size=8, head_dim=2, gated_ffn=False,
-                          layers=tuple(LayerStructure(h, h, None, f) for h, f in layers))
-
-
-def test_flops_ideal_speedup_matches_hand_count():
-    # hidden D=8, head_dim 2, seq S=4. Multiply-adds per layer:
-    #   projections S*D*(2q + 2kv), scores + context 2*S*S*q, FFN S*D*F*2 (q = kv = heads*2).
-    # dense layer (4 heads, F=16): 4*8*32 + 2*16*8 + 4*8*16*2 = 1024 + 256 + 1024 = 2304; two layers 4608 MACs.
-    # pruned layer 0 (2 heads, F=8): 4*8*16 + 2*16*4 + 4*8*8*2 = 512 + 128 + 512 = 1152
-    # pruned layer 1 (no attention, F=4): 4*8*4*2 = 256 -> 1408 MACs. FLOPs are 2 x MACs for both.
-    dense, pruned = _structure([(4, 16), (4, 16)]), _structure([(2, 8), (0, 4)])
-    spec = {"embedding_project": False}
-    assert costs.flops_ideal_speedup(dense, pruned, spec, seq_len=4) == pytest.approx(2 * 4608 / (2 * 1408))
-    assert costs.flops_ideal_speedup(dense, dense, spec, seq_len=4) == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="no counted FLOPs"):
-        costs.flops_ideal_speedup(dense, _structure([(0, 0), (0, 0)]), spec, seq_len=4)
 
 
 def test_append_csv_creates_appends_and_unions_header(tmp_path):

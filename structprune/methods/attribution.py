@@ -48,7 +48,6 @@ budget's fraction from every layer separately (:func:`structprune.methods.select
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import asdict
 
@@ -66,9 +65,9 @@ from structprune.methods.calibration import (
     unit_gates,
 )
 from structprune.methods.mask_tuning import tune_scales
-from structprune.methods.result import PruneResult, result_from_scores
+from structprune.methods.result import PruneResult, prune_by_importance
+from structprune.methods.setup import PruningInputs
 from structprune.methods.selection import DEFAULT_TOLERANCE
-from structprune.methods.setup import prepare_pruning
 
 SCOPES = ("global", "layer")
 PATHS = ("sublayer", "model")
@@ -191,22 +190,22 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
         raise ValueError(f"attribution: scope {scope!r} is not one of {SCOPES}")
     if aggregate not in AGGREGATES:
         raise ValueError(f"attribution: aggregate {aggregate!r} is not one of {AGGREGATES}")
-    inputs = prepare_pruning(model, budget, min_heads, min_neurons)
-    budget, full, masked = inputs.budget, inputs.full, inputs.masked
-    start = time.perf_counter()
-    attributions = attribution_scores(masked, task_data, steps, objective, path, batch_size, max_examples, stratify,
-                                      seed, progress)
-    scores = {name: attributions[f"{name}_squared"] if aggregate == "squared" else attributions[name].abs()
-              for name in ("head", "neuron")}
-    options = {"steps": steps, "objective": objective, "path": path, "aggregate": aggregate, "scope": scope,
-               "batch_size": batch_size,
-               "max_examples": max_examples, "stratify": stratify, "tune": tune, "seed": seed,
-               "min_heads": min_heads, "min_neurons": min_neurons, "tolerance": tolerance}
-    result = result_from_scores("attribution", full, scores, budget, options, {"attributions": attributions})
-    if tune:
-        batches = calibration_batches(task_data, batch_size, max_examples, seed, full.embeddings.word.weight.device)
-        masks, fits = tune_scales(full, result.masks, batches, progress=progress)
+
+    def importance(inputs: PruningInputs) -> tuple[dict[str, torch.Tensor], dict]:
+        attributions = attribution_scores(inputs.masked, task_data, steps, objective, path, batch_size, max_examples,
+                                          stratify, seed, progress)
+        scores = {name: attributions[f"{name}_squared"] if aggregate == "squared" else attributions[name].abs()
+                  for name in ("head", "neuron")}
+        return scores, {"attributions": attributions}
+
+    def tune_kept(inputs: PruningInputs, result: PruneResult) -> None:
+        device = inputs.full.embeddings.word.weight.device
+        batches = calibration_batches(task_data, batch_size, max_examples, seed, device)
+        masks, fits = tune_scales(inputs.full, result.masks, batches, progress=progress)
         result.masks.scales = masks.scales
         result.log["tuning"] = [asdict(fit) for fit in fits]
-    result.log["scoring_seconds"] = time.perf_counter() - start
-    return result
+
+    options = {"steps": steps, "objective": objective, "path": path, "aggregate": aggregate, "scope": scope,
+               "batch_size": batch_size, "max_examples": max_examples, "stratify": stratify, "tune": tune,
+               "seed": seed, "min_heads": min_heads, "min_neurons": min_neurons, "tolerance": tolerance}
+    return prune_by_importance("attribution", model, budget, importance, options, tune_kept if tune else None)

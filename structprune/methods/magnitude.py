@@ -10,17 +10,16 @@ No data is needed: ``task_data`` is ignored.
 
 from __future__ import annotations
 
-import time
 
 import torch
 from transformers import PreTrainedModel
 
 from structprune.arch.structure import ModelStructure
-from structprune.budget import Budget, as_budget
+from structprune.budget import Budget
 from structprune.masked_model import MaskedModel
-from structprune.methods.result import PruneResult, result_from_scores
-from structprune.methods.selection import DEFAULT_TOLERANCE, check_reachable
-from structprune.methods.setup import dense_model
+from structprune.methods.result import PruneResult, prune_by_importance
+from structprune.methods.selection import DEFAULT_TOLERANCE
+from structprune.methods.setup import PruningInputs
 from structprune.modeling_structprune import StructpruneForSequenceClassification
 
 
@@ -53,11 +52,9 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: object, budget: Budge
 
     ``progress`` is the methods' common keyword; scoring weights is instant, so there is no progress to show.
     """
-    budget = as_budget(budget)
-    full = dense_model(model)
-    check_reachable(ModelStructure.from_spec(full.spec), full.spec, budget, min_heads, min_neurons)
-    start = time.perf_counter()
-    scores = magnitude_scores(full)
+    def importance(inputs: PruningInputs) -> tuple[dict[str, torch.Tensor], dict]:
+        scores = magnitude_scores(inputs.full)
+        return scores, {"scores": scores}
+
     options = {"min_heads": min_heads, "min_neurons": min_neurons, "tolerance": tolerance}
-    return result_from_scores("magnitude", full, scores, budget, options,
-                              {"scores": scores, "scoring_seconds": time.perf_counter() - start})
+    return prune_by_importance("magnitude", model, budget, importance, options)

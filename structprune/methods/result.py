@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedModel
 
 from structprune.arch.structure import ModelStructure
 from structprune.budget import Budget
+from structprune.masked_model import MaskedModel
 from structprune.maskset import MaskSet
 from structprune.methods.selection import select_per_layer, select_units
+from structprune.methods.setup import PruningInputs, prepare_pruning
 from structprune.modeling_structprune import StructpruneForSequenceClassification
 
 
@@ -24,6 +28,27 @@ class PruneResult:
 
 
 PruneFn = Callable[..., PruneResult]
+
+Importance = Callable[[PruningInputs], tuple[Mapping[str, torch.Tensor], Mapping[str, object]]]
+"""A scorer: ``head [L, H]`` and ``neuron [L, F]`` importances of a model (higher = keep), and what to log."""
+
+
+def prune_by_importance(method: str, model: PreTrainedModel | MaskedModel, budget: Budget | float,
+                        importance: Importance, options: Mapping[str, object],
+                        refine: Callable[[PruningInputs, PruneResult], None] | None = None) -> PruneResult:
+    """The one pruner of scoring methods: check the budget, score the units with ``importance``, select
+    them (:func:`result_from_scores`), then let ``refine`` adjust the result (e.g. mask tuning).
+
+    ``options`` are the method's settings, ``min_heads``, ``min_neurons`` and ``tolerance`` included.
+    """
+    inputs = prepare_pruning(model, budget, options["min_heads"], options["min_neurons"])
+    start = time.perf_counter()
+    scores, log = importance(inputs)
+    result = result_from_scores(method, inputs.full, scores, inputs.budget, options, log)
+    if refine is not None:
+        refine(inputs, result)
+    result.log["scoring_seconds"] = time.perf_counter() - start
+    return result
 
 
 def result_from_scores(method: str, model: StructpruneForSequenceClassification, scores: Mapping[str, torch.Tensor],

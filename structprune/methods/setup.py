@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from transformers import PreTrainedModel
 
@@ -25,22 +26,27 @@ def dense_model(model: PreTrainedModel | MaskedModel) -> StructpruneForSequenceC
 
 @dataclass(frozen=True)
 class PruningInputs:
-    """What a data-driven method starts from: see :func:`prepare_pruning`."""
+    """What a method starts from: see :func:`prepare_pruning`."""
 
     budget: Budget
     full: StructpruneForSequenceClassification
     structure: ModelStructure
-    masked: MaskedModel
+    model: PreTrainedModel | MaskedModel
+    """The model as the caller gave it."""
+
+    @cached_property
+    def masked(self) -> MaskedModel:
+        """A :class:`MaskedModel` over the full model (the given one when it is one; else over a copy)."""
+        return self.model if isinstance(self.model, MaskedModel) else MaskedModel(self.full)
 
 
 def prepare_pruning(model: PreTrainedModel | MaskedModel, budget: Budget | float, min_heads: int = 1,
                     min_neurons: int = 1) -> PruningInputs:
-    """The budget as a :class:`Budget`, the full-size model and its structure, and a
-    :class:`MaskedModel` over it (``model`` itself when it is one; a structprune model is copied).
+    """The budget as a :class:`Budget`, the full-size model and its structure (and, on first use, a
+    :class:`MaskedModel` over it).
     Raises before any work when the budget cannot be met with ``min_heads`` / ``min_neurons``."""
     budget = as_budget(budget)
     full = dense_model(model)
     structure = ModelStructure.from_spec(full.spec)
     check_reachable(structure, full.spec, budget, min_heads, min_neurons)
-    masked = model if isinstance(model, MaskedModel) else MaskedModel(full)
-    return PruningInputs(budget, full, structure, masked)
+    return PruningInputs(budget, full, structure, model)

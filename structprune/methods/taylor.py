@@ -14,7 +14,6 @@ parameter (or per FLOP) first, until the budget is met.
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Mapping
 
 import torch
@@ -24,9 +23,9 @@ from transformers import PreTrainedModel
 from structprune.budget import Budget
 from structprune.data.encoding import batches, model_inputs, trim_padding
 from structprune.masked_model import MaskedModel
-from structprune.methods.result import PruneResult, result_from_scores
+from structprune.methods.result import PruneResult, prune_by_importance
+from structprune.methods.setup import PruningInputs
 from structprune.methods.selection import DEFAULT_TOLERANCE
-from structprune.methods.setup import prepare_pruning
 
 
 def taylor_scores(model: MaskedModel, data: Mapping[str, torch.Tensor], batch_size: int = 32,
@@ -83,11 +82,10 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
         batch_size, calib_batches, seed: the calibration batches (see :func:`taylor_scores`).
         min_heads, min_neurons, tolerance: see :func:`structprune.methods.selection.select_units`.
     """
-    inputs = prepare_pruning(model, budget, min_heads, min_neurons)
-    budget, full, masked = inputs.budget, inputs.full, inputs.masked
-    start = time.perf_counter()
-    scores = taylor_scores(masked, task_data, batch_size, calib_batches, seed, progress)
+    def importance(inputs: PruningInputs) -> tuple[dict[str, torch.Tensor], dict]:
+        scores = taylor_scores(inputs.masked, task_data, batch_size, calib_batches, seed, progress)
+        return scores, {"scores": scores}
+
     options = {"batch_size": batch_size, "calib_batches": calib_batches, "seed": seed, "min_heads": min_heads,
                "min_neurons": min_neurons, "tolerance": tolerance}
-    return result_from_scores("taylor", full, scores, budget, options,
-                              {"scores": scores, "scoring_seconds": time.perf_counter() - start})
+    return prune_by_importance("taylor", model, budget, importance, options)

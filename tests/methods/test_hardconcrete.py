@@ -1,4 +1,4 @@
-"""Hard-concrete gates: sampling law, exact expected cost vs the compaction's counts, mask extraction."""
+"""Hard-concrete gates: sampling law, mask extraction onto the target (expected costs: tests/test_costs.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
-from structprune.costs import count_flops, count_params, expected_cost
-from structprune.maskset import MASK_NAMES, MaskSet, mask_shapes
+from structprune.costs import count_flops, count_params
+from structprune.maskset import MASK_NAMES, MaskSet
 from structprune.methods.hardconcrete import HardConcreteGates, max_sparsity
 from tests.conftest import make_hf
 
@@ -25,35 +25,6 @@ def _model(arch: str):
 def _counts(masks: MaskSet, structure: ModelStructure, spec: dict) -> tuple[int, int]:
     pruned = masks.resolve(structure)
     return count_params(pruned, spec), count_flops(pruned, spec, SEQ)
-
-
-@pytest.mark.parametrize("arch", ["bert", "electra", "llama", "mistral"])
-def test_expected_cost_of_binary_probabilities_is_the_compaction_count(arch):
-    structure, spec = _model(arch)
-    g = torch.Generator().manual_seed(0)
-    shapes = mask_shapes(structure)
-    for trial in range(25):
-        keep = 0.2 + 0.8 * trial / 25  # from mostly removed to mostly kept
-        masks = {name: (torch.rand(shape, generator=g) < keep).double() for name, shape in shapes.items()}
-        masks["hidden"][0] = 1.0
-        params, flops = expected_cost(structure, spec, masks, SEQ)
-        assert (round(float(params)), round(float(flops))) == _counts(MaskSet(masks), structure, spec)
-
-
-@pytest.mark.parametrize("arch", ["bert", "llama"])
-def test_expected_cost_equals_the_monte_carlo_mean(arch):
-    """Independent Bernoulli masks with the gates' keep probabilities: the mean count converges to it."""
-    structure, spec = _model(arch)
-    g = torch.Generator().manual_seed(1)
-    shapes = mask_shapes(structure)
-    probs = {name: 0.3 + 0.65 * torch.rand(shape, generator=g, dtype=torch.float64) for name, shape in shapes.items()}
-    probs["hidden"].clamp_(min=0.8)  # an all-zero hidden mask is invalid; make it vanishingly rare
-    samples = torch.tensor([_counts(MaskSet({n: (torch.rand(p.shape, generator=g, dtype=torch.float64) < p).float()
-                                            for n, p in probs.items()}), structure, spec) for _ in range(1500)],
-                           dtype=torch.float64)
-    expected = torch.stack(expected_cost(structure, spec, probs, SEQ))
-    standard_error = samples.std(0) / math.sqrt(len(samples))
-    assert torch.all((samples.mean(0) - expected).abs() < 4 * standard_error)
 
 
 def test_samples_follow_the_hard_concrete_law():
