@@ -40,7 +40,8 @@ def test_params_match_a_hand_count():
 SEQ = 16
 
 
-def _model(arch: str):
+def structure_and_spec(arch: str) -> tuple[ModelStructure, dict]:
+    """The structure and spec of a tiny random model of ``arch``."""
     model = from_hf(make_hf(arch))
     return ModelStructure.from_spec(model.spec), model.spec
 
@@ -52,7 +53,7 @@ def _counts(masks: MaskSet, structure: ModelStructure, spec: dict) -> tuple[int,
 
 @pytest.mark.parametrize("arch", ["bert", "electra", "llama", "mistral"])
 def test_expected_cost_of_binary_probabilities_is_the_compaction_count(arch):
-    structure, spec = _model(arch)
+    structure, spec = structure_and_spec(arch)
     g = torch.Generator().manual_seed(0)
     shapes = mask_shapes(structure)
     for trial in range(25):
@@ -66,7 +67,7 @@ def test_expected_cost_of_binary_probabilities_is_the_compaction_count(arch):
 @pytest.mark.parametrize("arch", ["bert", "llama"])
 def test_expected_cost_equals_the_monte_carlo_mean(arch):
     """Independent Bernoulli masks with the gates' keep probabilities: the mean count converges to it."""
-    structure, spec = _model(arch)
+    structure, spec = structure_and_spec(arch)
     g = torch.Generator().manual_seed(1)
     shapes = mask_shapes(structure)
     probs = {name: 0.3 + 0.65 * torch.rand(shape, generator=g, dtype=torch.float64) for name, shape in shapes.items()}

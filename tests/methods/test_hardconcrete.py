@@ -7,25 +7,10 @@ import math
 import pytest
 import torch
 
-from structprune.arch import from_hf
-from structprune.arch.structure import ModelStructure
-from structprune.costs import count_flops, count_params
-from structprune.maskset import MASK_NAMES, MaskSet
+from structprune.costs import count_params
+from structprune.maskset import MASK_NAMES
 from structprune.methods.hardconcrete import HardConcreteGates, max_sparsity
-from tests.conftest import make_hf
-
-SEQ = 16
-
-
-def _model(arch: str):
-    model = from_hf(make_hf(arch))
-    return ModelStructure.from_spec(model.spec), model.spec
-
-
-def _counts(masks: MaskSet, structure: ModelStructure, spec: dict) -> tuple[int, int]:
-    pruned = masks.resolve(structure)
-    return count_params(pruned, spec), count_flops(pruned, spec, SEQ)
-
+from tests.test_costs import structure_and_spec as _model
 
 def test_samples_follow_the_hard_concrete_law():
     structure, _ = _model("bert")
