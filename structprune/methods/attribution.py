@@ -12,20 +12,17 @@ sublayer's units at a time (the heads of one layer, or its FFN neurons; as Hao e
 attention), so by completeness a sublayer's attributions add up to ``F(1) - F(sublayer at 0+)``:
 what the sublayer contributes to the task objective. ``path="model"`` scales every gate together,
 and all attributions add up to ``F(1) - F(0+)`` (``0+``: the limit, where every sublayer still adds
-its output bias). On all-MiniLM-L6-v2 / SST-2 the sublayer path pruned better (see BENCHMARKS.md):
-along the model path most of the integral is taken where the whole network is switched off.
+its output bias). The sublayer path prunes better (BENCHMARKS.md, attribution): along the model path most of
+the integral is taken where the whole network is switched off.
 Attributions are summed over the calibration examples and divided by their number.
 
 Importance (``aggregate``): ``"squared"`` (default) sums the squares of per-batch attributions, the
 way a Fisher information sums squared per-batch gradients: a unit that moves the objective a lot
 for some examples matters even when its effects cancel over the set. The batch is the grain of
 that second moment, so small batches (``batch_size=8``, the default) see more of the per-example
-spread: at 30% FLOPs on all-MiniLM-L6-v2 they kept TREC at -0.4 point from dense where batches of
-32 lost 2.2 (SST-2 +0.5 vs 0.0, CR +1.0 vs +1.0; BENCHMARKS.md), at no extra cost. ``"total"`` takes
-``|IG_i|`` of the whole set. The sign is never used: a unit with a large negative attribution is
-not harmless, it moves the output a lot (ranking such units first, with importance
-``max(IG, 0)``, collapsed SST-2 to chance at 30% FLOPs in our measurements). On SST-2 at 30%
-FLOPs, ``squared`` kept 80.7% accuracy where ``total`` kept 77.5% (dense 81.0%; BENCHMARKS.md).
+spread, at no extra cost. ``"total"`` takes ``|IG_i|`` of the whole set. The sign is never used: a unit
+with a large negative attribution is not harmless, it moves the output a lot. BENCHMARKS.md compares the
+batch sizes, and ``squared`` with ``total``.
 
 Cost: each (batch, path point) pair is one forward and backward pass, with ``groups * steps``
 path points (12 * 4 for MiniLM with the defaults). With ``stratify=True`` (default) the points are
