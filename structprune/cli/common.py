@@ -36,11 +36,14 @@ class TaskArgs:
     label_column: str = "label"
     max_length: int = 128
     seed: int = 0
+    eval_file: str | None = None
+    """Held-out examples of a task file (same columns)."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TaskArgs:
         return cls(args.task, args.split, args.train_size, args.data_dir, tuple(args.text_column or ["sentence"]),
-                   args.label_column, args.max_length, 0 if args.seed is None else args.seed)
+                   args.label_column, args.max_length, 0 if args.seed is None else args.seed,
+                   getattr(args, "eval", None))
 
     @property
     def is_file(self) -> bool:
@@ -58,22 +61,29 @@ class TaskArgs:
                          seed=self.seed)
 
     def held_out(self, split: str):
-        """``split`` of a built-in task in full (``None`` for a task file, which has only its own rows)."""
-        from structprune.data import load_task
+        """``split`` of a built-in task in full; for a task file, the ``--eval`` file (``None`` without one)."""
+        from structprune.data import load_file, load_task
 
-        return None if self.is_file else load_task(self.task, split, data_dir=self.data_dir)
+        if not self.is_file:
+            return load_task(self.task, split, data_dir=self.data_dir)
+        if self.eval_file is None:
+            return None
+        train = self.load()
+        return load_file(self.eval_file, text_columns=list(self.text_columns), label_column=self.label_column,
+                         label_names=train.task.label_names or None, name=train.task.name, split="eval")
 
     def other_splits(self) -> tuple:
-        """Every split of a built-in task except the one read (none for a task file)."""
+        """Every split of the task except the one read: a built-in task's other splits, a task file's ``--eval``
+        file (auxiliary examples found there are removed)."""
         from structprune.data import get_task
 
         if self.is_file:
-            return ()
+            return () if self.eval_file is None else (self.held_out("eval"),)
         return tuple(self.held_out(split) for split in get_task(self.task).splits if split != self.split)
 
 
 def add_task_options(p: argparse.ArgumentParser, split: str, subset: str = "use a random subset of this many "
-                     "training examples") -> None:
+                     "training examples", held_out: bool = True) -> None:
     p.add_argument("--task", required=True,
                    help=f"a built-in task ({', '.join(list_tasks())}) or a .csv/.tsv/.jsonl file of labelled "
                         "examples (see --text-column, --label-column)")
@@ -87,6 +97,10 @@ def add_task_options(p: argparse.ArgumentParser, split: str, subset: str = "use 
                    help="for a task file: the text column (header name); give it twice for sentence pairs "
                         "(default: sentence)")
     p.add_argument("--label-column", default="label", help="for a task file: the label column (default: label)")
+    if held_out:
+        p.add_argument("--eval", default=None, metavar="FILE",
+                       help="for a task file: a file of held-out examples with the same columns, scored after "
+                            "training (auxiliary examples found there are removed too)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per example; longer ones are cut "
                                                                "(default: 128)")
     SEED.add_to(p)

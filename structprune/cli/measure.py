@@ -105,7 +105,7 @@ def register(sub) -> None:
                        description="Score MODEL (a model folder, hub name, or an ONNX folder from `structprune "
                                    "export`) on a task split with the task's metrics, in percent.")
     p.add_argument("model", help="model folder, hub name or ONNX folder (with tokenizer files)")
-    add_task_options(p, split="dev", subset="score a random subset of this many examples")
+    add_task_options(p, split="dev", subset="score a random subset of this many examples", held_out=False)
     p.add_argument("--batch-size", type=int, default=64, help="examples per forward call (default: 64)")
     p.add_argument("--threads", type=int, default=THREADS,
                    help=f"ONNX Runtime threads for an ONNX folder (default: {THREADS})")

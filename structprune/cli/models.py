@@ -40,7 +40,7 @@ def run_finetune(args: argparse.Namespace) -> None:
     evaluation = task.held_out(args.eval_split) if args.eval_split else None
     if evaluation is not None:
         metrics = evaluate(model, encode(evaluation, tokenizer, task.max_length), train.task)
-        print(f"{train.task.name} {args.eval_split} ({len(evaluation)} examples): "
+        print(f"{train.task.name} {evaluation.split} ({len(evaluation)} examples): "
               + ", ".join(f"{name} {value:.2f}" for name, value in metrics.items()))
 
 

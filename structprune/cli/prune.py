@@ -102,7 +102,8 @@ def _run_pipeline(args: argparse.Namespace, task: TaskArgs) -> None:
     budget = _budget(args)
     check_output_dir(args.out, args.overwrite)
     train = task.load()
-    evaluation = task.held_out(args.eval_split) or train
+    held_out = task.held_out(args.eval_split)
+    evaluation = train if held_out is None else held_out
     model = load_model(args.model, train.task.num_labels)
     tokenizer = load_tokenizer(args.model)
     teacher = None if args.teacher is None else load_model(args.teacher, train.task.num_labels)

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -64,18 +65,57 @@ def read_lines(path: Path, encoding: str = "utf-8") -> list[str]:
     return [line.removesuffix("\r") for line in lines]
 
 
-def read_records(path: Path, fmt: str, encoding: str = "utf-8") -> list[tuple[list[str], int]]:
-    """Non-blank records of a delimited file with their line numbers.
+def read_records(path: Path, encoding: str = "utf-8") -> list[tuple[list[str], int]]:
+    """Non-blank records of a benchmark TSV file with their line numbers, split on tabs with quoting disabled
+    (RTE, QNLI and others contain bare double quotes). Users' files go through :func:`read_delimited`."""
+    return [(line.split("\t"), i) for i, line in enumerate(read_lines(path, encoding), 1) if line]
 
-    TSV is split on tabs with quoting disabled (RTE, QNLI and others contain bare double quotes);
-    CSV follows the usual quoting rules.
+
+DELIMITERS = {"csv": ",", "tsv": "\t"}
+
+
+def _parse(text: str, delimiter: str, quoting: int) -> list[tuple[list[str], int]]:
+    """Non-blank records of ``text`` with the line each starts on; ``csv.Error`` names the line it failed on."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting, strict=True)
+    records, start = [], 1
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return records
+        except csv.Error as err:
+            raise csv.Error(f"line {reader.line_num}: {err}") from None
+        if fields and any(field.strip() for field in fields):
+            records.append((fields, start))
+        start = reader.line_num + 1
+
+
+def read_delimited(path: Path, fmt: str, encoding: str = "utf-8") -> list[tuple[list[str], int]]:
+    """Non-blank records of a user's CSV or TSV file, with the line each starts on.
+
+    A real CSV parser: quoted fields may hold delimiters, newlines and doubled quotes (``""``); CRLF line ends
+    and a UTF-8 byte-order mark are handled. A file whose quoting does not parse (a bare quote opening a field,
+    as in ``"Great" movie<TAB>1``) is read again with quoting disabled, when that gives every row as many
+    fields as the first; otherwise the error names the row. :func:`load_file` then refuses texts that still
+    carry CSV quoting.
     """
-    if fmt == "tsv":
-        return [
-            (line.split("\t"), i) for i, line in enumerate(read_lines(path, encoding), 1) if line
-        ]
-    reader = csv.reader(io.StringIO("\n".join(read_lines(path, encoding)), newline=""))
-    return [(fields, reader.line_num) for fields in reader if fields]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        text = path.read_bytes().decode(encoding).removeprefix("\ufeff")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not valid {encoding} ({err.reason} at byte {err.start}); pass the file's "
+                         "encoding, e.g. encoding='cp1252' for Latin-1 text") from None
+    delimiter = DELIMITERS[fmt]
+    try:
+        return _parse(text, delimiter, csv.QUOTE_MINIMAL)
+    except csv.Error as quoted_error:
+        records = _parse(text, delimiter, csv.QUOTE_NONE)
+        widths = {len(fields) for fields, _ in records}
+        if len(widths) > 1:
+            raise ValueError(f"{path}: malformed {fmt.upper()} at {quoted_error}; quote fields that contain the "
+                             "delimiter, a newline or a quote mark, and double the quote marks inside them") from None
+        return records
 
 
 def rows_from_records(
@@ -120,7 +160,7 @@ def tsv(
     path: Path, text_columns: Sequence[Column], label_column: Column, encoding: str = "utf-8"
 ) -> list[Row]:
     """Rows of a TSV file (quoting disabled), columns as in :func:`rows_from_records`."""
-    return rows_from_records(path, read_records(path, "tsv", encoding), text_columns, label_column)
+    return rows_from_records(path, read_records(path, encoding), text_columns, label_column)
 
 
 def jsonl(
@@ -190,7 +230,7 @@ def qqp(path: Path) -> list[Row]:
     space. It is repaired, not dropped: the label is split off again, so all 23,497 rows load.
     """
     repaired = []
-    for fields, line in read_records(path, "tsv"):
+    for fields, line in read_records(path):
         if len(fields) == 5:
             question2, _, label = fields[4].rpartition(" ")
             if label in ("0", "1"):
@@ -220,7 +260,8 @@ def load_file(
     ``format`` is ``"csv"``, ``"tsv"`` or ``"jsonl"``, taken from the extension when omitted. One
     text column makes a single-sentence task, two a sentence-pair task. Columns of CSV / TSV files
     are header names (the first row is then the header) or 0-based positions (no header row); JSONL
-    columns are object keys. TSV is read with quoting disabled, CSV with standard quoting.
+    columns are object keys. CSV and TSV are parsed with standard quoting (:func:`read_delimited`), and a text
+    that still looks CSV-quoted after parsing is refused, naming its rows.
 
     Labels: ``label_column=None`` loads unlabelled text (``labels`` is None; a classification file
     then needs ``label_names``). For classification, a label equal to one of ``label_names`` gets
@@ -246,8 +287,8 @@ def load_file(
     if fmt == "jsonl":
         rows = jsonl(path, text_columns, label_column, encoding)
     else:
-        records = read_records(path, fmt, encoding)
-        rows = rows_from_records(path, records, text_columns, label_column)
+        rows = rows_from_records(path, read_delimited(path, fmt, encoding), text_columns, label_column)
+        _check_quoting(path, rows)
     if not rows:
         raise ValueError(f"{path} has no examples")
     names: tuple[str, ...] = ()
@@ -269,6 +310,26 @@ def load_file(
         description=f"Loaded from {path} ({fmt}).",
     )
     return build_task_data(spec, split, rows, raw_labels, labelled=label_column is not None)
+
+
+QUOTE = '"'
+
+
+def _check_quoting(path: Path, rows: list[Row]) -> None:
+    """Refuse texts that still carry CSV quoting (wrapped in quote marks with doubled ones inside: the file's
+    quoting was not understood); warn about texts merely wrapped in quote marks (they may be quotations)."""
+    escaped, wrapped = [], []
+    for row in rows:
+        for text in (row.text_a, row.text_b):
+            if text and len(text) >= 2 and text[0] == QUOTE and text[-1] == QUOTE:
+                (escaped if QUOTE * 2 in text[1:-1] else wrapped).append(row.where)
+    if escaped:
+        raise ValueError(f"{len(escaped)} text(s) still carry CSV quoting after parsing (a quote mark at each end, "
+                         f"doubled quote marks inside), first at {', '.join(escaped[:5])}: the file mixes quoting "
+                         "styles; quote every field that contains a quote mark, or none")
+    if wrapped:
+        warnings.warn(f"{len(wrapped)} text(s) begin and end with a quote mark, first at {', '.join(wrapped[:5])}; "
+                      "they are kept as written", stacklevel=3)
 
 
 def _file_label_names(
