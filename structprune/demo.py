@@ -128,6 +128,7 @@ def run_demo(out: str | os.PathLike, config: DemoConfig = DemoConfig(), quick: b
     if config.test_size is not None:
         test = test.subset(min(config.test_size, len(test)), seed=config.seed)
     torch.manual_seed(config.seed)  # the new classification head is initialised from torch's RNG
-    model = from_hf(AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=train.task.num_labels))
-    return pipeline.run(model, AutoTokenizer.from_pretrained(model_dir), train, test, out, run,
+    model = from_hf(AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=train.task.num_labels, trust_remote_code=False, use_safetensors=True))
+    return pipeline.run(model, AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False), train, test, out, run,
                         model_name=f"{MODEL_NAME} ({MODEL_PACKAGE})", overwrite=overwrite)

@@ -52,7 +52,13 @@ def _label_metrics(model, encoded: Mapping[str, torch.Tensor], task: TaskSpec, b
     """Classification and regression: the task's metrics of the predicted logits against the labels."""
     if "labels" not in encoded:
         raise ValueError(f"{task.name}: the data has no labels, so there is nothing to score against")
-    return compute_metrics(task, predict(model, encoded, batch_size), encoded["labels"])
+    logits = predict(model, encoded, batch_size)
+    bad = (~torch.isfinite(logits)).any(dim=-1).nonzero().flatten()
+    if len(bad):
+        raise FloatingPointError(f"{task.name}: the model's outputs are NaN or infinite for {len(bad)} of "
+                                 f"{len(logits)} examples (first: row {int(bad[0])}), so no metric is reported; the "
+                                 "weights or mask scales are broken")
+    return compute_metrics(task, logits, encoded["labels"])
 
 
 SCORERS: Mapping[str, Callable[..., dict[str, float]]] = {"classification": _label_metrics,

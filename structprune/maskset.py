@@ -38,6 +38,8 @@ SCALE_NAMES = ("head", "neuron")
 MASKS_FILE = "masks.safetensors"
 SUMMARY_FILE = "masks.json"
 FORMAT_VERSION = 1
+MAX_SCALE = 1e4
+"""Largest magnitude of a kept-unit scale (mask tuning applies none beyond 10)."""
 
 
 class MaskError(ValueError):
@@ -88,6 +90,9 @@ class MaskSet:
         for name, scale in self.scales.items():
             if not torch.isfinite(scale).all():
                 raise MaskError(f"scale {name!r} holds non-finite values")
+            if scale.abs().max() > MAX_SCALE:
+                raise MaskError(f"scale {name!r} holds {float(scale.abs().max()):.3g}, beyond the {MAX_SCALE:g} a kept "
+                                "unit's output may be multiplied by; the masks are corrupt, re-create them")
 
     @classmethod
     def ones(cls, structure: ModelStructure, names: tuple[str, ...] = MASK_NAMES) -> "MaskSet":

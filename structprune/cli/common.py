@@ -1,14 +1,13 @@
-"""What every command shares: the task and output options, their typed form, and loading models and data.
+"""What every command shares: the task and output options, their typed form, and loading the task's data.
 
 Arguments become typed objects here (:class:`TaskArgs`), so nothing below the command line sees an
-``argparse.Namespace``. Heavy modules (torch, transformers) are imported inside the functions that need
+``argparse.Namespace``. Models and tokenizers load through :mod:`structprune.loading`. Heavy modules (torch, transformers) are imported inside the functions that need
 them, so building the parser (and ``--help``) stays instant.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,74 +108,6 @@ def add_task_options(p: argparse.ArgumentParser, split: str, subset: str = "use 
 def add_output_options(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--out", required=True, help=what)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds something")
-
-
-def _is_structprune_folder(path: Path) -> bool:
-    from structprune.modeling_structprune import SECTION
-
-    config = path / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return SECTION in json.loads(config.read_text())
-    except json.JSONDecodeError as err:
-        raise CliError(f"{config} is not valid JSON ({err}); the model folder is corrupt") from None
-
-
-def check_outputs(name: str, outputs: int, num_labels: int | None) -> None:
-    if num_labels is not None and outputs != num_labels:
-        raise CliError(f"{name} has a classification head with {outputs} outputs but the task has {num_labels} "
-                       "labels; use a model trained for this task")
-
-
-def load_model(name: str, num_labels: int | None = None):
-    """A structprune model from a structprune folder, or from a Hugging Face folder / hub name.
-
-    A Hugging Face checkpoint without a classification head gets a new one (``num_labels``
-    outputs) initialised from seed 0, so ``prune`` and ``compact`` on the same folder see the
-    same model.
-    """
-    import torch
-    from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    from structprune.arch import from_hf
-    from structprune.compaction import from_pretrained
-
-    path = Path(name)
-    if path.is_dir() and _is_structprune_folder(path):
-        model = from_pretrained(path)
-        check_outputs(name, model.spec["num_labels"], num_labels)
-        return model.eval()
-    where = "the folder" if path.exists() else "a local folder (none exists there) or the Hugging Face hub"
-    failure = f"cannot load a sequence-classification model from {name!r} as {where}"
-    try:
-        config = AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as err:
-        raise CliError(f"{failure}: {err}") from None
-    if any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
-        check_outputs(name, config.num_labels, num_labels)
-    elif num_labels is not None:
-        config.num_labels = num_labels
-    torch.manual_seed(0)
-    try:
-        hf = AutoModelForSequenceClassification.from_pretrained(name, config=config)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-        raise CliError(f"{failure}: {err}") from None
-    return from_hf(hf).eval()
-
-
-def load_tokenizer(name: str | Path, required: bool = True):
-    """The tokenizer saved with a model (``None`` when absent and not ``required``)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(name))
-    except (OSError, ValueError) as err:
-        if not required:
-            return None
-        raise CliError(f"cannot load the tokenizer of {name} ({err}); the model folder needs its tokenizer "
-                       "files (save them with the model)") from None
 
 
 def refuse_existing_file(path: str, overwrite: bool) -> None:

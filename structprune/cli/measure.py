@@ -11,9 +11,6 @@ from structprune.cli.common import (
     CliError,
     TaskArgs,
     add_task_options,
-    check_outputs,
-    load_model,
-    load_tokenizer,
 )
 
 
@@ -23,6 +20,7 @@ def run_bench(args: argparse.Namespace) -> None:
     from structprune.compaction import empty_model
     from structprune.costs import flops_ideal_speedup
     from structprune.export import example_inputs, session
+    from structprune.loading import load_model
 
     if args.batch < 1 or args.seq < 1:
         raise CliError(f"--batch and --seq must be >= 1, got {args.batch} and {args.seq}")
@@ -64,17 +62,20 @@ def run_eval(args: argparse.Namespace) -> None:
     from structprune.data import encode
     from structprune.evaluation import evaluate
     from structprune.export import ONNX_FILE, session
+    from structprune.loading import check_outputs, load_model, load_tokenizer
 
     task = TaskArgs.from_args(args)
     data = task.load()
     path = Path(args.model)
     print(f"scoring {args.model} on {data.task.name} {data.split} ({len(data)} examples)", file=sys.stderr, flush=True)
     if (path / ONNX_FILE).is_file():
-        check_outputs(args.model, empty_model(path).spec["num_labels"], data.task.num_labels)
+        spec = empty_model(path).spec
+        check_outputs(args.model, spec["num_labels"], data.task.num_labels)
         model = session(path, threads=args.threads)
     else:
         model = load_model(args.model, data.task.num_labels)
-    encoded = encode(data, load_tokenizer(args.model), task.max_length)
+        spec = model.spec
+    encoded = encode(data, load_tokenizer(args.model, spec["vocab_size"]), task.max_length)
     metrics = evaluate(model, encoded, data.task, args.batch_size)
     values = ", ".join(f"{name} {value:.2f}" for name, value in metrics.items())
     print(f"{data.task.name} {data.split} ({len(data)} examples): {values}")

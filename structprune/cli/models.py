@@ -11,8 +11,6 @@ from structprune.cli.common import (
     TaskArgs,
     add_output_options,
     add_task_options,
-    load_model,
-    load_tokenizer,
     refuse_existing_file,
 )
 
@@ -23,12 +21,13 @@ def run_finetune(args: argparse.Namespace) -> None:
     from structprune.evaluation import evaluate
     from structprune.finetune import FinetuneConfig, finetune, mark_task
     from structprune.io import check_output_dir
+    from structprune.loading import load_model, load_tokenizer
 
-    check_output_dir(args.out, args.overwrite)
+    check_output_dir(args.out, args.overwrite, inputs=(args.model, args.task))
     task = TaskArgs.from_args(args)
     train = task.load()
-    model = load_model(args.model, train.task.num_labels)
-    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, train.task.num_labels, trained=False)
+    tokenizer = load_tokenizer(args.model, model.spec["vocab_size"])
     config = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=task.seed)
     log = finetune(model, encode(train, tokenizer, task.max_length), config, checkpoint_dir=args.checkpoint_dir,
                    fingerprint={"model": args.model, "task": train.task.name, "rows": len(train),
@@ -48,13 +47,14 @@ def run_compact(args: argparse.Namespace) -> None:
     from structprune.arch import ModelStructure
     from structprune.compaction import compact, save
     from structprune.io import check_output_dir
+    from structprune.loading import load_model, load_tokenizer
     from structprune.maskset import MaskSet
 
-    check_output_dir(args.out, args.overwrite)
+    check_output_dir(args.out, args.overwrite, inputs=(args.masks, args.model))
     masks = MaskSet.load(args.masks)
     model = load_model(args.model, masks.meta.get("num_labels"))
     pruned = compact(model, masks)
-    save(pruned, args.out, load_tokenizer(args.model, required=False), overwrite=args.overwrite)
+    save(pruned, args.out, load_tokenizer(args.model, model.spec["vocab_size"], required=False), overwrite=args.overwrite)
     summary = masks.summary(ModelStructure.from_spec(model.spec), model.spec)
     print(f"compact model written to {args.out}: {summary['params_kept']:,} of {summary['params_dense']:,} "
           f"attention + FFN parameters kept (sparsity {summary['param_sparsity']:.3f})")
@@ -62,11 +62,12 @@ def run_compact(args: argparse.Namespace) -> None:
 
 def run_latency_table(args: argparse.Namespace) -> None:
     from structprune.latency import measure_table
+    from structprune.loading import load_model
 
     if args.batch < 1 or args.seq < 1:
         raise CliError(f"--batch and --seq must be >= 1, got {args.batch} and {args.seq}")
     refuse_existing_file(args.out, args.overwrite)
-    table = measure_table(load_model(args.model), args.batch, args.seq, args.ffn_points, args.threads)
+    table = measure_table(load_model(args.model, trained=False), args.batch, args.seq, args.ffn_points, args.threads)
     table.save(args.out)
     print(f"latency table written to {args.out}: ONNX Runtime CPU, batch {args.batch}, sequence {args.seq}, "
           f"{args.threads} threads; all sublayers removed {table.base_ms:.2f} ms, per layer: "
@@ -78,10 +79,11 @@ def run_latency_table(args: argparse.Namespace) -> None:
 def run_export(args: argparse.Namespace) -> None:
     from structprune.export import ONNX_FILE, export
     from structprune.io import check_output_dir
+    from structprune.loading import load_model, load_tokenizer
 
-    check_output_dir(args.out, args.overwrite)
+    check_output_dir(args.out, args.overwrite, inputs=(args.model,))
     model = load_model(args.model)
-    tokenizer = load_tokenizer(args.model, required=False)
+    tokenizer = load_tokenizer(args.model, model.spec["vocab_size"], required=False)
     result = export(model, args.out, tokenizer, overwrite=args.overwrite, threads=args.threads)
     print(f"ONNX model written to {result.directory / ONNX_FILE}: parity with PyTorch max |diff| "
           f"{result.max_abs_diff:.2e} on shapes {result.checked_shapes}, {result.fused_attention} fused attention "

@@ -16,8 +16,6 @@ from structprune.cli.common import (
     TaskArgs,
     add_output_options,
     add_task_options,
-    load_model,
-    load_tokenizer,
     refuse_existing_file,
 )
 from structprune.methods import METHODS, list_methods, method, method_options
@@ -53,6 +51,12 @@ def _add_method_options(p: argparse.ArgumentParser, names: list[str], added: set
             added.add(option.flag)
 
 
+def _inputs(args: argparse.Namespace) -> tuple[str, ...]:
+    """The files and folders this run reads, which its output must not replace."""
+    return tuple(path for path in (args.model, args.task, getattr(args, "teacher", None), getattr(args, "eval", None),
+                                   getattr(args, "latency_table", None)) if path)
+
+
 def _budget(args: argparse.Namespace):
     from structprune.budget import Budget
 
@@ -63,15 +67,17 @@ def _write_masks(args: argparse.Namespace, task: TaskArgs) -> None:
     from structprune.arch import ModelStructure
     from structprune.data import encode
     from structprune.io import check_output_dir
+    from structprune.loading import load_model, load_tokenizer
     from structprune.methods import get_method
 
     budget = _budget(args)
-    check_output_dir(args.out, args.overwrite)
+    check_output_dir(args.out, args.overwrite, inputs=_inputs(args))
     data = task.load()
     model = load_model(args.model, data.task.num_labels)
+    tokenizer = load_tokenizer(args.model, model.spec["vocab_size"])
     print(f"[{args.method}] pruning {args.model} on {len(data)} {data.task.name} examples to {budget.kind} sparsity "
           f"{budget.target}", file=sys.stderr, flush=True)
-    encoded = encode(data, load_tokenizer(args.model), task.max_length)
+    encoded = encode(data, tokenizer, task.max_length)
     result = get_method(args.method)(model, encoded, budget, progress=True, **_method_options(args, args.method))
     result.masks.meta |= {"model": args.model, "task": data.task.name, "num_labels": data.task.num_labels,
                           "examples": len(data)}
@@ -98,14 +104,15 @@ def _method_inputs(name: str, options: dict, task: TaskArgs, train, tokenizer) -
 def _run_pipeline(args: argparse.Namespace, task: TaskArgs) -> None:
     from structprune import pipeline
     from structprune.io import check_output_dir
+    from structprune.loading import load_model, load_tokenizer
 
     budget = _budget(args)
-    check_output_dir(args.out, args.overwrite)
+    check_output_dir(args.out, args.overwrite, inputs=_inputs(args))
     train = task.load()
     held_out = task.held_out(args.eval_split)
     evaluation = train if held_out is None else held_out
-    model = load_model(args.model, train.task.num_labels)
-    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, train.task.num_labels, trained=False)
+    tokenizer = load_tokenizer(args.model, model.spec["vocab_size"])
     teacher = None if args.teacher is None else load_model(args.teacher, train.task.num_labels)
     options, setup, log = _method_inputs(args.method, _method_options(args, args.method), task, train, tokenizer)
     checkpoints = Path(args.checkpoint_dir or f"{Path(args.out).absolute()}-checkpoints")
@@ -132,6 +139,7 @@ def run_prune(args: argparse.Namespace) -> None:
 
 def run_transfer_search(args: argparse.Namespace) -> None:
     from structprune.budget import Budget
+    from structprune.loading import load_model, load_tokenizer
     from structprune.transfer.config import config_from_options
     from structprune.transfer.search import transfer_search
     from structprune.transfer.sources import aux_sources
@@ -147,9 +155,9 @@ def run_transfer_search(args: argparse.Namespace) -> None:
                           task.label_column)
     config = config_from_options(options)
     train = task.load()
-    model = load_model(args.model, train.task.num_labels)
+    model = load_model(args.model, train.task.num_labels, trained=False)
     budget = Budget(args.target_sparsity, args.budget_kind, args.seq_len)
-    result = transfer_search(model, load_tokenizer(args.model), train, sources, budget, base=config,
+    result = transfer_search(model, load_tokenizer(args.model, model.spec["vocab_size"]), train, sources, budget, base=config,
                              budget_runs=args.budget_runs, budget_minutes=args.budget_minutes,
                              min_confidence=args.min_confidence, target_eval=task.other_splits(),
                              data_dir=task.data_dir, max_length=task.max_length, checkpoint_dir=args.checkpoint_dir,

@@ -38,9 +38,9 @@ def ok(*args: object) -> str:
 def make_model(directory: Path, layers: int = 2, num_labels: int = 2) -> Path:
     """A tiny random BERT classifier with a word-level tokenizer, saved as a Hugging Face folder."""
     directory.mkdir(parents=True)
-    vocab = directory / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab), model_max_length=64)
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(tokens)}, model_max_length=64)
+    assert len(tokenizer) == len(tokens)  # transformers 5 ignores vocab_file here and builds a 5-token tokenizer
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=64, num_labels=num_labels)

@@ -1,0 +1,158 @@
+"""Loading a user's model and tokenizer safely: the one place structprune reads model folders it did not write.
+
+* No code from a model folder ever runs: configs, models and tokenizers load with ``trust_remote_code=False``,
+  and a folder that asks for its own code (an ``auto_map`` with an architecture structprune does not know) is
+  refused with a message that says so.
+* No pickle: weights load from safetensors only (``use_safetensors=True``); a folder that has only pickle
+  weight files (``pytorch_model.bin``, ``*.pt``...) is refused in one line, with how to convert it.
+* No silent garbage: a folder without tokenizer files, a degenerate tokenizer (a handful of tokens) or one
+  whose ids overflow the model's embeddings is refused; a classification head that had to be initialised at
+  random is an error where a trained model is expected, and a notice where training follows.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from structprune.modeling_structprune import CLASS_FOR_MODEL_TYPE, SECTION
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "tokenizer.model", "sentencepiece.bpe.model")
+MIN_TOKENS = 16
+"""Fewer tokens than this is not a real tokenizer (transformers builds a 5-token one from nothing)."""
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer that cannot be used safely or correctly, with what to do instead."""
+
+
+def _config_json(path: Path) -> dict | None:
+    config = path / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        raw = json.loads(config.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{config} is not valid JSON ({err}); the model folder is corrupt") from None
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{config} holds a {type(raw).__name__}, not a config object; the folder is corrupt")
+    return raw
+
+
+def _check_folder(path: Path, raw: dict) -> None:
+    """Refuse a local folder that asks for remote code or holds only pickle weights."""
+    from structprune.arch import supported_model_types
+
+    if "auto_map" in raw and raw.get("model_type") not in supported_model_types():
+        raise ModelLoadError(
+            f"{path} asks to run its own Python code (config.json has an auto_map for model_type "
+            f"{raw.get('model_type')!r}); structprune never runs code from a model folder. Use a model of a "
+            f"supported architecture: {', '.join(supported_model_types())}")
+    files = [p for p in path.iterdir() if p.is_file()]
+    if not any(p.suffix == ".safetensors" for p in files):
+        pickles = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise ModelLoadError(
+                f"{path} holds its weights only as a pickle file ({', '.join(sorted(pickles))}), which structprune "
+                "does not load because unpickling can run code; convert it to safetensors with transformers "
+                "(model.save_pretrained(folder, safe_serialization=True)) where you trust the file")
+
+
+def is_structprune_folder(path: Path) -> bool:
+    raw = _config_json(path) if path.is_dir() else None
+    return raw is not None and SECTION in raw
+
+
+def check_outputs(name: str, outputs: int, num_labels: int | None) -> None:
+    if num_labels is not None and outputs != num_labels:
+        raise ModelLoadError(f"{name} has a classification head with {outputs} outputs but the task has {num_labels} "
+                             "labels; use a model trained for this task")
+
+
+def load_model(name: str, num_labels: int | None = None, trained: bool = True):
+    """A full-size or compact structprune model from a structprune folder, or a Hugging Face folder / hub name.
+
+    A Hugging Face checkpoint without a classification head gets a new one (``num_labels`` outputs, seed 0).
+    Where a trained model is expected (``trained``), that is an error; otherwise a notice on stderr.
+    """
+    import torch
+    from safetensors import SafetensorError
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from structprune.arch import from_hf
+    from structprune.compaction import from_pretrained
+
+    path = Path(name)
+    raw = _config_json(path) if path.is_dir() else None
+    if raw is not None and SECTION in raw:
+        model = from_pretrained(path)
+        check_outputs(name, model.spec["num_labels"], num_labels)
+        return model.eval()
+    if raw is not None:
+        _check_folder(path, raw)
+    where = "the folder" if path.exists() else "a local folder (none exists there) or the Hugging Face hub"
+    failure = f"cannot load a sequence-classification model from {name!r} as {where}"
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{failure}: {err}") from None
+    if config.model_type not in CLASS_FOR_MODEL_TYPE:
+        from structprune.arch import supported_model_types
+
+        raise ModelLoadError(f"{name} is a {config.model_type!r} model; structprune supports "
+                             f"{', '.join(supported_model_types())}")
+    if any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+        check_outputs(name, config.num_labels, num_labels)
+    elif num_labels is not None:
+        config.num_labels = num_labels
+    torch.manual_seed(0)
+    try:
+        hf, info = AutoModelForSequenceClassification.from_pretrained(
+            name, config=config, trust_remote_code=False, use_safetensors=True, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise ModelLoadError(f"{failure}: {err}") from None
+    _check_head(name, info.get("missing_keys", []), trained)
+    return from_hf(hf).eval()
+
+
+def _check_head(name: str, missing: list[str], trained: bool) -> None:
+    new = [key for key in missing if "classifier" in key or key.startswith("score")]
+    if not new:
+        return
+    message = (f"{name} has no trained classification head ({', '.join(sorted(new))} initialised at random)")
+    if trained:
+        raise ModelLoadError(f"{message}: use the model fine-tuned on the task (structprune finetune --model "
+                             f"{name} ...), or the folder it was saved to")
+    print(f"notice: {message}; it is trained here", file=sys.stderr, flush=True)
+
+
+def load_tokenizer(name: str | Path, vocab_size: int | None = None, required: bool = True):
+    """The tokenizer saved with a model, checked (``None`` when absent and not ``required``).
+
+    ``vocab_size``: the model's; token ids beyond it would index past the embeddings.
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(name)
+    if path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        if not required:
+            return None
+        raise ModelLoadError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): save the "
+                             "tokenizer with the model (structprune.save(model, folder, tokenizer))")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name), trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        if not required:
+            return None
+        raise ModelLoadError(f"cannot load the tokenizer of {name} ({err}); the model folder needs its tokenizer "
+                             "files (save them with the model)") from None
+    if len(tokenizer) < MIN_TOKENS:
+        raise ModelLoadError(f"the tokenizer of {name} has only {len(tokenizer)} tokens: its files are missing or "
+                             "broken; save the model's own tokenizer with it")
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ModelLoadError(f"the tokenizer of {name} has {len(tokenizer)} tokens but the model only {vocab_size} "
+                             "embeddings: they do not belong together")
+    return tokenizer
