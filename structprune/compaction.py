@@ -16,6 +16,7 @@ of :mod:`structprune.modeling_structprune`) and the tokenizer files.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from structprune import modeling_structprune
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
+from structprune.costs import check_memory, declared_params
 from structprune.io import atomic_dir
 from structprune.masked_model import MaskedModel
 from structprune.maskset import KeptLayer, MaskSet
@@ -39,6 +41,7 @@ from structprune.modeling_structprune import (
 )
 
 MODELING_FILE = "modeling_structprune.py"
+CHECKSUM_FILE = "model.safetensors.sha256"
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -131,6 +134,9 @@ def compact(model: PreTrainedModel | MaskedModel, masks: MaskSet) -> Structprune
         model: a Hugging Face classification model, a full-size structprune model, or a MaskedModel.
         masks: frozen masks for the dense model; validated first (a mismatch raises ``MaskError``).
     """
+    if not isinstance(masks, MaskSet):
+        raise TypeError(f"masks must be a MaskSet (structprune.maskset.MaskSet, or MaskSet.load(folder)), not a "
+                        f"{type(masks).__name__}")
     full = model.model if isinstance(model, MaskedModel) else from_hf(model)
     structure = ModelStructure.from_spec(full.spec)
     kept_layers, hidden = masks.kept(structure)
@@ -178,7 +184,43 @@ def save(model: StructpruneForSequenceClassification, directory: str | os.PathLi
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CHECKSUM_FILE).write_text(f"{_sha256(tmp / WEIGHTS_FILE)}  {WEIGHTS_FILE}\n")
     return Path(directory)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_weights(directory: Path, weights_path: Path) -> None:
+    """Compare the weights with the checksum :func:`save` recorded (folders of other origin have none)."""
+    recorded = directory / CHECKSUM_FILE
+    if not recorded.is_file():
+        return
+    expected = recorded.read_text().split()[0] if recorded.read_text().split() else ""
+    if _sha256(weights_path) != expected:
+        raise ModelFileError(f"{weights_path} differs from the checksum structprune recorded when it saved the model "
+                             f"({CHECKSUM_FILE}): the file is corrupt or truncated; save the model again")
+
+
+def _check_section(config_path: Path, section: object) -> None:
+    """The ``structprune`` section has the shape :class:`ModelStructure` reads, and a size this machine holds."""
+    try:
+        structure = ModelStructure.from_spec(section)
+        sizes = [structure.hidden_size, structure.head_dim] + [n for layer in structure.layers
+                                                               for n in (layer.heads, layer.kv_heads, layer.ffn)]
+        if structure.hidden_size < 1 or structure.head_dim < 1 or min(sizes) < 0 or not structure.layers:
+            raise ValueError("sizes must be positive")
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ModelFileError(f"{config_path}: its '{SECTION}' section is damaged ({err!r}); re-save the model") from None
+    try:
+        check_memory(str(config_path.parent), declared_params(structure, section))
+    except ValueError as err:
+        raise ModelFileError(str(err)) from None
 
 
 def read_config(directory: str | os.PathLike) -> PretrainedConfig:
@@ -194,6 +236,7 @@ def read_config(directory: str | os.PathLike) -> PretrainedConfig:
         raise ModelFileError(f"{config_path} has no '{SECTION}' section; it was not saved by structprune")
     if raw.get("model_type") not in CLASS_FOR_MODEL_TYPE:
         raise ModelFileError(f"{config_path}: unsupported model_type {raw.get('model_type')!r}")
+    _check_section(config_path, raw[SECTION])
     config = AutoConfig.for_model(**raw)
     config._attn_implementation = "eager"
     return config
@@ -212,6 +255,7 @@ def from_pretrained(directory: str | os.PathLike, dtype: torch.dtype | None = No
     weights_path = Path(directory) / WEIGHTS_FILE
     if not weights_path.is_file():
         raise ModelFileError(f"{weights_path} is missing: {directory} is not a structprune model folder")
+    _check_weights(Path(directory), weights_path)
     model = CLASS_FOR_MODEL_TYPE[config.model_type](config)
     expected = model.state_dict()
     try:

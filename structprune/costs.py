@@ -118,6 +118,25 @@ def expected_cost(structure: ModelStructure, spec: dict, probs: Mapping[str, tor
     return params, 2 * macs
 
 
+def check_memory(what: str, params: float, bytes_per_param: int = 4) -> None:
+    """Refuse a model whose declared size would not fit in this machine's memory, before anything is allocated."""
+    try:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # a platform without these counters: nothing to compare with
+        return
+    needed = params * bytes_per_param
+    if needed > 0.9 * available:
+        raise ValueError(f"{what} declares about {params:,.0f} parameters ({needed / 2**30:,.1f} GiB at "
+                         f"{bytes_per_param} bytes each), more than this machine's {available / 2**30:,.1f} GiB of "
+                         "memory; its config is wrong, or it needs a larger machine")
+
+
+def declared_params(structure: ModelStructure, spec: dict) -> int:
+    """Parameters a structprune config declares: the counted projections plus the embeddings."""
+    vocab = int(spec.get("vocab_size", 0)) + int(spec.get("max_position_embeddings", 0) or 0)
+    return count_params(structure, spec) + vocab * max(structure.hidden_size, int(spec.get("embedding_size", 0)))
+
+
 def flops_ideal_speedup(dense_structure: ModelStructure, pruned_structure: ModelStructure, spec: dict,
                         seq_len: int) -> float:
     """Speedup if latency scaled with counted FLOPs: ``count_flops(dense) / count_flops(pruned)``."""
@@ -203,11 +222,14 @@ def _load_table(path: str, mtime: int | None) -> LatencyTable:
                          "(structprune.latency.measure_table or `structprune latency-table`)") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"latency table {path} is not valid JSON ({err}); measure it again") from None
-    if info.pop("format_version", None) != LATENCY_FORMAT_VERSION:
+    if not isinstance(info, dict) or info.pop("format_version", None) != LATENCY_FORMAT_VERSION:
         raise ValueError(f"{path} is not a structprune latency table (format {LATENCY_FORMAT_VERSION})")
-    for key in ("attn_ms", "ffn_widths", "ffn_ms"):
-        info[key] = tuple(info[key])
-    return LatencyTable(**info)
+    try:
+        for key in ("attn_ms", "ffn_widths", "ffn_ms"):
+            info[key] = tuple(float(v) if key != "ffn_widths" else int(v) for v in info[key])
+        return LatencyTable(**info)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"latency table {path} is damaged ({err}); measure it again") from None
 
 
 class CostModel:

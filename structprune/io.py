@@ -16,7 +16,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-
 MARKER = ".structprune-output"
 """The file in every folder structprune writes, so that ``--overwrite`` knows the folder is its own."""
 

@@ -104,6 +104,7 @@ def load_model(name: str, num_labels: int | None = None, trained: bool = True):
 
         raise ModelLoadError(f"{name} is a {config.model_type!r} model; structprune supports "
                              f"{', '.join(supported_model_types())}")
+    _check_declared_size(name, config)
     if any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
         check_outputs(name, config.num_labels, num_labels)
     elif num_labels is not None:
@@ -116,6 +117,16 @@ def load_model(name: str, num_labels: int | None = None, trained: bool = True):
         raise ModelLoadError(f"{failure}: {err}") from None
     _check_head(name, info.get("missing_keys", []), trained)
     return from_hf(hf).eval()
+
+
+def _check_declared_size(name: str, config) -> None:
+    """Refuse a Hugging Face config whose sizes would not fit in memory (before transformers allocates them)."""
+    from structprune.costs import check_memory
+
+    hidden, layers = int(getattr(config, "hidden_size", 0)), int(getattr(config, "num_hidden_layers", 0))
+    ffn = int(getattr(config, "intermediate_size", 4 * hidden))
+    vocab = int(getattr(config, "vocab_size", 0))
+    check_memory(name, layers * (4 * hidden * hidden + 3 * hidden * ffn) + vocab * hidden)
 
 
 def _check_head(name: str, missing: list[str], trained: bool) -> None:

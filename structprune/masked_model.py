@@ -135,6 +135,9 @@ class MaskedModel(nn.Module):
 
     def set_masks(self, masks: MaskSet | None) -> None:
         """Apply frozen masks (validated against the model); ``None`` removes them."""
+        if masks is not None and not isinstance(masks, MaskSet):
+            raise TypeError(f"masks must be a MaskSet (structprune.maskset.MaskSet, or MaskSet.load(folder)), not a "
+                            f"{type(masks).__name__}")
         self.masks = masks
         self._gates = {} if masks is None else masks.gates(self.structure)
 

@@ -212,6 +212,11 @@ class MaskSet:
             info = json.loads(info_path.read_text())
         except json.JSONDecodeError as err:
             raise MaskError(f"{info_path} is not valid JSON ({err}); re-create the masks") from err
+        if not isinstance(info, dict) or not isinstance(info.get("meta", {}), dict) or not all(
+                isinstance(info.get(key), list) and all(isinstance(n, str) for n in info[key])
+                for key in ("masks", "scales")):
+            raise MaskError(f"{info_path} does not have the shape of a masks summary (an object with lists 'masks' "
+                            "and 'scales' and an object 'meta'); re-create the masks")
         if info.get("format_version", 0) > FORMAT_VERSION:
             raise MaskError(f"{directory} was written by a newer structprune; upgrade to read it")
         masks = {k: v for k, v in tensors.items() if not k.startswith("scale.")}

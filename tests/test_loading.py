@@ -105,3 +105,115 @@ def test_no_metric_is_reported_from_nan_outputs(folders):
     encoded = encode(data, load_tokenizer(folders["model"]), 16)
     with pytest.raises(FloatingPointError, match="NaN or infinite for 40 of 40 examples"):
         evaluate(model, encoded, data.task)
+
+
+def test_masks_made_for_another_model_of_the_same_shape_are_refused_unless_forced(folders, tmp_path):
+    other = make_model(tmp_path / "other")  # same shapes, other weights
+    masks = tmp_path / "masks"
+    assert cli("prune", "--model", folders["model"], "--task", folders["task"], "--target-sparsity", 0.5, "--out",
+               masks, "--calib-batches", 1, "--max-length", 16)[0] == 0
+    _refused(["compact", masks, "--model", other, "--out", tmp_path / "small"], "was made for the model")
+    code, _, err = cli("compact", masks, "--model", other, "--out", tmp_path / "small", "--force")
+    assert code == 0, err
+
+
+def test_weights_corrupted_inside_a_valid_container_are_refused(folders, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from structprune.compaction import CHECKSUM_FILE
+
+    saved = tmp_path / "saved"
+    assert cli("compact", _masks(folders, tmp_path), "--model", folders["model"], "--out", saved)[0] == 0
+    assert (saved / CHECKSUM_FILE).is_file()
+    tensors = load_file(saved / "model.safetensors")
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1.0  # still a valid safetensors file
+    save_file(tensors, str(saved / "model.safetensors"), metadata={"format": "pt"})
+    _refused(["export", saved, "--out", tmp_path / "o"], "differs from the checksum")
+
+
+def _masks(folders, tmp_path):
+    masks = tmp_path / "m"
+    assert cli("prune", "--model", folders["model"], "--task", folders["task"], "--target-sparsity", 0.5, "--out",
+               masks, "--calib-batches", 1, "--max-length", 16)[0] == 0
+    return masks
+
+
+@pytest.mark.parametrize("summary", [[], {"masks": [], "scales": [], "meta": []}, {"masks": "head", "scales": []}])
+def test_a_masks_summary_of_the_wrong_shape_is_refused(folders, tmp_path, summary):
+    masks = _masks(folders, tmp_path)
+    (masks / "masks.json").write_text(json.dumps(summary))
+    _refused(["compact", masks, "--model", folders["model"], "--out", tmp_path / "s"], "shape of a masks summary")
+
+
+@pytest.mark.parametrize("change", [{"hidden_size": 1_000_000}, {"layers": "many"}, {"hidden_size": -4}])
+def test_a_damaged_or_enormous_structprune_config_is_refused_before_allocating(folders, tmp_path, change):
+    saved = tmp_path / "saved"
+    assert cli("compact", _masks(folders, tmp_path), "--model", folders["model"], "--out", saved)[0] == 0
+    config = json.loads((saved / "config.json").read_text())
+    config["structprune"] |= change
+    (saved / "config.json").write_text(json.dumps(config))
+    err = _refused(["export", saved, "--out", tmp_path / "o"], "")
+    assert "damaged" in err or "GiB" in err
+
+
+def test_a_hugging_face_config_of_a_billion_layers_is_refused_before_allocating(folders, tmp_path):
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    config = json.loads((folders["model"] / "config.json").read_text()) | {"num_hidden_layers": 10**9}
+    (huge / "config.json").write_text(json.dumps(config))
+    (huge / "model.safetensors").write_bytes((folders["model"] / "model.safetensors").read_bytes())
+    _refused(["export", huge, "--out", tmp_path / "o"], "more than this machine's")
+
+
+def test_a_teacher_of_another_architecture_is_refused_before_training(folders, tmp_path):
+    from structprune.arch import from_hf
+    from structprune.methods.distill import check_teacher
+    from tests.conftest import make_hf
+
+    with pytest.raises(ValueError, match="take different inputs"):
+        check_teacher(from_hf(make_hf("llama")), from_hf(make_hf("bert")))
+
+
+def test_a_list_where_masks_are_expected_is_a_clear_error():
+    from structprune.compaction import compact
+    from structprune.masked_model import MaskedModel
+    from tests.conftest import make_hf
+
+    with pytest.raises(TypeError, match="masks must be a MaskSet"):
+        compact(make_hf("bert"), [1, 0])
+    with pytest.raises(TypeError, match="masks must be a MaskSet"):
+        MaskedModel(make_hf("bert"), [1, 0])
+
+
+def test_a_nan_gate_is_refused_by_the_ops():
+    from structprune import ops
+
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="head_gate holds NaN"):
+        ops.masked_attention(q, q, q, torch.tensor([1.0, float("nan")]))
+    x, w = torch.randn(2, 4), torch.randn(3, 4)
+    with pytest.raises(ValueError, match="neuron_gate holds NaN"):
+        ops.gated_ffn(x, w, None, w.t().contiguous(), None, torch.tensor([1.0, float("inf"), 0.0]))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "expected a whole number >= 1"),
+    (["--calib-batches", "-1"], "expected a whole number >= 1"),
+    (["--max-length", "0"], "expected a whole number >= 1"),
+    (["--seed", "-3"], "expected a whole number >= 0"),
+    (["--method", "l0", "--lr", "-1"], "must be > 0"),
+    (["--method", "l0", "--grad-accum", "0"], "expected a whole number >= 1"),
+])
+def test_bad_settings_fail_before_any_work(folders, tmp_path, args, message):
+    code, _, err = cli("prune", "--model", folders["model"], "--task", folders["task"], "--target-sparsity", 0.5,
+                       "--out", tmp_path / "never", *args)
+    assert code in (1, 2) and message in err and "Traceback" not in err
+    assert not (tmp_path / "never").exists() and not (tmp_path / "never-checkpoints").exists()
+
+
+def test_threads_and_the_backend_variable_are_checked(folders, tmp_path, monkeypatch):
+    code, _, err = cli("export", folders["model"], "--out", tmp_path / "o", "--threads", "-1")
+    assert code == 2 and "expected a whole number >= 1" in err
+    monkeypatch.setenv("STRUCTPRUNE_BACKEND", "bogus")
+    _refused(["export", folders["model"], "--out", tmp_path / "o"], "STRUCTPRUNE_BACKEND='bogus' is not one of")

@@ -20,6 +20,7 @@ imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -35,6 +36,16 @@ USER_ERRORS = ("ValueError", "OSError", "FloatingPointError", "DemoError", "Accu
 
 def is_user_error(err: BaseException) -> bool:
     return any(cls.__name__ in USER_ERRORS for cls in type(err).__mro__)
+
+
+def _check_environment() -> None:
+    """Settings read from the environment, checked before a command does any work."""
+    from structprune.ops import BACKENDS
+
+    forced = os.environ.get("STRUCTPRUNE_BACKEND", "").strip().lower()
+    if forced and forced not in BACKENDS:
+        raise CliError(f"STRUCTPRUNE_BACKEND={forced!r} is not one of {', '.join(BACKENDS)}; unset it to let "
+                       "structprune choose")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # --help or an argparse error (already printed)
         return int(exit_.code or 0)
     try:
+        _check_environment()
         args.run(args)
     except Exception as err:
         if args.traceback or not is_user_error(err):

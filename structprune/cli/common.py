@@ -13,7 +13,7 @@ from pathlib import Path
 
 from structprune.data.readers import is_task_file
 from structprune.data.registry import list_tasks
-from structprune.methods.options import SEED
+from structprune.methods.options import SEED, positive_int
 
 THREADS = 2
 """Threads of every timed or ONNX Runtime command (the benchmark protocol's, structprune.bench.CPU_THREADS)."""
@@ -88,7 +88,7 @@ def add_task_options(p: argparse.ArgumentParser, split: str, subset: str = "use 
                         "examples (see --text-column, --label-column)")
     p.add_argument("--split", default=split, help=f"split of a built-in task to read (default: {split}); "
                                                   "ignored for files")
-    p.add_argument("--train-size", type=int, default=None, help=f"{subset}, drawn with --seed (default: all)")
+    p.add_argument("--train-size", type=positive_int, default=None, help=f"{subset}, drawn with --seed (default: all)")
     p.add_argument("--data-dir", default=None,
                    help="folder holding the benchmark data sets (default: $STRUCTPRUNE_DATA_DIR, else "
                         "../shared/data from the current directory); the vader-* tasks need none")
@@ -100,7 +100,7 @@ def add_task_options(p: argparse.ArgumentParser, split: str, subset: str = "use 
         p.add_argument("--eval", default=None, metavar="FILE",
                        help="for a task file: a file of held-out examples with the same columns, scored after "
                             "training (auxiliary examples found there are removed too)")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per example; longer ones are cut "
+    p.add_argument("--max-length", type=positive_int, default=128, help="tokens per example; longer ones are cut "
                                                                "(default: 128)")
     SEED.add_to(p)
 

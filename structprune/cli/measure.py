@@ -12,6 +12,7 @@ from structprune.cli.common import (
     TaskArgs,
     add_task_options,
 )
+from structprune.methods.options import non_negative_int, positive_int
 
 
 def run_bench(args: argparse.Namespace) -> None:
@@ -92,12 +93,12 @@ def register(sub) -> None:
     p.add_argument("--backend", choices=("ort", "torch"), default="ort",
                    help="ort: ONNX Runtime on `structprune export` folders; torch: eager PyTorch under "
                         "inference_mode on model folders (default: ort)")
-    p.add_argument("--batch", type=int, default=8, help="examples per call (default: 8)")
-    p.add_argument("--seq", type=int, default=128, help="tokens per example, no padding (default: 128)")
-    p.add_argument("--threads", type=int, default=THREADS,
+    p.add_argument("--batch", type=positive_int, default=8, help="examples per call (default: 8)")
+    p.add_argument("--seq", type=positive_int, default=128, help="tokens per example, no padding (default: 128)")
+    p.add_argument("--threads", type=positive_int, default=THREADS,
                    help=f"intra-op threads of both backends (default: {THREADS})")
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls per model first (default: 3)")
-    p.add_argument("--repeats", type=int, default=20,
+    p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed calls per model first (default: 3)")
+    p.add_argument("--repeats", type=positive_int, default=20,
                    help="at least this many timed calls per model, in interleaved turns (default: 20)")
     p.add_argument("--csv", default=None, help="also append the results, machine and settings to this CSV file")
     p.set_defaults(run=run_bench)
@@ -107,7 +108,7 @@ def register(sub) -> None:
                                    "export`) on a task split with the task's metrics, in percent.")
     p.add_argument("model", help="model folder, hub name or ONNX folder (with tokenizer files)")
     add_task_options(p, split="dev", subset="score a random subset of this many examples", held_out=False)
-    p.add_argument("--batch-size", type=int, default=64, help="examples per forward call (default: 64)")
-    p.add_argument("--threads", type=int, default=THREADS,
+    p.add_argument("--batch-size", type=positive_int, default=64, help="examples per forward call (default: 64)")
+    p.add_argument("--threads", type=positive_int, default=THREADS,
                    help=f"ONNX Runtime threads for an ONNX folder (default: {THREADS})")
     p.set_defaults(run=run_eval)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 from structprune.cli.common import (
     THREADS,
@@ -13,6 +14,7 @@ from structprune.cli.common import (
     add_task_options,
     refuse_existing_file,
 )
+from structprune.methods.options import positive_int
 
 
 def run_finetune(args: argparse.Namespace) -> None:
@@ -43,6 +45,11 @@ def run_finetune(args: argparse.Namespace) -> None:
               + ", ".join(f"{name} {value:.2f}" for name, value in metrics.items()))
 
 
+def _identity(model: str) -> str:
+    """A model folder by its resolved path; a hub name as it is."""
+    return str(Path(model).resolve()) if Path(model).exists() else model
+
+
 def run_compact(args: argparse.Namespace) -> None:
     from structprune.arch import ModelStructure
     from structprune.compaction import compact, save
@@ -53,6 +60,11 @@ def run_compact(args: argparse.Namespace) -> None:
     check_output_dir(args.out, args.overwrite, inputs=(args.masks, args.model))
     masks = MaskSet.load(args.masks)
     model = load_model(args.model, masks.meta.get("num_labels"))
+    masks.validate(ModelStructure.from_spec(model.spec))  # masks of another shape: say so first
+    made_for = masks.meta.get("model")
+    if made_for is not None and not args.force and _identity(str(made_for)) != _identity(args.model):
+        raise CliError(f"{args.masks} was made for the model {made_for}, not for {args.model}; compact the model the "
+                       "masks came from, or pass --force if it is the same model under another path")
     pruned = compact(model, masks)
     save(pruned, args.out, load_tokenizer(args.model, model.spec["vocab_size"], required=False), overwrite=args.overwrite)
     summary = masks.summary(ModelStructure.from_spec(model.spec), model.spec)
@@ -96,8 +108,8 @@ def register(sub) -> None:
                                    "structprune folder that records the task and labels, ready to be a teacher.")
     p.add_argument("--model", required=True, help="model folder (structprune or Hugging Face) or hub name")
     add_task_options(p, split="train")
-    p.add_argument("--epochs", type=int, default=3, help="training epochs (default: 3)")
-    p.add_argument("--batch-size", type=int, default=32, help="examples per step (default: 32)")
+    p.add_argument("--epochs", type=positive_int, default=3, help="training epochs (default: 3)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="examples per step (default: 32)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
     p.add_argument("--eval-split", default="dev", help="split to score after training ('' to skip; default: dev)")
     p.add_argument("--checkpoint-dir", default=None, help="checkpoint here and resume from it (default: none)")
@@ -110,6 +122,8 @@ def register(sub) -> None:
                                    "the masks were made for (e.g. the fine-tuned one).")
     p.add_argument("masks", help="masks folder written by `structprune prune`")
     p.add_argument("--model", required=True, help="the model the masks were made for (folder or hub name)")
+    p.add_argument("--force", action="store_true",
+                   help="compact even though --model is not the model the masks record (the same model moved)")
     add_output_options(p, "model folder to write")
     p.set_defaults(run=run_compact)
 
@@ -117,10 +131,10 @@ def register(sub) -> None:
                        description="Measure how long MODEL's attention (per head count) and FFN (per width) "
                                    "sublayers take on ONNX Runtime CPU, for `prune --budget-kind latency`.")
     p.add_argument("--model", required=True, help="the dense model (folder or hub name)")
-    p.add_argument("--batch", type=int, default=8, help="examples per call (default: 8)")
-    p.add_argument("--seq", type=int, default=128, help="tokens per example (default: 128)")
-    p.add_argument("--ffn-points", type=int, default=8, help="FFN widths measured besides 0 (default: 8)")
-    p.add_argument("--threads", type=int, default=THREADS, help=f"ONNX Runtime intra-op threads (default: {THREADS})")
+    p.add_argument("--batch", type=positive_int, default=8, help="examples per call (default: 8)")
+    p.add_argument("--seq", type=positive_int, default=128, help="tokens per example (default: 128)")
+    p.add_argument("--ffn-points", type=positive_int, default=8, help="FFN widths measured besides 0 (default: 8)")
+    p.add_argument("--threads", type=positive_int, default=THREADS, help=f"ONNX Runtime intra-op threads (default: {THREADS})")
     add_output_options(p, "table file (JSON) to write")
     p.set_defaults(run=run_latency_table)
 
@@ -129,7 +143,7 @@ def register(sub) -> None:
                                    "optimum's ORTModelForSequenceClassification reads; fails if ONNX Runtime "
                                    "disagrees with PyTorch.")
     p.add_argument("model", help="model folder (structprune or Hugging Face) or hub name")
-    p.add_argument("--threads", type=int, default=THREADS,
+    p.add_argument("--threads", type=positive_int, default=THREADS,
                    help=f"ONNX Runtime threads of the parity check (default: {THREADS})")
     add_output_options(p, "ONNX folder to write")
     p.set_defaults(run=run_export)

@@ -19,6 +19,7 @@ from structprune.cli.common import (
     refuse_existing_file,
 )
 from structprune.methods import METHODS, list_methods, method, method_options
+from structprune.methods.options import positive_int
 
 PRUNE_DESCRIPTION = (
     "Prune MODEL for a task. Methods that train weights (l0, transfer) write one folder with the masks, the compact "
@@ -63,7 +64,7 @@ def _budget(args: argparse.Namespace):
     return Budget(args.target_sparsity, args.budget_kind, args.seq_len, getattr(args, "latency_table", None))
 
 
-def _write_masks(args: argparse.Namespace, task: TaskArgs) -> None:
+def _write_masks(args: argparse.Namespace, task: TaskArgs, options: dict) -> None:
     from structprune.arch import ModelStructure
     from structprune.data import encode
     from structprune.io import check_output_dir
@@ -78,7 +79,7 @@ def _write_masks(args: argparse.Namespace, task: TaskArgs) -> None:
     print(f"[{args.method}] pruning {args.model} on {len(data)} {data.task.name} examples to {budget.kind} sparsity "
           f"{budget.target}", file=sys.stderr, flush=True)
     encoded = encode(data, tokenizer, task.max_length)
-    result = get_method(args.method)(model, encoded, budget, progress=True, **_method_options(args, args.method))
+    result = get_method(args.method)(model, encoded, budget, progress=True, **options)
     result.masks.meta |= {"model": args.model, "task": data.task.name, "num_labels": data.task.num_labels,
                           "examples": len(data)}
     result.masks.save(args.out, ModelStructure.from_spec(model.spec), model.spec, overwrite=args.overwrite)
@@ -101,7 +102,7 @@ def _method_inputs(name: str, options: dict, task: TaskArgs, train, tokenizer) -
                  data_dir=task.data_dir, text_columns=task.text_columns, label_column=task.label_column)
 
 
-def _run_pipeline(args: argparse.Namespace, task: TaskArgs) -> None:
+def _run_pipeline(args: argparse.Namespace, task: TaskArgs, options: dict) -> None:
     from structprune import pipeline
     from structprune.io import check_output_dir
     from structprune.loading import load_model, load_tokenizer
@@ -114,7 +115,7 @@ def _run_pipeline(args: argparse.Namespace, task: TaskArgs) -> None:
     model = load_model(args.model, train.task.num_labels, trained=False)
     tokenizer = load_tokenizer(args.model, model.spec["vocab_size"])
     teacher = None if args.teacher is None else load_model(args.teacher, train.task.num_labels)
-    options, setup, log = _method_inputs(args.method, _method_options(args, args.method), task, train, tokenizer)
+    options, setup, log = _method_inputs(args.method, options, task, train, tokenizer)
     checkpoints = Path(args.checkpoint_dir or f"{Path(args.out).absolute()}-checkpoints")
     run = pipeline.Run(budget, args.method, options, teacher=teacher, max_length=task.max_length,
                        checkpoint_dir=checkpoints, seed=task.seed, latency=pipeline.Latency(seq=args.seq_len),
@@ -129,12 +130,16 @@ def _run_pipeline(args: argparse.Namespace, task: TaskArgs) -> None:
 
 
 def run_prune(args: argparse.Namespace) -> None:
+    from structprune.methods import check_settings
+
     entry = method(args.method)
     task = TaskArgs.from_args(args)
+    options = _method_options(args, args.method)
+    check_settings(args.method, options)  # bad settings fail before any loading or training
     if entry.learned:
-        _run_pipeline(args, task)
+        _run_pipeline(args, task, options)
     else:
-        _write_masks(args, task)
+        _write_masks(args, task, options)
 
 
 def run_transfer_search(args: argparse.Namespace) -> None:
@@ -178,7 +183,7 @@ def _add_budget_options(p: argparse.ArgumentParser, kinds: tuple[str, ...]) -> N
                    help="what --target-sparsity counts (default: params)" + (
                        "; latency: the fraction of latency removed as predicted by --latency-table (0.5 = 2x "
                        "faster)" if "latency" in kinds else ""))
-    p.add_argument("--seq-len", type=int, default=128, help="sequence length of FLOPs counts (default: 128)")
+    p.add_argument("--seq-len", type=positive_int, default=128, help="sequence length of FLOPs counts (default: 128)")
 
 
 def register(sub) -> None:
@@ -212,7 +217,7 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="model folder (structprune or Hugging Face) or hub name")
     add_task_options(p, split="train")
     _add_budget_options(p, ("params", "flops"))
-    p.add_argument("--budget-runs", type=int, required=True, help="pruning runs to try at most")
+    p.add_argument("--budget-runs", type=positive_int, required=True, help="pruning runs to try at most")
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="start no further run after this many minutes (default: no limit)")
     p.add_argument("--min-confidence", type=float, default=0.0,

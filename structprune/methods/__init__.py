@@ -38,6 +38,9 @@ class Method:
     the whole pipeline (:mod:`structprune.pipeline`), not a masks folder alone."""
     inputs: str | None = None
     """``module:attribute`` of a function building extra inputs from the user's data (e.g. auxiliary tasks)."""
+    settings: str | None = None
+    """``module:attribute`` of a function that checks the options together (builds the method's config), so
+    that bad settings fail before any work."""
 
 
 def _resolve(reference: str):
@@ -55,12 +58,13 @@ METHODS: Mapping[str, Method] = {
     "head_importance": Method("structprune.methods.head_importance", "iterative head importance, Michel et al. "
                               "2019 (training-free)", _OPTIONS + "HEAD_IMPORTANCE"),
     "l0": Method("structprune.methods.l0", "learned hard-concrete masks with distillation, CoFiPruning",
-                 _OPTIONS + "L0", learned=True),
+                 _OPTIONS + "L0", learned=True, settings=_OPTIONS + "l0_settings"),
     "magnitude": Method("structprune.methods.magnitude", "weight magnitude (no data)", _OPTIONS + "MAGNITUDE"),
     "taylor": Method("structprune.methods.taylor", "first-order Taylor importance", _OPTIONS + "TAYLOR"),
     "transfer": Method("structprune.transfer", "l0 helped by auxiliary tasks under limited data",
                        "structprune.transfer.config:OPTIONS", learned=True,
-                       inputs="structprune.transfer.sources:method_inputs"),
+                       inputs="structprune.transfer.sources:method_inputs",
+                       settings="structprune.transfer.config:check_options"),
 }
 """Every pruning method by name."""
 
@@ -86,6 +90,13 @@ def get_method(name: str) -> Callable:
 def method_options(name: str) -> Mapping:
     """``keyword -> Option`` of method ``name``: the settings a user can give it (imports no torch)."""
     return _resolve(method(name).options)
+
+
+def check_settings(name: str, options: Mapping[str, object]) -> None:
+    """Raise ``ValueError`` when method ``name``'s options do not fit together (before any work)."""
+    entry = method(name)
+    if entry.settings is not None:
+        _resolve(entry.settings)(options)
 
 
 def is_learned(name: str) -> bool:

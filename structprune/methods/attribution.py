@@ -63,8 +63,8 @@ from structprune.methods.calibration import (
 )
 from structprune.methods.mask_tuning import tune_scales
 from structprune.methods.result import PruneResult, prune_by_importance
-from structprune.methods.setup import PruningInputs
 from structprune.methods.selection import DEFAULT_TOLERANCE
+from structprune.methods.setup import PruningInputs
 
 SCOPES = ("global", "layer")
 PATHS = ("sublayer", "model")

@@ -174,6 +174,9 @@ def check_teacher(teacher: StructpruneForSequenceClassification, student: Struct
                   task_name: str | None = None, label_names: tuple[str, ...] | None = None) -> None:
     """Raise ``ValueError`` when ``teacher`` cannot teach ``student`` (task, labels or vocabulary differ)."""
     t, s = teacher.spec, student.spec
+    if t["family"] != s["family"] or t.get("type_vocab_size") != s.get("type_vocab_size"):
+        raise ValueError(f"the teacher is a {t['arch']} model and the student a {s['arch']} one: they take different "
+                         "inputs; use a teacher of the student's architecture, fine-tuned on the task")
     if t["num_labels"] != s["num_labels"]:
         raise ValueError(f"the teacher has {t['num_labels']} outputs but the student has {s['num_labels']}: "
                          "use a teacher fine-tuned on the same task (same labels)")

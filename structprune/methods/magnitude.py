@@ -10,7 +10,6 @@ No data is needed: ``task_data`` is ignored.
 
 from __future__ import annotations
 
-
 import torch
 from transformers import PreTrainedModel
 

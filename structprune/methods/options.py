@@ -49,6 +49,28 @@ class Option:
         return given if self.convert is None else self.convert(given)
 
 
+def positive_int(text: str) -> int:
+    """A whole number >= 1 (an argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """A whole number >= 0 (an argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
 def comma_list(text: str) -> tuple[str, ...]:
     """``"a, b"`` -> ``("a", "b")``."""
     return tuple(part.strip() for part in text.split(",") if part.strip())
@@ -86,6 +108,7 @@ def config_options(config: type, **flags: str) -> dict[str, Option]:
         default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
         kind = meta["type"] or (type(f.default) if f.default is not None and not isinstance(f.default, tuple)
                                 else None)
+        kind = positive_int if kind is int else kind
         out[f.name] = Option(flags.get(f.name, "--" + f.name.replace("_", "-")),
                              f"{meta['help']} (default: {default})", kind, meta["choices"])
     return out
@@ -120,7 +143,7 @@ class L0Config:
     tolerance: float = setting(0.005, "how far mask extraction may land from the target", flag=False)
     seed: int = setting(0, "seed of gate noise, shuffling and dropout", flag=False)
     checkpoint_every: int | None = setting(50, "steps between checkpoints", flag=False)
-    max_steps: int | None = setting(None, "cap on the steps of each phase (smoke tests)", type=int)
+    max_steps: int | None = setting(None, "cap on the steps of each phase (smoke tests)", type=positive_int)
 
     def __post_init__(self) -> None:
         unknown = set(self.granularities) - set(UNIT_NAMES)
@@ -143,17 +166,19 @@ class L0Config:
         return steps if self.max_steps is None else min(steps, self.max_steps)
 
 
-SEED = Option("--seed", "seed of the data subset, calibration draws and any shuffling (default: 0)", int)
+SEED = Option("--seed", "seed of the data subset, calibration draws and any shuffling (default: 0)",
+              non_negative_int)
 BATCH_SIZE = Option("--batch-size", "examples per step (l0, transfer) or per calibration batch (default: the "
-                                    "method's: 32, attribution 8)", int)
-CALIB_BATCHES = Option("--calib-batches", "taylor: batches of task data used to score units (default: 8)", int)
+                                    "method's: 32, attribution 8)", positive_int)
+CALIB_BATCHES = Option("--calib-batches", "taylor: batches of task data used to score units (default: 8)",
+                       positive_int)
 OBJECTIVE = Option("--objective", "attribution, fisher, head_importance: supervised: gold labels; pseudo: the "
                                   "model's own predictions as labels; entropy: prediction entropy (attribution "
                                   "only); pseudo and entropy ignore the labels (default: supervised)",
                    choices=("supervised", "pseudo", "entropy"))
 CALIB_EXAMPLES = Option("--calib-examples", "attribution, fisher, head_importance: calibration examples drawn "
-                                            "from the task data (default: 2048, head_importance 512)", int)
-STEPS = Option("--steps", "attribution: points on each integration path (default: 4)", int)
+                                            "from the task data (default: 2048, head_importance 512)", positive_int)
+STEPS = Option("--steps", "attribution: points on each integration path (default: 4)", positive_int)
 SCOPE = Option("--scope", "attribution: rank units across all layers (global) or prune each layer alike "
                           "(default: global)", choices=("global", "layer"))
 TUNE = Option("--tune", "least-squares mask tuning of the kept units (fisher: on by default; attribution: off)",
@@ -174,5 +199,10 @@ FISHER: Mapping[str, Option] = {"objective": OBJECTIVE, "max_examples": CALIB_EX
 HEAD_IMPORTANCE: Mapping[str, Option] = {"objective": OBJECTIVE, "batch_size": BATCH_SIZE,
                                          "max_examples": CALIB_EXAMPLES, "seed": SEED}
 L0: Mapping[str, Option] = {**config_options(L0Config), "batch_size": BATCH_SIZE, "seed": SEED}
+
+
+def l0_settings(options: Mapping[str, object]) -> L0Config:
+    """The :class:`L0Config` of ``l0``'s options (raises before any work when they do not fit together)."""
+    return L0Config(**options)
 MAGNITUDE: Mapping[str, Option] = {}
 TAYLOR: Mapping[str, Option] = {"batch_size": BATCH_SIZE, "calib_batches": CALIB_BATCHES, "seed": SEED}

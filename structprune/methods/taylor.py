@@ -24,8 +24,8 @@ from structprune.budget import Budget
 from structprune.data.encoding import batches, model_inputs, trim_padding
 from structprune.masked_model import MaskedModel
 from structprune.methods.result import PruneResult, prune_by_importance
-from structprune.methods.setup import PruningInputs
 from structprune.methods.selection import DEFAULT_TOLERANCE
+from structprune.methods.setup import PruningInputs
 
 
 def taylor_scores(model: MaskedModel, data: Mapping[str, torch.Tensor], batch_size: int = 32,

@@ -80,6 +80,12 @@ def backend_for(t: torch.Tensor, op: str) -> str:
     return "reference"
 
 
+def _check_gate(gate: torch.Tensor | None, name: str) -> None:
+    if gate is not None and not bool(torch.isfinite(gate).all()):
+        raise ValueError(f"{name} holds NaN or infinite values; a gate multiplies a unit's output and must be finite "
+                         "(0 removes the unit)")
+
+
 def masked_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -90,6 +96,7 @@ def masked_attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     """Softmax attention with a per-head output gate; see :func:`structprune.ops.reference.masked_attention`."""
+    _check_gate(head_gate, "head_gate")
     backend = backend_for(q, "masked_attention")
     if backend == "triton":
         return _triton_module("masked_attention").masked_attention(q, k, v, head_gate, key_padding_mask, causal, scale)
@@ -111,6 +118,7 @@ def gated_ffn(
     w_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FFN with a per-neuron gate; see :func:`structprune.ops.reference.gated_ffn`."""
+    _check_gate(neuron_gate, "neuron_gate")
     backend = backend_for(x, "gated_ffn")
     if backend == "triton":
         return _triton_module("gated_ffn").gated_ffn(x, w_up, b_up, w_down, b_down, neuron_gate, activation, w_gate)

@@ -14,7 +14,14 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from structprune.methods.options import L0, L0Config, Option, config_options, setting
+from structprune.methods.options import (
+    L0,
+    L0Config,
+    Option,
+    config_options,
+    positive_int,
+    setting,
+)
 
 COUPLINGS = ("joint", "separate-masks", "sequential", "intermediate")
 TRANSFERS = ("weights", "masks", "both")
@@ -67,7 +74,7 @@ class TransferConfig:
                                    "with the target's gradient (mean cosine over its root mean square, clipped to "
                                    "[0, 1]); none: full weight", choices=GUARDS)
     aux_batch_size: int | None = setting(None, "auxiliary examples per source and step (None: --batch-size)",
-                                         type=int)
+                                         type=positive_int)
 
     def __post_init__(self) -> None:
         for name, allowed in (("coupling", COUPLINGS), ("transfer", TRANSFERS), ("guard", GUARDS)):
@@ -134,7 +141,7 @@ AUX = Option("--aux", "auxiliary sources, comma-separated TASK[:WEIGHT]: built-i
                       "'mlm' (masked LM on the target's own text) or .csv/.tsv/.jsonl files read with --text-column "
                       "/ --label-column; e.g. mnli,snli:0.5,mlm")
 AUX_MAX_EXAMPLES = Option("--aux-max-examples", "examples drawn from each source at most, with --seed "
-                                                "(default: 8000)", int)
+                                                "(default: 8000)", positive_int)
 
 OPTIONS: Mapping[str, Option] = {**L0, **config_options(TransferConfig), "aux": AUX,
                                  "aux_max_examples": AUX_MAX_EXAMPLES}
@@ -149,3 +156,9 @@ def config_from_options(settings: Mapping[str, object], base: TransferConfig = T
         raise TypeError(f"unknown transfer settings {sorted(unknown)}")
     l0 = dataclasses.replace(base.l0, **{k: v for k, v in settings.items() if k in l0_fields})
     return dataclasses.replace(base, l0=l0, **{k: v for k, v in settings.items() if k not in l0_fields})
+
+
+def check_options(options: Mapping[str, object]) -> TransferConfig:
+    """The :class:`TransferConfig` of ``transfer``'s command-line options (its sources aside); raises before any
+    work when they do not fit together."""
+    return config_from_options({k: v for k, v in options.items() if k not in ("aux", "aux_max_examples")})
