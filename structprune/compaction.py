@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -173,6 +174,9 @@ def save(model: StructpruneForSequenceClassification, directory: str | os.PathLi
     """
     if not isinstance(model, StructpruneForSequenceClassification):
         raise TypeError(f"save() takes a structprune model (from compact()), got {type(model).__name__}")
+    if tokenizer is None:
+        warnings.warn(f"saving {directory} without a tokenizer: the folder cannot be evaluated or exported on its "
+                      "own; pass the model's tokenizer (save(model, folder, tokenizer))", stacklevel=2)
     config = copy.deepcopy(model.config)
     cls = CLASS_FOR_MODEL_TYPE[config.model_type]
     config.auto_map = {"AutoModelForSequenceClassification": f"{Path(MODELING_FILE).stem}.{cls.__name__}"}

@@ -66,7 +66,8 @@ def run_compact(args: argparse.Namespace) -> None:
         raise CliError(f"{args.masks} was made for the model {made_for}, not for {args.model}; compact the model the "
                        "masks came from, or pass --force if it is the same model under another path")
     pruned = compact(model, masks)
-    save(pruned, args.out, load_tokenizer(args.model, model.spec["vocab_size"], required=False), overwrite=args.overwrite)
+    tokenizer = load_tokenizer(args.model, model.spec["vocab_size"], required=False)
+    save(pruned, args.out, tokenizer, overwrite=args.overwrite)
     summary = masks.summary(ModelStructure.from_spec(model.spec), model.spec)
     print(f"compact model written to {args.out}: {summary['params_kept']:,} of {summary['params_dense']:,} "
           f"attention + FFN parameters kept (sparsity {summary['param_sparsity']:.3f})")
