@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from structprune.data.readers import is_task_file
+from structprune.data.splits import FILE_HELD_OUT_SHARE, SPLIT_SEED
 from structprune.data.registry import list_tasks
 from structprune.methods.options import SEED, positive_int
 
@@ -37,47 +39,71 @@ class TaskArgs:
     seed: int = 0
     eval_file: str | None = None
     """Held-out examples of a task file (same columns)."""
+    carve: bool = True
+    """Without ``eval_file``, hold out a seeded share of a task file for scoring (commands that train)."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TaskArgs:
+        held_out = hasattr(args, "eval")  # the commands that train take --eval; eval scores a whole file
         return cls(args.task, args.split, args.train_size, args.data_dir, tuple(args.text_column or ["sentence"]),
                    args.label_column, args.max_length, 0 if args.seed is None else args.seed,
-                   getattr(args, "eval", None))
+                   getattr(args, "eval", None), carve=held_out)
 
     @property
     def is_file(self) -> bool:
         return is_task_file(self.task)
 
+    @cached_property
+    def _file(self):
+        """(rows to train on or score, held-out rows or ``None``) of a task file."""
+        from structprune.data import hold_out, load_file
+
+        data = load_file(self.task, text_columns=list(self.text_columns), label_column=self.label_column,
+                         split="train" if self.carve else Path(self.task).name)
+        if self.eval_file is not None:
+            return data, load_file(self.eval_file, text_columns=list(self.text_columns),
+                                   label_column=self.label_column, label_names=data.task.label_names or None,
+                                   name=data.task.name, split=Path(self.eval_file).name)
+        return hold_out(data) if self.carve else (data, None)
+
+    @property
+    def carved(self) -> bool:
+        """Whether the held-out rows are a share carved from the task file."""
+        return self.is_file and self.carve and self.eval_file is None
+
+    def describe_held_out(self) -> dict[str, str]:
+        """A report entry saying where the held-out rows of a task file come from."""
+        if not self.carved:
+            return {}
+        return {"held-out rows": f"{FILE_HELD_OUT_SHARE:.0%} of {self.task} carved with seed {SPLIT_SEED} (identical "
+                                 "texts kept together); trained on the rest. Pass --eval FILE for your own"}
+
     def load(self, split: str | None = None):
-        """The examples (:class:`~structprune.data.TaskData`): the task file, or ``split`` (default: ``self.split``)
-        of a built-in task; cut to ``train_size`` when given."""
-        from structprune.data import load_file, load_task
+        """The examples (:class:`~structprune.data.TaskData`): a task file's training rows (all of it for ``eval``),
+        or ``split`` (default: ``self.split``) of a built-in task; cut to ``train_size`` when given."""
+        from structprune.data import load_task
 
         if self.is_file:
-            data = load_file(self.task, text_columns=list(self.text_columns), label_column=self.label_column)
+            data = self._file[0]
             return data if self.train_size is None else data.subset(self.train_size, self.seed)
         return load_task(self.task, split or self.split, data_dir=self.data_dir, train_size=self.train_size,
                          seed=self.seed)
 
     def held_out(self, split: str):
-        """``split`` of a built-in task in full; for a task file, the ``--eval`` file (``None`` without one)."""
-        from structprune.data import load_file, load_task
+        """``split`` of a built-in task in full; for a task file, the ``--eval`` file or the carved share."""
+        from structprune.data import load_task
 
         if not self.is_file:
             return load_task(self.task, split, data_dir=self.data_dir)
-        if self.eval_file is None:
-            return None
-        train = self.load()
-        return load_file(self.eval_file, text_columns=list(self.text_columns), label_column=self.label_column,
-                         label_names=train.task.label_names or None, name=train.task.name, split="eval")
+        return self._file[1]
 
     def other_splits(self) -> tuple:
-        """Every split of the task except the one read: a built-in task's other splits, a task file's ``--eval``
-        file (auxiliary examples found there are removed)."""
+        """Every split of the task except the one read: a built-in task's other splits, a task file's held-out
+        rows (auxiliary examples found there are removed)."""
         from structprune.data import get_task
 
         if self.is_file:
-            return () if self.eval_file is None else (self.held_out("eval"),)
+            return () if self._file[1] is None else (self._file[1],)
         return tuple(self.held_out(split) for split in get_task(self.task).splits if split != self.split)
 
 
@@ -99,7 +125,8 @@ def add_task_options(p: argparse.ArgumentParser, split: str, subset: str = "use 
     if held_out:
         p.add_argument("--eval", default=None, metavar="FILE",
                        help="for a task file: a file of held-out examples with the same columns, scored after "
-                            "training (auxiliary examples found there are removed too)")
+                            "training (auxiliary examples found there are removed too); default: 20%% of the task "
+                            "file, carved with a fixed seed and not trained on")
     p.add_argument("--max-length", type=positive_int, default=128, help="tokens per example; longer ones are cut "
                                                                "(default: 128)")
     SEED.add_to(p)

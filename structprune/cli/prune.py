@@ -119,7 +119,7 @@ def _run_pipeline(args: argparse.Namespace, task: TaskArgs, options: dict) -> No
     checkpoints = Path(args.checkpoint_dir or f"{Path(args.out).absolute()}-checkpoints")
     run = pipeline.Run(budget, args.method, options, teacher=teacher, max_length=task.max_length,
                        checkpoint_dir=checkpoints, seed=task.seed, latency=pipeline.Latency(seq=args.seq_len),
-                       setup=setup, log=log)
+                       setup=task.describe_held_out() | setup, log=log)
     comparison = pipeline.run(model, tokenizer, train, evaluation, args.out, run, model_name=args.model,
                               overwrite=args.overwrite)
     print(f"written to {args.out}: masks/, pruned/, onnx-dense/, onnx-pruned/, report.md "

@@ -18,7 +18,7 @@ the VADER corpora, and tokenisation.
 from structprune.data.readers import is_task_file, load_file
 from structprune.data.registry import TASKS, get_task, list_tasks, load_task, load_vader
 from structprune.data.root import DATA_DIR_ENV, default_data_dir, resolve_data_dir
-from structprune.data.splits import HELD_OUT_FRACTION, MIN_HELD_OUT, SPLIT_SEED
+from structprune.data.splits import FILE_HELD_OUT_SHARE, HELD_OUT_FRACTION, MIN_HELD_OUT, SPLIT_SEED, hold_out
 from structprune.data.tasks import KIND_METRICS, KINDS, METRIC_NAMES, TaskData, TaskSpec
 from structprune.data.vader import (
     CACHE_ENV,
@@ -42,6 +42,7 @@ __all__ = [
     "MODEL_INPUTS",
     "CACHE_ENV",
     "DATA_DIR_ENV",
+    "FILE_HELD_OUT_SHARE",
     "HELD_OUT_FRACTION",
     "KINDS",
     "KIND_METRICS",
@@ -63,6 +64,7 @@ __all__ = [
     "encode",
     "fetch_vader",
     "get_task",
+    "hold_out",
     "is_task_file",
     "list_tasks",
     "load_file",

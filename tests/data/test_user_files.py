@@ -101,7 +101,7 @@ def test_the_issue_file_loads_through_the_cli_and_held_out_rows_are_scored(tmp_p
         f'"the movie\twas {"great" if i % 2 else "awful"}"\t{i % 2}\r\n' for i in range(6)))
     out = ok("finetune", "--model", model, "--task", train, "--eval", held, "--epochs", 1, "--max-length", 16,
              "--out", tmp_path / "dense")
-    assert "train (12 examples)" not in out and "eval (6 examples): accuracy" in out
+    assert "train (12 examples)" not in out and "held.tsv (6 examples): accuracy" in out
 
 
 def test_auxiliary_rows_found_in_the_held_out_file_are_removed(tmp_path):
@@ -121,3 +121,31 @@ def test_auxiliary_rows_found_in_the_held_out_file_are_removed(tmp_path):
     source = AuxSource("aux.tsv", data=load_file(aux, text_columns=["sentence"], label_column="label", name="aux"))
     loaded, report = load_auxiliary([source], task.load(), task.other_splits(), tokenizer, max_length=16)
     assert report["aux.tsv"]["removed"] == 2 and report["aux.tsv"]["kept"] == 1 and len(loaded) == 1
+
+
+def test_a_file_task_holds_out_a_seeded_share_with_duplicates_kept_together(tmp_path):
+    from structprune.data import hold_out
+
+    lines = [f"text {i % 30}\t{i % 2}" for i in range(60)]  # every text twice
+    data = load_file(_write(tmp_path, "t.tsv", "sentence\tlabel\n" + "\n".join(lines) + "\n"),
+                     text_columns=["sentence"], label_column="label")
+    train, held = hold_out(data)
+    again = hold_out(data)
+    assert (train.text_a, held.text_a) == (again[0].text_a, again[1].text_a)  # seeded: the same every run
+    assert held.split == "held-out" and 12 <= len(held) <= 14 and len(train) + len(held) == 60
+    assert not set(train.text_a) & set(held.text_a)  # a duplicated text never sits on both sides
+
+
+def test_without_eval_a_file_task_is_scored_on_held_out_rows_and_eval_names_the_file(tmp_path):
+    from tests.cli.test_cli import make_model, ok, write_task
+
+    model, task = make_model(tmp_path / "model"), write_task(tmp_path / "reviews.tsv", rows=40)
+    out = ok("finetune", "--model", model, "--task", task, "--epochs", 1, "--max-length", 16, "--out",
+             tmp_path / "dense")
+    assert "held-out (" in out and "train (" not in out.split("written to")[1]
+    ok("prune", "--method", "l0", "--model", tmp_path / "dense", "--task", task, "--target-sparsity", 0.3,
+       "--batch-size", 16, "--max-steps", 2, "--seq-len", 16, "--max-length", 16, "--out", tmp_path / "l0")
+    report = (tmp_path / "l0" / "report.md").read_text()
+    assert "evaluated on held-out (" in report and "**held-out rows**: 20% of" in report
+    scored = ok("eval", tmp_path / "l0" / "pruned", "--task", task, "--max-length", 16)
+    assert scored.startswith("reviews reviews.tsv (40 examples): accuracy")

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from structprune.cli.common import TaskArgs
 from structprune.transfer import TransferConfig
 from structprune.transfer.search import BASELINE, SearchResult, run_name, sweep
 from tests.cli.test_cli import make_model, ok, write_task
@@ -75,8 +76,10 @@ def test_cli_transfer_search_writes_runs_and_the_choice(tmp_path):
     assert [r["name"] for r in result["runs"]] == [BASELINE, "intermediate/both/start"]  # the default coupling
     assert result["runs"][0]["confidence"] is None and 0.0 <= result["runs"][1]["confidence"] <= 1.0
     assert result["choice"]["score"] == max(r["score"] for r in result["runs"])
-    assert (result["setup"]["search_train"], result["setup"]["search_dev"]) == (32, 8)
-    assert result["setup"]["aux"] == {"mlm": {"split": "train", "kept": 40, "removed": 0}}
+    rows = len(TaskArgs(str(task), "train").load())  # the task file's rows but its held-out 20%
+    assert rows < 40 and result["setup"]["search_train"] + result["setup"]["search_dev"] == rows
+    assert result["setup"]["search_dev"] == round(0.2 * rows)
+    assert result["setup"]["aux"] == {"mlm": {"split": "train", "kept": rows, "removed": 0}}
 
 
 def test_cli_transfer_search_refuses_a_confidence_outside_0_1(tmp_path):
