@@ -49,44 +49,34 @@ class Option:
         return given if self.convert is None else self.convert(given)
 
 
-def positive_int(text: str) -> int:
-    """A whole number >= 1 (an argparse type)."""
+def _whole_number(text: str, minimum: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+        value = minimum - 1
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number >= 1 (an argparse type)."""
+    return _whole_number(text, 1, "a whole number >= 1")
 
 
 def non_negative_int(text: str) -> int:
     """A whole number >= 0 (an argparse type)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return value
+    return _whole_number(text, 0, "a whole number >= 0")
+
+
+def count_or_all(text: str) -> int | str:
+    """A positive example count, or ``all``."""
+    return text if text == "all" else _whole_number(text, 1, "a positive number of examples or 'all'")
 
 
 def comma_list(text: str) -> tuple[str, ...]:
     """``"a, b"`` -> ``("a", "b")``."""
     return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-def count_or_all(text: str) -> int | str:
-    """A positive example count, or ``all``."""
-    if text == "all":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number of examples or 'all', got {text!r}")
-    return value
 
 
 def setting(default: object, help: str, flag: bool = True, type: Callable[[str], object] | None = None,
