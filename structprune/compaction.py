@@ -205,7 +205,7 @@ def _check_weights(directory: Path, weights_path: Path) -> None:
     recorded = directory / CHECKSUM_FILE
     if not recorded.is_file():
         return
-    expected = recorded.read_text().split()[0] if recorded.read_text().split() else ""
+    expected = (recorded.read_text().split() or [""])[0]
     if _sha256(weights_path) != expected:
         raise ModelFileError(f"{weights_path} differs from the checksum structprune recorded when it saved the model "
                              f"({CHECKSUM_FILE}): the file is corrupt or truncated; save the model again")

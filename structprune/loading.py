@@ -61,11 +61,6 @@ def _check_folder(path: Path, raw: dict) -> None:
                 "(model.save_pretrained(folder, safe_serialization=True)) where you trust the file")
 
 
-def is_structprune_folder(path: Path) -> bool:
-    raw = _config_json(path) if path.is_dir() else None
-    return raw is not None and SECTION in raw
-
-
 def check_outputs(name: str, outputs: int, num_labels: int | None) -> None:
     if num_labels is not None and outputs != num_labels:
         raise ModelLoadError(f"{name} has a classification head with {outputs} outputs but the task has {num_labels} "

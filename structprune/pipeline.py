@@ -127,10 +127,7 @@ def _check_floor(model: str, value: float, floor: float | None, metric: str) -> 
 def _load_note(cores: float | None) -> str:
     if cores is None:
         return "unknown (this platform cannot tell)"
-    if cores > 0.2:
-        return (f"{cores:.2f} cores busy with other processes while timing: the latencies are inflated and noisy; "
-                "measure again on a quiet machine")
-    return f"{cores:.2f} cores (a quiet machine)"
+    return bench.load_warning(cores) or f"{cores:.2f} cores (a quiet machine)"
 
 
 def _json_value(value: object) -> object:

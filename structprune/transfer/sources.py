@@ -137,7 +137,7 @@ def method_inputs(options: Mapping[str, object], train: TaskData, target_eval: S
     """
     options = dict(options)
     sources = aux_sources(options.pop("aux", None), options.pop("aux_max_examples", None), text_columns, label_column)
-    config = config_from_options(options)  # bad settings fail before any loading
+    config = config_from_options(options)  # for the report; the CLI checked the settings before any work
     seed = options.get("seed", 0)
     aux, dedup = load_auxiliary(sources, train, target_eval, tokenizer, max_length, seed, data_dir)
     for name, counts in dedup.items():
