@@ -9,7 +9,7 @@ folded into the o-proj and down-proj input columns. The result runs the same for
 
 The saved folder is a Hugging Face model folder: ``config.json`` (the original config, its
 ``model_type`` and sizes, plus the ``structprune`` section and an ``auto_map`` naming only
-``AutoModelForSequenceClassification``), ``model.safetensors``, ``modeling_structprune.py`` (a copy
+``AutoModelForSequenceClassification`` or ``AutoModelForCausalLM``), ``model.safetensors``, ``modeling_structprune.py`` (a copy
 of :mod:`structprune.modeling_structprune`) and the tokenizer files.
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 
 from structprune import modeling_structprune
 from structprune.arch import from_hf
@@ -35,11 +35,7 @@ from structprune.costs import check_memory, declared_params
 from structprune.io import atomic_dir
 from structprune.masked_model import MaskedModel
 from structprune.maskset import KeptLayer, MaskSet
-from structprune.modeling_structprune import (
-    CLASS_FOR_MODEL_TYPE,
-    SECTION,
-    StructpruneForSequenceClassification,
-)
+from structprune.modeling_structprune import CONFIGS, SECTION, StructprunePreTrainedModel, model_class
 
 MODELING_FILE = "modeling_structprune.py"
 CHECKSUM_FILE = "model.safetensors.sha256"
@@ -106,6 +102,7 @@ class _Slicer:
             head_scale = gates["head"][i][list(kept.heads)] if "head" in gates else torch.ones(len(kept.heads))
             layer_scale = gates["attn_layer"][i] if "attn_layer" in gates else None
             self.linear(f"{p}.attn.o", H, q_rows, head_scale.repeat_interleave(hd), layer_scale)
+            self.layer_norms(i, spec)
         if kept.heads or bert:
             self.linear(f"{p}.attn_norm", H, None)
         if kept.neurons:
@@ -119,8 +116,18 @@ class _Slicer:
         if kept.neurons or bert:
             self.linear(f"{p}.ffn_norm", H, None)
 
+    def layer_norms(self, i: int, spec: dict) -> None:
+        """Per-head query/key norms (Qwen3) act on head dims, which no mask touches."""
+        for name in ("q_norm", "k_norm"):
+            if f"layers.{i}.attn.{name}.weight" in self.source:
+                self.linear(f"layers.{i}.attn.{name}", None, None)
+
     def head(self, spec: dict, H: list[int]) -> None:
-        if spec["family"] == "llama":
+        if spec.get("task") == "causal_lm":
+            self.linear("final_norm", H, None)
+            if "lm_head.weight" in self.source:
+                self.linear("lm_head", None, H)
+        elif spec["family"] == "llama":
             self.linear("final_norm", H, None)
             self.linear("head.out", None, H)
         else:
@@ -128,11 +135,11 @@ class _Slicer:
             self.linear("head.out", None, None)
 
 
-def compact(model: PreTrainedModel | MaskedModel, masks: MaskSet) -> StructpruneForSequenceClassification:
+def compact(model: PreTrainedModel | MaskedModel, masks: MaskSet) -> StructprunePreTrainedModel:
     """The physically pruned model that gives the same outputs as ``MaskedModel(model, masks)``.
 
     Args:
-        model: a Hugging Face classification model, a full-size structprune model, or a MaskedModel.
+        model: a Hugging Face classifier or causal LM, a full-size structprune model, or a MaskedModel.
         masks: frozen masks for the dense model; validated first (a mismatch raises ``MaskError``).
     """
     if not isinstance(masks, MaskSet):
@@ -146,9 +153,9 @@ def compact(model: PreTrainedModel | MaskedModel, masks: MaskSet) -> Structprune
     spec = copy.deepcopy(full.spec)
     spec["hidden_size"] = new_structure.hidden_size
     spec["layers"] = [
-        {"heads": layer.heads, "kv_heads": layer.kv_heads,
-         "kv_map": list(layer.kv_map) if layer.kv_map is not None else None, "ffn": layer.ffn}
-        for layer in new_structure.layers
+        old | {"heads": layer.heads, "kv_heads": layer.kv_heads,
+               "kv_map": list(layer.kv_map) if layer.kv_map is not None else None, "ffn": layer.ffn}
+        for old, layer in zip(spec["layers"], new_structure.layers)
     ]
     slicer, H = _Slicer({name: t.detach() for name, t in full.state_dict().items()}), list(hidden)
     slicer.embeddings(spec, H)
@@ -159,27 +166,28 @@ def compact(model: PreTrainedModel | MaskedModel, masks: MaskSet) -> Structprune
 
     config = copy.deepcopy(full.config)
     setattr(config, SECTION, spec)
-    out = CLASS_FOR_MODEL_TYPE[config.model_type](config)
+    out = model_class(config)(config)
     out.load_state_dict(state, strict=True)
     out.to(device=full.embeddings.word.weight.device, dtype=full.embeddings.word.weight.dtype)
     return out.train(full.training)
 
 
-def save(model: StructpruneForSequenceClassification, directory: str | os.PathLike, tokenizer=None,
+def save(model: StructprunePreTrainedModel, directory: str | os.PathLike, tokenizer=None,
          overwrite: bool = False) -> Path:
     """Write a model folder loadable by :func:`from_pretrained` and by transformers' Auto classes.
 
     The folder is written to a temporary name and renamed; an existing non-empty folder is
     refused unless ``overwrite``.
     """
-    if not isinstance(model, StructpruneForSequenceClassification):
+    if not isinstance(model, StructprunePreTrainedModel):
         raise TypeError(f"save() takes a structprune model (from compact()), got {type(model).__name__}")
     if tokenizer is None:
         warnings.warn(f"saving {directory} without a tokenizer: the folder cannot be evaluated or exported on its "
                       "own; pass the model's tokenizer (save(model, folder, tokenizer))", stacklevel=2)
     config = copy.deepcopy(model.config)
-    cls = CLASS_FOR_MODEL_TYPE[config.model_type]
-    config.auto_map = {"AutoModelForSequenceClassification": f"{Path(MODELING_FILE).stem}.{cls.__name__}"}
+    cls = model_class(config)
+    auto = "AutoModelForCausalLM" if isinstance(model, GenerationMixin) else "AutoModelForSequenceClassification"
+    config.auto_map = {auto: f"{Path(MODELING_FILE).stem}.{cls.__name__}"}
     config.architectures = [cls.__name__]
     state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     with atomic_dir(directory, overwrite=overwrite, marker=WEIGHTS_FILE) as tmp:
@@ -238,7 +246,7 @@ def read_config(directory: str | os.PathLike) -> PretrainedConfig:
         raise ModelFileError(f"{config_path} is not valid JSON ({err}); the folder is corrupt") from err
     if SECTION not in raw:
         raise ModelFileError(f"{config_path} has no '{SECTION}' section; it was not saved by structprune")
-    if raw.get("model_type") not in CLASS_FOR_MODEL_TYPE:
+    if raw.get("model_type") not in CONFIGS:
         raise ModelFileError(f"{config_path}: unsupported model_type {raw.get('model_type')!r}")
     _check_section(config_path, raw[SECTION])
     config = AutoConfig.for_model(**raw)
@@ -246,21 +254,24 @@ def read_config(directory: str | os.PathLike) -> PretrainedConfig:
     return config
 
 
-def empty_model(directory: str | os.PathLike) -> StructpruneForSequenceClassification:
+def empty_model(directory: str | os.PathLike) -> StructprunePreTrainedModel:
     """A weightless (meta-device) model of a folder's config: its shapes and inputs, without loading weights."""
     config = read_config(directory)
     with torch.device("meta"):
-        return CLASS_FOR_MODEL_TYPE[config.model_type](config)
+        return model_class(config)(config)
 
 
-def from_pretrained(directory: str | os.PathLike, dtype: torch.dtype | None = None) -> StructpruneForSequenceClassification:
+def from_pretrained(directory: str | os.PathLike, dtype: torch.dtype | None = None) -> StructprunePreTrainedModel:
     """Load a folder written by :func:`save`. Reads JSON and safetensors only; runs no code from it."""
     config = read_config(directory)
     weights_path = Path(directory) / WEIGHTS_FILE
     if not weights_path.is_file():
         raise ModelFileError(f"{weights_path} is missing: {directory} is not a structprune model folder")
     _check_weights(Path(directory), weights_path)
-    model = CLASS_FOR_MODEL_TYPE[config.model_type](config)
+    try:
+        model = model_class(config)(config)
+    except ValueError as err:
+        raise ModelFileError(f"{directory}: {err}") from None
     expected = model.state_dict()
     try:
         with safe_open(str(weights_path), framework="pt") as f:

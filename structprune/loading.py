@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from structprune.modeling_structprune import CLASS_FOR_MODEL_TYPE, SECTION
+from structprune.modeling_structprune import CONFIGS, SECTION
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
@@ -94,7 +94,7 @@ def load_model(name: str, num_labels: int | None = None, trained: bool = True):
         config = AutoConfig.from_pretrained(name, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"{failure}: {err}") from None
-    if config.model_type not in CLASS_FOR_MODEL_TYPE:
+    if config.model_type not in CONFIGS:
         from structprune.arch import supported_model_types
 
         raise ModelLoadError(f"{name} is a {config.model_type!r} model; structprune supports "

@@ -8,8 +8,12 @@ trust_remote_code=True)`` load a compact model on a machine where structprune is
 Two families share the code:
 
 * ``bert``: post-LayerNorm encoders (BERT, RoBERTa, ELECTRA, MiniLM), learned absolute positions.
-* ``llama``: pre-RMSNorm decoders (Llama, Qwen2, Mistral), rotary positions, grouped-query
-  attention, SwiGLU feed-forward.
+* ``llama``: pre-RMSNorm decoders (Llama, Qwen2, Qwen3, Mistral), rotary positions, grouped-query
+  attention, SwiGLU feed-forward, optional sliding window and per-head query/key norms.
+
+Two heads share the backbone: :class:`StructpruneForSequenceClassification` and
+:class:`StructpruneForCausalLM`. The causal LM keeps a key/value cache whose per-layer shapes follow
+the layer (a layer without attention keeps none) and generates through transformers' GenerationMixin.
 
 Every shape comes from the ``structprune`` section of the config (written by the architecture
 adapters of structprune): per-layer query heads, key/value heads, FFN width, and the kept hidden
@@ -26,21 +30,25 @@ ONNX Runtime's transformer optimizer recognises.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import (
     BertConfig,
+    DynamicCache,
     ElectraConfig,
+    GenerationMixin,
     LlamaConfig,
     MistralConfig,
     PretrainedConfig,
     PreTrainedModel,
     Qwen2Config,
+    Qwen3Config,
     RobertaConfig,
 )
-from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutput
 
 SECTION = "structprune"
 FORMAT_VERSION = 1
@@ -84,13 +92,19 @@ def activation(name: str):
 class AttentionContext:
     """Masks of one forward pass, computed once and shared by every layer.
 
-    ``additive`` is the ``[B, 1, 1|S, S]`` float mask added to attention scores (dense path);
-    ``key_padding`` is the ``[B, S]`` bool mask (True = real token) with ``causal`` for kernels.
+    ``additive`` is the ``[B, 1, 1|S, K]`` float mask added to attention scores (dense path; ``K`` keys,
+    cached ones included), ``windowed`` the same for sliding-window layers (``None`` without a window);
+    ``key_padding`` is the ``[B, S]`` bool mask (True = real token) with ``causal`` for kernels, which
+    serve only ``plain`` passes: no cache, and no window shorter than the sequence. ``cache`` holds
+    the keys and values of earlier tokens (causal LM).
     """
 
     additive: torch.Tensor
     key_padding: torch.Tensor
     causal: bool
+    windowed: torch.Tensor | None = None
+    cache: object | None = None
+    plain: bool = True
 
 
 class _GateProduct(torch.autograd.Function):
@@ -122,10 +136,11 @@ def gate_product(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return x * gate if gate.dtype == x.dtype else _GateProduct.apply(x, gate)
 
 
-def eager_attention(q, k, v, head_gate, ctx: AttentionContext, scale: float) -> torch.Tensor:
-    """Dense softmax attention over ``[B, H, S, D]`` (k/v already expanded to ``H`` heads)."""
+def eager_attention(q, k, v, head_gate, additive: torch.Tensor, scale: float) -> torch.Tensor:
+    """Dense softmax attention: queries ``[B, H, S, D]``, keys and values ``[B, H, K, D]`` (expanded to
+    ``H`` heads), ``additive`` mask ``[B, 1, 1|S, K]``."""
     # Divide (not multiply) and add the mask second: the pattern ONNX Runtime's attention fusion matches.
-    scores = torch.matmul(q, k.transpose(-1, -2)) / (1.0 / scale) + ctx.additive
+    scores = torch.matmul(q, k.transpose(-1, -2)) / (1.0 / scale) + additive
     if scores.dtype == torch.float32:  # no Cast node, so ONNX Runtime recognises the attention pattern
         probs = torch.softmax(scores, dim=-1)
     else:
@@ -199,44 +214,56 @@ class Attention(nn.Module):
     """Multi-head (or grouped-query) self-attention with ``heads`` query heads.
 
     ``kv_map[i]`` is the key/value head used by query head ``i``; it is ``None`` when the
-    heads are standard multi-head attention (one key/value head per query head).
+    heads are standard multi-head attention (one key/value head per query head). ``cache_index``
+    is the layer's slot in the key/value cache (layers without attention take none); ``sliding``
+    layers attend within the model's window; ``qk_norm`` adds per-head RMSNorms on queries and keys.
     """
 
-    def __init__(self, hidden: int, heads: int, kv_heads: int, kv_map: list[int] | None, head_dim: int,
-                 qkv_bias: bool, o_bias: bool):
+    def __init__(self, spec: dict, layer: dict, cache_index: int):
         super().__init__()
+        hidden, bias = spec["hidden_size"], spec["qkv_bias"]
+        heads, kv_heads, head_dim = layer["heads"], layer["kv_heads"], spec["head_dim"]
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.kv_map = kv_map
-        self.q = nn.Linear(hidden, heads * head_dim, bias=qkv_bias)
-        self.k = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
-        self.v = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
-        self.o = nn.Linear(heads * head_dim, hidden, bias=o_bias)
+        self.kv_map = layer.get("kv_map")
+        self.cache_index, self.sliding = cache_index, layer.get("sliding", True)
+        self.q = nn.Linear(hidden, heads * head_dim, bias=bias)
+        self.k = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.v = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.o = nn.Linear(heads * head_dim, hidden, bias=spec["o_bias"])
+        qk_norm = spec.get("qk_norm", False)
+        self.q_norm = Norm(head_dim, spec["norm_eps"], "rmsnorm") if qk_norm else None
+        self.k_norm = Norm(head_dim, spec["norm_eps"], "rmsnorm") if qk_norm else None
         self.attention_fn = None  # set by the masked model to route through structprune.ops
 
     def project(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries ``[B, H, S, D]`` and keys, values ``[B, Hkv, S, D]``, rotary embedding applied."""
         B, S = x.shape[0], x.shape[1]
-        q = self.q(x).view(B, S, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q(x).view(B, S, self.heads, self.head_dim)
+        k = self.k(x).view(B, S, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         v = self.v(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, k, rope)
+        q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), rope)
         return q, k, v
 
     def forward(self, x, ctx: AttentionContext, rope, head_gate=None) -> torch.Tensor:
-        if self.attention_fn is not None:
+        if self.attention_fn is not None and ctx.plain:
             return self.attention_fn(x, self, ctx, rope, head_gate)
         return self.eager(x, ctx, rope, head_gate)
 
     def eager(self, x, ctx: AttentionContext, rope, head_gate=None) -> torch.Tensor:
-        """The sublayer in plain torch ops, whatever ``attention_fn`` is."""
+        """The sublayer in plain torch ops, whatever ``attention_fn`` is; reads and extends ``ctx.cache``."""
         B, S = x.shape[0], x.shape[1]
         q, k, v = self.project(x, rope)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(k, v, self.cache_index)  # (B, Hkv, K, D)
         if self.kv_map is not None:
             # built per call, not a buffer: transformers 5 leaves non-persistent buffers uninitialised on load
             index = torch.tensor(self.kv_map, dtype=torch.long, device=k.device)
             k = k.index_select(1, index)
             v = v.index_select(1, index)
-        out = eager_attention(q, k, v, head_gate, ctx, self.head_dim**-0.5)
+        mask = ctx.windowed if self.sliding and ctx.windowed is not None else ctx.additive
+        out = eager_attention(q, k, v, head_gate, mask, self.head_dim**-0.5)
         return self.o(out.transpose(1, 2).reshape(B, S, self.heads * self.head_dim))
 
 
@@ -260,16 +287,12 @@ class FeedForward(nn.Module):
 class Layer(nn.Module):
     """One transformer layer; a sublayer with 0 units is absent (``None``)."""
 
-    def __init__(self, spec: dict, layer: dict):
+    def __init__(self, spec: dict, layer: dict, cache_index: int):
         super().__init__()
         hidden, eps = spec["hidden_size"], spec["norm_eps"]
         self.post_ln = spec["family"] == "bert"
         kind = "layernorm" if self.post_ln else "rmsnorm"
-        self.attn = (
-            Attention(hidden, layer["heads"], layer["kv_heads"], layer.get("kv_map"), spec["head_dim"],
-                      spec["qkv_bias"], spec["o_bias"])
-            if layer["heads"] > 0 else None
-        )
+        self.attn = Attention(spec, layer, cache_index) if layer["heads"] > 0 else None
         self.ffn = (
             FeedForward(hidden, layer["ffn"], spec["gated_ffn"], spec["ffn_bias"], spec["activation"])
             if layer["ffn"] > 0 else None
@@ -319,18 +342,14 @@ class Embeddings(nn.Module):
 
     @property
     def max_sequence_length(self) -> int | None:
-        """Longest input the model covers: learned positions (RoBERTa's start after the padding id),
-        or a sliding attention window, which this forward does not implement (Mistral)."""
+        """Longest input the model covers: learned positions (RoBERTa's start after the padding id), or
+        the rotary model's trained positions (``None`` when its config states none)."""
         if self.spec["family"] != "bert":
-            return self.spec.get("sliding_window")
+            return self.spec.get("max_position_embeddings")
         offset = self.spec["pad_token_id"] + 1 if self.spec["position_style"] == "roberta" else 0
         return self.spec["max_position_embeddings"] - offset
 
     def forward(self, input_ids, token_type_ids, hidden):
-        limit = self.max_sequence_length
-        if limit is not None and input_ids.shape[1] > limit:
-            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's maximum of {limit} "
-                             "tokens; truncate the inputs (tokenizer max_length)")
         x = self.word(input_ids)
         if self.spec["family"] != "bert":
             return x if hidden is None else x * hidden
@@ -378,12 +397,11 @@ class ClassificationHead(nn.Module):
         return self.out(self.dropout(h))
 
 
-class StructpruneForSequenceClassification(PreTrainedModel):
-    """A (possibly physically pruned) transformer with a sequence-classification head.
+class StructprunePreTrainedModel(PreTrainedModel):
+    """The backbone every structprune model shares: embeddings, layers and (decoders) the final norm.
 
-    Inputs follow Hugging Face: ``input_ids``, ``attention_mask`` (1 = token, 0 = padding),
-    ``token_type_ids`` (BERT family), ``labels``. ``gates`` (masked model only) is a dict of
-    ``attn_layer [L]``, ``head [L, H]``, ``ffn_layer [L]``, ``neuron [L, F]``, ``hidden [D]``.
+    ``gates`` (masked model only) is a dict of ``attn_layer [L]``, ``head [L, H]``, ``ffn_layer [L]``,
+    ``neuron [L, F]``, ``hidden [D]``. Subclasses add a head.
     """
 
     config_class = PretrainedConfig
@@ -395,14 +413,13 @@ class StructpruneForSequenceClassification(PreTrainedModel):
         spec = structure_section(config)
         self.spec = spec
         self.embeddings = Embeddings(spec)
-        self.layers = nn.ModuleList(Layer(spec, layer) for layer in spec["layers"])
+        slots = list(accumulate(int(layer["heads"] > 0) for layer in spec["layers"]))
+        self.layers = nn.ModuleList(Layer(spec, layer, slot - 1) for layer, slot in zip(spec["layers"], slots))
         self.final_norm = Norm(spec["hidden_size"], spec["norm_eps"], "rmsnorm") if spec["family"] == "llama" else None
-        self.head = ClassificationHead(spec)
-        self.post_init()
 
     @property
     def max_sequence_length(self) -> int | None:
-        """Longest input the model accepts (``None``: no limit)."""
+        """Longest input the model accepts, cached tokens included (``None``: no limit)."""
         return self.embeddings.max_sequence_length
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -418,23 +435,45 @@ class StructpruneForSequenceClassification(PreTrainedModel):
             if module.bias is not None:
                 module.bias.data.zero_()
 
-    def _rope(self, seq_len: int, dtype: torch.dtype, device: torch.device):
-        positions = torch.arange(seq_len, device=device, dtype=torch.float32)
-        inv_freq = torch.tensor(self.spec["rope_inv_freq"], dtype=torch.float32, device=device)
-        freqs = positions[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
+    def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """``(cos, sin)`` of shape ``[B|1, 1, S, D]`` for ``position_ids [B|1, S]``."""
+        inv_freq = torch.tensor(self.spec["rope_inv_freq"], dtype=torch.float32, device=position_ids.device)
+        freqs = position_ids.float()[..., None] * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
         scaling = self.spec.get("rope_attention_scaling", 1.0)
         return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
-    def _context(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> AttentionContext:
+    def _context(self, attention_mask: torch.Tensor, dtype: torch.dtype, past: int, cache) -> AttentionContext:
         neg = torch.finfo(dtype).min
-        causal = self.spec["family"] == "llama"
-        additive = (1.0 - attention_mask.unsqueeze(1).unsqueeze(2).to(dtype)) * neg
-        if causal:
-            S = attention_mask.shape[1]
-            future = torch.ones(S, S, dtype=torch.bool, device=attention_mask.device).triu(1)
-            additive = additive.masked_fill(future, neg)
-        return AttentionContext(additive, attention_mask.bool(), causal)
+        if self.spec["family"] != "llama":
+            additive = (1.0 - attention_mask.unsqueeze(1).unsqueeze(2).to(dtype)) * neg
+            return AttentionContext(additive, attention_mask.bool(), False)
+        K = attention_mask.shape[1]
+        keys = torch.arange(K, device=attention_mask.device)
+        queries = keys[past:, None]  # (S, 1): absolute positions of this pass's tokens in the cache
+        padding = attention_mask[:, None, None, :] == 0  # (B, 1, 1, K)
+        blocked = padding | (keys > queries)
+        zeros = torch.zeros(blocked.shape, dtype=dtype, device=attention_mask.device)
+        window = self.spec.get("sliding_window")
+        windowed = None if window is None else zeros.masked_fill(blocked | (queries - keys >= window), neg)
+        plain = cache is None and (window is None or K <= window)
+        return AttentionContext(zeros.masked_fill(blocked, neg), attention_mask[:, past:].bool(), True, windowed,
+                                cache, plain)
+
+    def _check_cache(self, cache, batch: int) -> int:
+        """Tokens already in ``cache``, after checking it was built by a model of this shape."""
+        past = cache.get_seq_length(0) if cache is not None else 0
+        if not past:
+            return 0
+        attns = [layer.attn for layer in self.layers if layer.attn is not None]
+        cached = [(layer.keys.shape[0], layer.keys.shape[1], layer.keys.shape[-1])
+                  for layer in getattr(cache, "layers", ()) if getattr(layer, "keys", None) is not None]
+        expected = [(batch, attn.kv_heads, attn.head_dim) for attn in attns]
+        if cached and cached != expected:
+            raise ValueError(f"the key/value cache holds {len(cached)} layers of (batch, kv heads, head dim) "
+                             f"{sorted(set(cached))}; this model needs {len(expected)} of {sorted(set(expected))}: "
+                             "the cache comes from another model or batch; start again without it")
+        return past
 
     def backbone(
         self,
@@ -442,20 +481,34 @@ class StructpruneForSequenceClassification(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         gates: dict | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache=None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The encoder without its head: the final hidden states ``[B, S, D]`` the head reads (after the
+        """The layers without a head: the final hidden states ``[B, S, D]`` the head reads (after the
         final norm), and the states after the embeddings and after each layer. Other heads (e.g. the
         auxiliary-task heads of structprune's transfer learning) read the final states exactly as the
-        model's own head does."""
+        model's own head does. ``cache`` (decoders) holds earlier tokens; ``attention_mask`` then covers
+        them too (``[B, past + S]``)."""
+        B, S = input_ids.shape
+        past = self._check_cache(cache, B)
+        limit = self.max_sequence_length
+        if limit is not None and past + S > limit:
+            raise ValueError(f"sequence length {past + S} exceeds the model's maximum of {limit} tokens; "
+                             "truncate the inputs (tokenizer max_length) or generate fewer tokens")
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            attention_mask = torch.ones(B, past + S, dtype=torch.long, device=input_ids.device)
+        elif attention_mask.shape[-1] != past + S:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens, but the cache holds {past} "
+                             f"and the input {S}; pass a mask over all {past + S}")
         g = gates or {}
         hidden = g.get("hidden")
         x = self.embeddings(input_ids, token_type_ids, hidden)
-        ctx = self._context(attention_mask, x.dtype)
+        ctx = self._context(attention_mask, x.dtype, past, cache)
         rope = None
         if self.spec["family"] == "llama":
-            rope = self._rope(input_ids.shape[1], x.dtype, x.device)
+            if position_ids is None:
+                position_ids = torch.arange(past, past + S, device=x.device).unsqueeze(0)
+            rope = self._rope(position_ids, x.dtype)
         states = [x]
         for i, layer in enumerate(self.layers):
             layer_gates = {name: g[name][i] for name in LAYER_GATES if name in g}
@@ -464,6 +517,19 @@ class StructpruneForSequenceClassification(PreTrainedModel):
         if self.final_norm is not None:
             x = normalise(self.final_norm, x, hidden)
         return x, states
+
+
+class StructpruneForSequenceClassification(StructprunePreTrainedModel):
+    """A (possibly physically pruned) transformer with a sequence-classification head.
+
+    Inputs follow Hugging Face: ``input_ids``, ``attention_mask`` (1 = token, 0 = padding),
+    ``token_type_ids`` (BERT family), ``labels``, and ``gates`` (see :class:`StructprunePreTrainedModel`).
+    """
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__(config)
+        self.head = ClassificationHead(self.spec)
+        self.post_init()
 
     def forward(
         self,
@@ -490,24 +556,101 @@ class StructpruneForSequenceClassification(PreTrainedModel):
                                         hidden_states=tuple(states) if output_hidden_states else None)
 
 
-def _for_config(config_cls: type[PretrainedConfig]) -> type[StructpruneForSequenceClassification]:
+# transformers renamed the cache argument and output field from ``past_key_values`` to ``cache``.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+class StructpruneForCausalLM(StructprunePreTrainedModel, GenerationMixin):
+    """A (possibly physically pruned) decoder with a language-modelling head, tied to the token
+    embeddings when the source model's was.
+
+    ``labels`` are the input ids (shifted inside; -100 is ignored). The key/value cache is a
+    transformers ``DynamicCache`` with one slot per layer that has attention, so ``generate()``
+    works as for any Hugging Face causal LM.
+    """
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__(config)
+        spec = self.spec
+        tied = spec.get("tie_word_embeddings", False)
+        self.lm_head = None if tied else nn.Linear(spec["hidden_size"], spec["vocab_size"], bias=False)
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() would size transformers' cache from the config (one global head count, sliding
+        # layers that drop keys); the forward builds its own, with one slot per attention layer.
+        return False
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.word
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache=None,
+        past_key_values=None,
+        use_cache: bool | None = None,
+        labels: torch.Tensor | None = None,
+        gates: dict | None = None,
+        logits_to_keep: int = 0,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+        **unused,
+    ):
+        cache = cache if cache is not None else past_key_values
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        x, states = self.backbone(input_ids, attention_mask, None, gates, position_ids, cache)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        weight = self.embeddings.word.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x, weight)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        if not return_dict:
+            return tuple(t for t in (loss, logits, cache) if t is not None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=tuple(states) if output_hidden_states
+                                      else None, **{_CACHE_FIELD: cache})
+
+
+def _for_config(config_cls: type[PretrainedConfig], base: type[StructprunePreTrainedModel]) -> type:
     # transformers checks that a remote-code class names the config class it is registered for.
-    name = config_cls.__name__.replace("Config", "") + "StructpruneForSequenceClassification"
-    return type(name, (StructpruneForSequenceClassification,), {"config_class": config_cls, "__module__": __name__})
+    name = config_cls.__name__.replace("Config", "") + base.__name__
+    return type(name, (base,), {"config_class": config_cls, "__module__": __name__})
 
 
-BertStructpruneForSequenceClassification = _for_config(BertConfig)
-RobertaStructpruneForSequenceClassification = _for_config(RobertaConfig)
-ElectraStructpruneForSequenceClassification = _for_config(ElectraConfig)
-LlamaStructpruneForSequenceClassification = _for_config(LlamaConfig)
-Qwen2StructpruneForSequenceClassification = _for_config(Qwen2Config)
-MistralStructpruneForSequenceClassification = _for_config(MistralConfig)
+CONFIGS = {"bert": BertConfig, "roberta": RobertaConfig, "electra": ElectraConfig, "llama": LlamaConfig,
+           "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}
+DECODERS = ("llama", "qwen2", "qwen3", "mistral")
+TASKS = {"sequence_classification": StructpruneForSequenceClassification, "causal_lm": StructpruneForCausalLM}
+"""The head each task kind of a spec (``spec["task"]``) builds; a spec without one classifies."""
 
-CLASS_FOR_MODEL_TYPE = {
-    "bert": BertStructpruneForSequenceClassification,
-    "roberta": RobertaStructpruneForSequenceClassification,
-    "electra": ElectraStructpruneForSequenceClassification,
-    "llama": LlamaStructpruneForSequenceClassification,
-    "qwen2": Qwen2StructpruneForSequenceClassification,
-    "mistral": MistralStructpruneForSequenceClassification,
-}
+BertStructpruneForSequenceClassification = _for_config(BertConfig, StructpruneForSequenceClassification)
+RobertaStructpruneForSequenceClassification = _for_config(RobertaConfig, StructpruneForSequenceClassification)
+ElectraStructpruneForSequenceClassification = _for_config(ElectraConfig, StructpruneForSequenceClassification)
+LlamaStructpruneForSequenceClassification = _for_config(LlamaConfig, StructpruneForSequenceClassification)
+Qwen2StructpruneForSequenceClassification = _for_config(Qwen2Config, StructpruneForSequenceClassification)
+Qwen3StructpruneForSequenceClassification = _for_config(Qwen3Config, StructpruneForSequenceClassification)
+MistralStructpruneForSequenceClassification = _for_config(MistralConfig, StructpruneForSequenceClassification)
+LlamaStructpruneForCausalLM = _for_config(LlamaConfig, StructpruneForCausalLM)
+Qwen2StructpruneForCausalLM = _for_config(Qwen2Config, StructpruneForCausalLM)
+Qwen3StructpruneForCausalLM = _for_config(Qwen3Config, StructpruneForCausalLM)
+MistralStructpruneForCausalLM = _for_config(MistralConfig, StructpruneForCausalLM)
+_CLASSES = {cls.__name__: cls for cls in list(globals().values())
+            if isinstance(cls, type) and issubclass(cls, StructprunePreTrainedModel) and cls.config_class is not PretrainedConfig}
+
+
+def model_class(config: PretrainedConfig) -> type[StructprunePreTrainedModel]:
+    """The structprune class for a config: its ``model_type`` and the task of its ``structprune`` section."""
+    task = structure_section(config).get("task", "sequence_classification")
+    if config.model_type not in CONFIGS or task not in TASKS:
+        raise ValueError(f"no structprune model for model_type {config.model_type!r} and task {task!r}; "
+                         f"supported: {sorted(CONFIGS)} x {sorted(TASKS)}")
+    if task == "causal_lm" and config.model_type not in DECODERS:
+        raise ValueError(f"{config.model_type!r} is an encoder; causal LMs are {DECODERS}")
+    name = CONFIGS[config.model_type].__name__.replace("Config", "") + TASKS[task].__name__
+    return _CLASSES[name]

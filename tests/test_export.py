@@ -130,6 +130,6 @@ def test_short_position_tables_and_too_long_inputs(tmp_path):
     with pytest.raises(ValueError, match="exceeds the model's maximum of 70"):
         model(**example_inputs(model, 1, 71))
     mistral = compact(MaskedModel(make_hf("mistral")), MaskSet({"head": torch.ones(2, 4)})).eval()
-    assert mistral.max_sequence_length == 24  # its sliding window, which the forward does not implement
-    with pytest.raises(ValueError, match="maximum of 24 tokens"):
-        mistral(**example_inputs(mistral, 1, 25))
+    assert mistral.max_sequence_length == 128  # its rotary positions; the 24-token window is a mask
+    with pytest.raises(ValueError, match="maximum of 128 tokens"):
+        mistral(**example_inputs(mistral, 1, 129))

@@ -7,11 +7,7 @@ import copy
 from transformers import PretrainedConfig, PreTrainedModel
 
 from structprune.arch import bert, llama
-from structprune.modeling_structprune import (
-    CLASS_FOR_MODEL_TYPE,
-    SECTION,
-    StructpruneForSequenceClassification,
-)
+from structprune.modeling_structprune import SECTION, StructprunePreTrainedModel, model_class
 
 ADAPTERS = {model_type: module for module in (bert, llama) for model_type in module.MODEL_TYPES}
 
@@ -31,16 +27,16 @@ def adapter_for(config: PretrainedConfig):
     return ADAPTERS[model_type]
 
 
-def from_hf(hf_model: PreTrainedModel) -> StructpruneForSequenceClassification:
-    """structprune's full-size model with the weights of a Hugging Face classification model."""
-    if isinstance(hf_model, StructpruneForSequenceClassification):
+def from_hf(hf_model: PreTrainedModel) -> StructprunePreTrainedModel:
+    """structprune's full-size model with the weights of a Hugging Face classifier or causal LM."""
+    if isinstance(hf_model, StructprunePreTrainedModel):
         return hf_model
     adapter = adapter_for(hf_model.config)
     spec = adapter.spec(hf_model)
     config = copy.deepcopy(hf_model.config)
     setattr(config, SECTION, spec)
     config._attn_implementation = "eager"  # attention is structprune's own, not a transformers backend
-    model = CLASS_FOR_MODEL_TYPE[config.model_type](config)
+    model = model_class(config)(config)
     state = adapter.state_dict(hf_model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
