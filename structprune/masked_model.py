@@ -26,7 +26,6 @@ from structprune.modeling_structprune import (
     AttentionContext,
     FeedForward,
     StructpruneForSequenceClassification,
-    apply_rope,
     eager_ffn,
 )
 
@@ -72,7 +71,7 @@ def _attention(x: torch.Tensor, attn: Attention, ctx: AttentionContext, rope, he
         bias = linear.bias.index_select(0, rows) if linear.bias is not None else None
         return F.linear(x, linear.weight.index_select(0, rows), bias).view(B, S, -1, D).transpose(1, 2)
 
-    q, k = apply_rope(project(attn.q, q_rows), project(attn.k, kv_rows), rope)
+    q, k = attn.position(project(attn.q, q_rows), project(attn.k, kv_rows), rope)
     v = project(attn.v, kv_rows)
     heads, kv_heads = alive.numel(), kv_alive.numel()
     regular = heads % kv_heads == 0 and bool(

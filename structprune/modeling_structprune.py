@@ -238,13 +238,17 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries ``[B, H, S, D]`` and keys, values ``[B, Hkv, S, D]``, rotary embedding applied."""
         B, S = x.shape[0], x.shape[1]
-        q = self.q(x).view(B, S, self.heads, self.head_dim)
-        k = self.k(x).view(B, S, self.kv_heads, self.head_dim)
+        q = self.q(x).view(B, S, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.position(q, k, rope)
+        return q, k, v
+
+    def position(self, q: torch.Tensor, k: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head norms (Qwen3) and the rotary embedding on queries and keys ``[B, heads, S, D]``."""
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        v = self.v(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), rope)
-        return q, k, v
+        return apply_rope(q, k, rope)
 
     def forward(self, x, ctx: AttentionContext, rope, head_gate=None) -> torch.Tensor:
         if self.attention_fn is not None and ctx.plain:

