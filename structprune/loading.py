@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from structprune.modeling_structprune import CONFIGS, SECTION
+from structprune.modeling_structprune import CONFIGS, DECODERS, SECTION
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
@@ -67,47 +67,64 @@ def check_outputs(name: str, outputs: int, num_labels: int | None) -> None:
                              "labels; use a model trained for this task")
 
 
-def load_model(name: str, num_labels: int | None = None, trained: bool = True):
+def load_model(name: str, num_labels: int | None = None, trained: bool = True, causal: bool = False):
     """A full-size or compact structprune model from a structprune folder, or a Hugging Face folder / hub name.
 
-    A Hugging Face checkpoint without a classification head gets a new one (``num_labels`` outputs, seed 0).
-    Where a trained model is expected (``trained``), that is an error; otherwise a notice on stderr.
+    ``causal``: a causal LM is wanted (a ``.gguf`` file is accepted too, converted once and cached by
+    :func:`structprune.gguf.gguf_folder`); otherwise a sequence classifier. A Hugging Face checkpoint without a
+    classification head gets a new one (``num_labels`` outputs, seed 0). Where a trained model is expected
+    (``trained``), that is an error; otherwise a notice on stderr.
     """
     import torch
     from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from structprune.arch import from_hf
     from structprune.compaction import from_pretrained
 
     path = Path(name)
+    if causal and path.suffix == ".gguf":
+        from structprune.gguf import gguf_folder
+
+        path = gguf_folder(path)
+        name = str(path)
     raw = _config_json(path) if path.is_dir() else None
+    wanted = "causal language" if causal else "sequence-classification"
     if raw is not None and SECTION in raw:
         model = from_pretrained(path)
-        check_outputs(name, model.spec["num_labels"], num_labels)
+        if (model.spec.get("task") == "causal_lm") != causal:
+            raise ModelLoadError(f"{name} is not a {wanted} model (its structprune task is "
+                                 f"{model.spec.get('task', 'sequence_classification')!r}); use a model made for the task")
+        if not causal:
+            check_outputs(name, model.spec["num_labels"], num_labels)
         return model.eval()
     if raw is not None:
         _check_folder(path, raw)
     where = "the folder" if path.exists() else "a local folder (none exists there) or the Hugging Face hub"
-    failure = f"cannot load a sequence-classification model from {name!r} as {where}"
+    failure = f"cannot load a {wanted} model from {name!r} as {where}"
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"{failure}: {err}") from None
-    if config.model_type not in CONFIGS:
+    if config.model_type not in CONFIGS or (causal and config.model_type not in DECODERS):
         from structprune.arch import supported_model_types
 
-        raise ModelLoadError(f"{name} is a {config.model_type!r} model; structprune supports "
-                             f"{', '.join(supported_model_types())}")
+        supported = DECODERS if causal else supported_model_types()
+        raise ModelLoadError(f"{name} is a {config.model_type!r} model; structprune supports {wanted} models of "
+                             f"type {', '.join(supported)}")
     _check_declared_size(name, config)
-    if any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
-        check_outputs(name, config.num_labels, num_labels)
-    elif num_labels is not None:
-        config.num_labels = num_labels
+    if causal:
+        auto, extra = AutoModelForCausalLM, {"dtype": torch.float32, "attn_implementation": "eager"}
+    else:
+        auto, extra = AutoModelForSequenceClassification, {}
+        if any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+            check_outputs(name, config.num_labels, num_labels)
+        elif num_labels is not None:
+            config.num_labels = num_labels
     torch.manual_seed(0)
     try:
-        hf, info = AutoModelForSequenceClassification.from_pretrained(
-            name, config=config, trust_remote_code=False, use_safetensors=True, output_loading_info=True)
+        hf, info = auto.from_pretrained(name, config=config, trust_remote_code=False, use_safetensors=True,
+                                        output_loading_info=True, **extra)
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise ModelLoadError(f"{failure}: {err}") from None
     _check_head(name, info.get("missing_keys", []), trained)
@@ -125,7 +142,7 @@ def _check_declared_size(name: str, config) -> None:
 
 
 def _check_head(name: str, missing: list[str], trained: bool) -> None:
-    new = [key for key in missing if "classifier" in key or key.startswith("score")]
+    new = [key for key in missing if "classifier" in key or key.startswith(("score", "lm_head"))]
     if not new:
         return
     message = (f"{name} has no trained classification head ({', '.join(sorted(new))} initialised at random)")

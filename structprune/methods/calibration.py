@@ -8,7 +8,7 @@ over a small calibration set, without changing any weight. This module holds wha
   length, then cut), each trimmed to its longest sequence. Sentence-pair tasks vary a lot in length,
   and sorting removes most of the padding work, which is most of the cost on a CPU;
 * :data:`OBJECTIVES` and :func:`objective`: what is differentiated. ``supervised``: the task loss
-  with gold labels. ``pseudo``: the same loss with the dense model's own predictions as labels
+  with gold labels (for a causal LM, the next-token loss on the calibration text). ``pseudo``: the same loss with the dense model's own predictions as labels
   (unlabelled data). ``entropy``: the mean entropy of the predicted distribution (unlabelled data,
   classification only): units that make the model confident matter;
 * :func:`unit_gates`: head ``[L, H]`` and neuron ``[L, F]`` gate tensors to differentiate.
@@ -76,7 +76,14 @@ def add_pseudo_labels(model: MaskedModel, batches: list[dict[str, torch.Tensor]]
 
 
 def objective(name: str, logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The batch-mean loss to differentiate (lower is better) for objective ``name``."""
+    """The batch-mean loss to differentiate (lower is better) for objective ``name``. Causal-LM logits
+    ``[B, S, V]`` take the next-token loss on the text itself (``labels``: the input ids, -100 on padding)."""
+    if logits.dim() == 3:
+        if name != "supervised":
+            raise ValueError(f"objective {name!r} is for classifiers; a causal LM learns from the text itself "
+                             "(objective='supervised')")
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                               ignore_index=-100)
     regression = logits.shape[-1] == 1
     if name == "entropy":
         if regression:

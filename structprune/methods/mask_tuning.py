@@ -134,11 +134,7 @@ class _Runner:
 
     def inputs(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, object, object]:
         """Hidden states entering layer 0, the attention context and the rotary table of a batch."""
-        model = self.model
-        x = model.embeddings(batch["input_ids"], batch.get("token_type_ids"), None)
-        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
-        rope = model._rope(x.shape[1], x.dtype, x.device) if model.spec["family"] == "llama" else None
-        return x, model._context(mask, x.dtype), rope
+        return self.model.layer_inputs(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
 
     def layer(self, i: int, x: torch.Tensor, ctx, rope, gates: Mapping[str, torch.Tensor]):
         """Layer ``i``'s output and the captured sublayer values (layer gates applied to the outputs)."""
@@ -172,10 +168,11 @@ class _Runner:
         return captured[0].float()
 
     def rows(self, batch: Mapping[str, torch.Tensor], classifier_only: bool) -> torch.Tensor:
-        """Boolean ``[B, S]`` mask of the tokens a fit uses: real tokens, or those the classifier reads."""
+        """Boolean ``[B, S]`` mask of the tokens a fit uses: real tokens, or those the head reads (a causal
+        LM's reads them all)."""
         ids = batch["input_ids"]
         real = batch.get("attention_mask", torch.ones_like(ids)).bool()
-        if not classifier_only:
+        if not classifier_only or self.model.spec.get("task") == "causal_lm":
             return real
         picked = torch.zeros_like(real)
         if self.model.head.style == "last_token":
