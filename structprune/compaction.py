@@ -35,7 +35,12 @@ from structprune.costs import check_memory, declared_params
 from structprune.io import atomic_dir
 from structprune.masked_model import MaskedModel
 from structprune.maskset import KeptLayer, MaskSet
-from structprune.modeling_structprune import CONFIGS, SECTION, StructprunePreTrainedModel, model_class
+from structprune.modeling_structprune import (
+    CONFIGS,
+    SECTION,
+    StructprunePreTrainedModel,
+    model_class,
+)
 
 MODELING_FILE = "modeling_structprune.py"
 CHECKSUM_FILE = "model.safetensors.sha256"

@@ -25,7 +25,10 @@ import torch
 from torch import nn
 
 from structprune.io import atomic_dir
-from structprune.modeling_structprune import StructpruneForSequenceClassification
+from structprune.modeling_structprune import (
+    StructpruneForCausalLM,
+    StructpruneForSequenceClassification,
+)
 
 ONNX_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx_data"
@@ -175,18 +178,26 @@ def node_counts(path: Path) -> dict[str, int]:
     return counts
 
 
-def export(model: StructpruneForSequenceClassification, directory: str | os.PathLike, tokenizer=None,
-           example_shape: tuple[int, int] = (2, 16), check_shapes: tuple[tuple[int, int], ...] = ((1, 7), (3, 33)),
-           atol: float = 1e-4, fuse: bool = True, overwrite: bool = False, threads: int | None = None) -> ExportResult:
+def export(model: StructpruneForSequenceClassification | StructpruneForCausalLM, directory: str | os.PathLike,
+           tokenizer=None, example_shape: tuple[int, int] = (2, 16),
+           check_shapes: tuple[tuple[int, int], ...] = ((1, 7), (3, 33)), atol: float = 1e-4, fuse: bool = True,
+           overwrite: bool = False, threads: int | None = None, all_logits: bool = False) -> ExportResult:
     """Export ``model`` to ``directory`` (ONNX + config + tokenizer) and check it against PyTorch.
 
     Args:
-        model: a structprune model (dense from ``arch.from_hf`` or compact from ``compact``), fp32.
+        model: a structprune model (dense from ``arch.from_hf`` or compact from ``compact``), fp32. A causal
+            LM goes to :func:`structprune.export_decoder.export_decoder` (graph with a key/value cache).
         tokenizer: saved beside the graph when given (optimum needs it for pipelines).
         example_shape: (batch, sequence) used for tracing; ``check_shapes`` must differ from it.
         atol: parity tolerance on logits.
-        fuse: run ORT's transformer optimizer (BERT family).
+        fuse: run ORT's transformer optimizer (BERT family; ignored for causal LMs).
+        all_logits: causal LMs: logits of every position, not only the last (which generation reads).
     """
+    if isinstance(model, StructpruneForCausalLM):
+        from structprune.export_decoder import export_decoder  # imports this module
+
+        return export_decoder(model, directory, tokenizer, example_shape, check_shapes, atol, overwrite, threads,
+                              all_logits)
     if not isinstance(model, StructpruneForSequenceClassification):
         raise TypeError(f"export() takes a structprune model, got {type(model).__name__}; "
                         "use structprune.arch.from_hf or structprune.compact first")

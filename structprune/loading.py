@@ -77,7 +77,11 @@ def load_model(name: str, num_labels: int | None = None, trained: bool = True, c
     """
     import torch
     from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+    )
 
     from structprune.arch import from_hf
     from structprune.compaction import from_pretrained

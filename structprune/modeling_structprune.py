@@ -48,7 +48,10 @@ from transformers import (
     Qwen3Config,
     RobertaConfig,
 )
-from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutput
+from transformers.modeling_outputs import (
+    CausalLMOutputWithPast,
+    SequenceClassifierOutput,
+)
 
 SECTION = "structprune"
 FORMAT_VERSION = 1
@@ -136,16 +139,19 @@ def gate_product(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return x * gate if gate.dtype == x.dtype else _GateProduct.apply(x, gate)
 
 
-def eager_attention(q, k, v, head_gate, additive: torch.Tensor, scale: float) -> torch.Tensor:
-    """Dense softmax attention: queries ``[B, H, S, D]``, keys and values ``[B, H, K, D]`` (expanded to
-    ``H`` heads), ``additive`` mask ``[B, 1, 1|S, K]``."""
+def eager_attention(q, k, v, head_gate, additive: torch.Tensor, scale: float, group: int = 1) -> torch.Tensor:
+    """Dense softmax attention: queries ``[B, H, S, D]``, keys and values ``[B, H / group, K, D]`` (query
+    heads ``h * group ... (h + 1) * group - 1`` share key/value head ``h``), ``additive`` mask ``[B, 1, 1|S, K]``."""
+    B, H, S, D = q.shape
+    if group > 1:  # (B, Hkv, g, S, D) against (B, Hkv, 1, K, D): keys and values are read, never copied per head
+        q, k, v, additive = q.view(B, H // group, group, S, D), k.unsqueeze(2), v.unsqueeze(2), additive.unsqueeze(2)
     # Divide (not multiply) and add the mask second: the pattern ONNX Runtime's attention fusion matches.
     scores = torch.matmul(q, k.transpose(-1, -2)) / (1.0 / scale) + additive
     if scores.dtype == torch.float32:  # no Cast node, so ONNX Runtime recognises the attention pattern
         probs = torch.softmax(scores, dim=-1)
     else:
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    out = torch.matmul(probs, v)
+    out = torch.matmul(probs, v).view(B, H, S, D)
     if head_gate is not None:
         out = gate_product(out, head_gate.view(1, -1, 1, 1))
     return out
@@ -225,6 +231,9 @@ class Attention(nn.Module):
         heads, kv_heads, head_dim = layer["heads"], layer["kv_heads"], spec["head_dim"]
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.kv_map = layer.get("kv_map")
+        group = heads // kv_heads
+        regular = self.kv_map is None or list(self.kv_map) == [h // group for h in range(heads)]
+        self.group = group if regular else None  # query heads per key/value head, when every group has as many
         self.cache_index, self.sliding = cache_index, layer.get("sliding", True)
         self.q = nn.Linear(hidden, heads * head_dim, bias=bias)
         self.k = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
@@ -261,13 +270,13 @@ class Attention(nn.Module):
         q, k, v = self.project(x, rope)
         if ctx.cache is not None:
             k, v = ctx.cache.update(k, v, self.cache_index)  # (B, Hkv, K, D)
-        if self.kv_map is not None:
+        if self.kv_map is not None and self.group is None:  # unequal groups: one key/value head per query head
             # built per call, not a buffer: transformers 5 leaves non-persistent buffers uninitialised on load
             index = torch.tensor(self.kv_map, dtype=torch.long, device=k.device)
             k = k.index_select(1, index)
             v = v.index_select(1, index)
         mask = ctx.windowed if self.sliding and ctx.windowed is not None else ctx.additive
-        out = eager_attention(q, k, v, head_gate, mask, self.head_dim**-0.5)
+        out = eager_attention(q, k, v, head_gate, mask, self.head_dim**-0.5, self.group or 1)
         return self.o(out.transpose(1, 2).reshape(B, S, self.heads * self.head_dim))
 
 

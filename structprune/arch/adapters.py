@@ -7,7 +7,11 @@ import copy
 from transformers import PretrainedConfig, PreTrainedModel
 
 from structprune.arch import bert, llama
-from structprune.modeling_structprune import SECTION, StructprunePreTrainedModel, model_class
+from structprune.modeling_structprune import (
+    SECTION,
+    StructprunePreTrainedModel,
+    model_class,
+)
 
 ADAPTERS = {model_type: module for module in (bert, llama) for model_type in module.MODEL_TYPES}
 
