@@ -6,6 +6,8 @@ Every budget, selection, report and ideal speedup reads its costs here:
 * :func:`expected_cost`: their expectation when every unit is kept independently with a probability
   (hard-concrete gates), differentiable, equal to the counts when the probabilities are 0 or 1;
 * :func:`flops_ideal_speedup`: the speedup if latency scaled with counted FLOPs;
+* causal LMs: :func:`prefill_flops` (to the first token) and :func:`decode_bytes` (memory read per decoded
+  token: weights touched and the key/value cache), with their ideal speedups;
 * :class:`LatencyTable`: latency measured per sublayer on a backend (``structprune latency-table``);
 * :class:`CostModel`: the cost of structures of one model in one unit (``params``, ``flops`` or
   ``latency``), which budgets and the greedy selection use.
@@ -16,8 +18,8 @@ example of length ``seq_len``: projections, attention scores and context, FFN, a
 projection. A removed sublayer costs nothing, its output bias included; with grouped-query attention a
 key/value head is paid for while any query head of its group is kept. The exact and the expected counts
 go through the same formulas (``_attention_params`` ... ``_ffn_macs``), so they cannot drift apart.
-New kinds of cost (bytes read per decoded token, KV-cache size) belong here, as further kinds of
-:class:`CostModel` over the same structures.
+Bytes read per decoded token and the key/value cache size (:func:`decode_bytes`, :func:`kv_cache_bytes`)
+go through the same formulas (:func:`count_params`, ``_kv_cache_values``); budgets do not use them.
 """
 
 from __future__ import annotations
@@ -140,11 +142,63 @@ def declared_params(structure: ModelStructure, spec: dict) -> int:
 def flops_ideal_speedup(dense_structure: ModelStructure, pruned_structure: ModelStructure, spec: dict,
                         seq_len: int) -> float:
     """Speedup if latency scaled with counted FLOPs: ``count_flops(dense) / count_flops(pruned)``."""
-    pruned = count_flops(pruned_structure, spec, seq_len)
+    return _ratio(count_flops(dense_structure, spec, seq_len), count_flops(pruned_structure, spec, seq_len),
+                  "FLOPs (every sublayer removed)")
+
+
+def _lm_head_params(D, spec: dict):
+    return spec["vocab_size"] * D
+
+
+def _kv_cache_values(kv, tokens: int, batch: int):
+    return 2 * kv * tokens * batch  # keys and values of ``kv`` dims per cached token
+
+
+def prefill_flops(structure: ModelStructure, spec: dict, prompt: int) -> int:
+    """FLOPs to the first token of a causal LM: :func:`count_flops` over the prompt, plus the LM head on
+    the last position only (the one whose logits pick the token; embeddings are a lookup, no FLOPs)."""
+    return count_flops(structure, spec, prompt) + 2 * _lm_head_params(structure.hidden_size, spec)
+
+
+def kv_cache_bytes(structure: ModelStructure, tokens: int, batch: int = 1, bytes_per_value: int = 4) -> int:
+    """Bytes of the key/value cache of ``batch`` sequences of ``tokens`` tokens (layers with attention only)."""
+    hd = structure.head_dim
+    return bytes_per_value * sum(_kv_cache_values(layer.kv_heads * hd, tokens, batch)
+                                 for layer in structure.layers if layer.heads)
+
+
+def decode_bytes(structure: ModelStructure, spec: dict, context: int, batch: int = 1,
+                 bytes_per_value: int = 4) -> int:
+    """Bytes one decoding step of a causal LM reads (one new token in each of ``batch`` sequences).
+
+    Decoding is bound by memory traffic, not FLOPs: each step reads every projection weight and bias
+    (:func:`count_params`, once for the whole batch), the LM head (vocabulary x hidden, tied or not), and
+    the key/value cache of the ``context`` earlier tokens plus the new one, per sequence. Norm weights and
+    the embedding rows looked up are under 0.1% and not counted; activations stay in cache. A sliding-window
+    layer is counted with its whole cache, as the dense attention reads it.
+    """
+    weights = count_params(structure, spec) + _lm_head_params(structure.hidden_size, spec)
+    return bytes_per_value * weights + kv_cache_bytes(structure, context + 1, batch, bytes_per_value)
+
+
+def _ratio(dense: float, pruned: float, what: str) -> float:
     if pruned <= 0:
-        raise ValueError("the pruned structure has no counted FLOPs (every sublayer removed); "
-                         "its FLOPs-ideal speedup is unbounded")
-    return count_flops(dense_structure, spec, seq_len) / pruned
+        raise ValueError(f"the pruned structure has no counted {what}; its ideal speedup is unbounded")
+    return dense / pruned
+
+
+def prefill_ideal_speedup(dense_structure: ModelStructure, pruned_structure: ModelStructure, spec: dict,
+                          prompt: int) -> float:
+    """Time-to-first-token speedup if prefill latency scaled with :func:`prefill_flops`."""
+    return _ratio(prefill_flops(dense_structure, spec, prompt), prefill_flops(pruned_structure, spec, prompt),
+                  "prefill FLOPs")
+
+
+def decode_ideal_speedup(dense_structure: ModelStructure, pruned_structure: ModelStructure, spec: dict,
+                         context: int, batch: int = 1) -> float:
+    """Per-token decoding speedup if a step's latency scaled with :func:`decode_bytes` (same dtype for both)."""
+    return _ratio(decode_bytes(dense_structure, spec, context, batch),
+                  decode_bytes(pruned_structure, spec, context, batch), "bytes per decoded token")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,17 @@ import torch
 
 from structprune.arch import from_hf
 from structprune.arch.structure import LayerStructure, ModelStructure
-from structprune.costs import count_flops, count_params, expected_cost, flops_ideal_speedup
+from structprune.costs import (
+    count_flops,
+    count_params,
+    decode_bytes,
+    decode_ideal_speedup,
+    expected_cost,
+    flops_ideal_speedup,
+    kv_cache_bytes,
+    prefill_flops,
+    prefill_ideal_speedup,
+)
 from structprune.maskset import MaskSet, mask_shapes
 from tests.conftest import make_hf
 
@@ -97,3 +107,44 @@ def test_flops_ideal_speedup_matches_hand_count():
     assert flops_ideal_speedup(dense, dense, spec, seq_len=4) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="no counted FLOPs"):
         flops_ideal_speedup(dense, _structure([(0, 0), (0, 0)]), spec, seq_len=4)
+
+
+LM_SPEC = {"qkv_bias": False, "o_bias": False, "ffn_bias": False, "vocab_size": 10}
+
+
+def _lm(layers: list[tuple[int, int, int]]) -> ModelStructure:
+    """Hidden 4, head dim 2, gated FFN; each layer ``(heads, kv_heads, ffn)`` (query heads grouped in pairs)."""
+    return ModelStructure("llama", "llama", hidden_size=4, head_dim=2, gated_ffn=True, layers=tuple(
+        LayerStructure(h, kv, tuple(i // 2 for i in range(h)) if h != kv else None, f) for h, kv, f in layers))
+
+
+def test_decode_bytes_match_a_hand_count():
+    # one layer, 2 query heads sharing 1 key/value head, gated FFN of 3, vocabulary 10, fp32:
+    # weights: q 4x4 + k 4x2 + v 4x2 + o 4x4 = 48, FFN 3 * 3x4 = 36, LM head 10x4 = 40 -> 124 values
+    # cache at context 5, batch 2: keys and values of 2 dims for 5 + 1 tokens per sequence: 2*2*6*2 = 48
+    structure = _lm([(2, 1, 3)])
+    assert kv_cache_bytes(structure, tokens=6, batch=2) == 4 * 48
+    assert decode_bytes(structure, LM_SPEC, context=5, batch=2) == 4 * (124 + 48)
+    assert decode_bytes(structure, LM_SPEC, context=5, batch=2, bytes_per_value=2) == 2 * (124 + 48)
+    # a layer without attention keeps no cache and reads no attention weights: FFN 36 + LM head 40
+    assert decode_bytes(_lm([(0, 0, 3)]), LM_SPEC, context=5, batch=2) == 4 * 76
+
+
+def test_decode_ideal_speedup_weighs_weights_once_and_the_cache_per_sequence():
+    dense, pruned = _lm([(2, 1, 3), (2, 1, 3)]), _lm([(0, 0, 3), (2, 1, 0)])
+    # dense: weights 2 * 84 + 40 = 208, cache 2 layers * 2*2*(context+1)*batch
+    # pruned: FFN 36 + attention 48 + LM head 40 = 124, cache 1 layer
+    for context, batch in ((5, 1), (5, 8), (100, 8)):
+        cache = 2 * 2 * (context + 1) * batch
+        assert decode_ideal_speedup(dense, pruned, LM_SPEC, context, batch) == pytest.approx(
+            (208 + 2 * cache) / (124 + cache))
+    assert decode_ideal_speedup(dense, dense, LM_SPEC, 7, 3) == pytest.approx(1.0)
+
+
+def test_prefill_flops_add_the_lm_head_of_the_last_position_only():
+    structure = _lm([(2, 1, 3)])
+    # count_flops at prompt 5: q,o 2*5*4*4 = 160, k,v 2*5*4*2 = 80, scores + context 2*5*5*4 = 200,
+    # gated FFN 3*5*4*3 = 180 -> 620 MACs; LM head on one position: 10*4 = 40 MACs
+    assert prefill_flops(structure, LM_SPEC, prompt=5) == 2 * (620 + 40)
+    pruned = _lm([(0, 0, 3)])
+    assert prefill_ideal_speedup(structure, pruned, LM_SPEC, prompt=5) == pytest.approx(660 / (180 + 40))

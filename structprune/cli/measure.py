@@ -1,4 +1,5 @@
-"""``structprune bench`` and ``structprune eval``: latency side by side, and task metrics."""
+"""``structprune bench`` and ``structprune eval``: latency side by side (classifiers; causal LMs per
+prefill and decode phase), and task metrics."""
 
 from __future__ import annotations
 
@@ -16,6 +17,41 @@ from structprune.methods.options import non_negative_int, positive_int
 
 
 def run_bench(args: argparse.Namespace) -> None:
+    from structprune.compaction import empty_model
+
+    _check_device(args)
+    pruned = empty_model(Path(args.pruned))
+    if pruned.spec.get("task") == "causal_lm":
+        _bench_causal_lm(args, pruned.spec)
+        return
+    lm_only = [flag for flag, given in (("--prompt", args.prompt), ("--context", args.context),
+                                        ("--device cuda", args.device == "cuda"), ("--dtype", args.dtype != "fp32"),
+                                        ("--compile", args.compile)) if given]
+    if lm_only or (args.batch is not None and len(args.batch) > 1):
+        raise CliError(f"{', '.join(lm_only) or 'several --batch values'}: only for causal LMs; "
+                       f"{args.pruned} is a classifier (time it with one --batch and --seq)")
+    _bench_classifier(args, args.batch[0] if args.batch else 8, args.seq or 128)
+
+
+def _check_device(args: argparse.Namespace) -> None:
+    """Refuse device, dtype and backend combinations that cannot run, before any model is read."""
+    if args.device == "cuda":
+        import torch
+
+        if args.backend != "torch":
+            raise CliError("--device cuda times torch only; add --backend torch (ONNX Runtime is timed on the CPU)")
+        if not torch.cuda.is_available():
+            raise CliError("--device cuda needs a CUDA GPU, and torch sees none (torch.cuda.is_available() is False); "
+                           "run on a machine with an NVIDIA GPU and a CUDA build of torch, or use --device cpu")
+    if args.compile and args.device != "cuda":
+        raise CliError("--compile is timed on CUDA only; add --device cuda (CPU figures are eager torch and ONNX "
+                       "Runtime)")
+    if args.backend == "ort" and args.dtype != "fp32":
+        raise CliError(f"--dtype {args.dtype}: an ONNX graph's dtype is fixed when it is exported (fp32); "
+                       "use --backend torch to time other dtypes")
+
+
+def _bench_classifier(args: argparse.Namespace, batch: int, seq: int) -> None:
     from structprune import bench
     from structprune.arch import ModelStructure
     from structprune.compaction import empty_model
@@ -23,17 +59,15 @@ def run_bench(args: argparse.Namespace) -> None:
     from structprune.export import example_inputs, session
     from structprune.loading import load_model
 
-    if args.batch < 1 or args.seq < 1:
-        raise CliError(f"--batch and --seq must be >= 1, got {args.batch} and {args.seq}")
     paths = {"dense": Path(args.dense), "pruned": Path(args.pruned)}
     if args.backend == "ort":
         models = {name: empty_model(path) for name, path in paths.items()}
     else:
         models = {name: load_model(str(path)) for name, path in paths.items()}
     max_positions = models["dense"].spec.get("max_position_embeddings")
-    if max_positions is not None and args.seq > max_positions:
-        raise CliError(f"--seq {args.seq} exceeds the {max_positions} positions the model has")
-    inputs = example_inputs(models["dense"], args.batch, args.seq, padded=False)
+    if max_positions is not None and seq > max_positions:
+        raise CliError(f"--seq {seq} exceeds the {max_positions} positions the model has")
+    inputs = example_inputs(models["dense"], batch, seq, padded=False)
     if args.backend == "ort":
         calls = {name: bench.ort_forward(session(path, threads=args.threads), inputs) for name, path in paths.items()}
     else:
@@ -42,19 +76,82 @@ def run_bench(args: argparse.Namespace) -> None:
     with bench.torch_threads(args.threads), bench.OtherCpuLoad() as load:
         stats = bench.time_interleaved(calls, **(bench.TIMING | {"warmup": args.warmup, "repeats": args.repeats}))
     structures = {name: ModelStructure.from_spec(m.spec) for name, m in models.items()}
-    ideal = flops_ideal_speedup(structures["dense"], structures["pruned"], models["dense"].spec, args.seq)
-    print(bench.speedup_table(stats, ideal, f"backend {args.backend}, batch {args.batch}, sequence {args.seq}, "
+    ideal = flops_ideal_speedup(structures["dense"], structures["pruned"], models["dense"].spec, seq)
+    print(bench.speedup_table(stats, ideal, f"backend {args.backend}, batch {batch}, sequence {seq}, "
                                             f"{args.threads} threads, median of {stats['dense'].n} timed calls in "
                                             f"interleaved turns after {args.warmup} warm-up calls"))
     warning = bench.load_warning(load.cores)
     if warning:
         print(warning)
     if args.csv:
-        settings = {"backend": args.backend, "batch": args.batch, "seq": args.seq, "threads": args.threads,
+        settings = {"backend": args.backend, "batch": batch, "seq": seq, "threads": args.threads,
                     "dense": args.dense, "pruned": args.pruned, "flops_ideal_speedup": ideal,
                     "measured_speedup": stats["dense"].median_ms / stats["pruned"].median_ms,
                     "other_cores_busy": load.cores}
         bench.append_csv(args.csv, bench.csv_rows(stats, settings))
+        print(f"rows appended to {args.csv}")
+
+
+def _lm_runners(args: argparse.Namespace) -> dict:
+    """The dense and pruned causal LMs on the chosen backend, device and dtype."""
+    from structprune import decode_bench
+    from structprune.export import session
+    from structprune.loading import load_model
+
+    paths = {"dense": args.dense, "pruned": args.pruned}
+    if args.backend == "ort":
+        return {(args.backend, name): decode_bench.OrtLM(session(path, threads=args.threads))
+                for name, path in paths.items()}
+    dtype = decode_bench.DTYPES[args.dtype]
+    return {(args.backend, name): decode_bench.TorchLM(load_model(path, causal=True), args.device, dtype, args.compile)
+            for name, path in paths.items()}
+
+
+def _bench_causal_lm(args: argparse.Namespace, spec: dict) -> None:
+    from structprune import bench, decode_bench
+    from structprune.arch import ModelStructure
+    from structprune.compaction import empty_model
+
+    if args.seq is not None:
+        raise CliError(f"--seq is for classifiers; {args.pruned} is a causal LM: time prefill at --prompt lengths "
+                       "and decoding at --context tokens")
+    prompts, context, batches = args.prompt or [128, 512], args.context or 512, args.batch or [1]
+    phases = ([decode_bench.Phase("prefill", 1, p) for p in prompts]
+              + [decode_bench.Phase("decode", b, context) for b in batches])
+    try:
+        decode_bench.check_positions(phases, spec.get("max_position_embeddings"))
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    dense_spec = empty_model(Path(args.dense)).spec
+    if dense_spec.get("task") != "causal_lm":
+        raise CliError(f"{args.pruned} is a causal LM but {args.dense} is not; compare two causal LMs")
+    structures = {"dense": ModelStructure.from_spec(dense_spec), "pruned": ModelStructure.from_spec(spec)}
+    runners = _lm_runners(args)
+    timing = bench.TIMING | {"warmup": args.warmup, "repeats": args.repeats}
+
+    def timer(calls: dict) -> dict:
+        if args.device == "cuda":
+            return decode_bench.cuda_stats(calls)
+        return bench.time_interleaved(calls, **timing)
+
+    print(f"timing {args.backend} on {args.device} ({args.dtype}): dense and pruned in interleaved turns",
+          file=sys.stderr, flush=True)
+    results = []
+    with bench.torch_threads(args.threads):
+        for phase in phases:
+            ideal = phase.ideal_speedup(structures["dense"], structures["pruned"], dense_spec)
+            results += decode_bench.measure_phase(runners, phase, dense_spec["vocab_size"], ideal, timer)
+    print(f"causal LM, backend {args.backend}, device {args.device}, {args.dtype}, {args.threads} threads; "
+          "medians of interleaved turns")
+    print(decode_bench.results_table(results))
+    warning = bench.load_warning(max((r.other_cores or 0.0) for r in results))
+    if warning:
+        print(warning)
+    if args.csv:
+        settings = {"dense": args.dense, "pruned": args.pruned, "device": args.device, "dtype": args.dtype,
+                    "compile": args.compile, "threads": args.threads}
+        machine = bench.machine_info()
+        bench.append_csv(args.csv, [machine | settings | r.row() for r in results])
         print(f"rows appended to {args.csv}")
 
 
@@ -85,7 +182,10 @@ def run_eval(args: argparse.Namespace) -> None:
 def register(sub) -> None:
     p = sub.add_parser("bench", help="latency of a dense and a pruned model side by side",
                        description="Time the dense and the pruned model round-robin on the same random inputs "
-                                   "(median after warm-up) and print the measured and the FLOPs-ideal speedup.")
+                                   "(median after warm-up) and print the measured and the ideal speedup. Causal LMs "
+                                   "are timed per phase: prefill (time to first token) at --prompt lengths against "
+                                   "the FLOPs-ideal speedup, and one decoding step at each --batch with --context "
+                                   "tokens already cached against the bytes-ideal speedup.")
     p.add_argument("--dense", required=True,
                    help="dense model: an ONNX folder from `structprune export` (--backend ort) or a model folder "
                         "(--backend torch)")
@@ -93,8 +193,21 @@ def register(sub) -> None:
     p.add_argument("--backend", choices=("ort", "torch"), default="ort",
                    help="ort: ONNX Runtime on `structprune export` folders; torch: eager PyTorch under "
                         "inference_mode on model folders (default: ort)")
-    p.add_argument("--batch", type=positive_int, default=8, help="examples per call (default: 8)")
-    p.add_argument("--seq", type=positive_int, default=128, help="tokens per example, no padding (default: 128)")
+    p.add_argument("--batch", type=positive_int, nargs="+", default=None,
+                   help="examples per call: one value for a classifier (default: 8); causal LMs: decoding batch "
+                        "sizes, each timed (default: 1)")
+    p.add_argument("--seq", type=positive_int, default=None,
+                   help="classifiers: tokens per example, no padding (default: 128)")
+    p.add_argument("--prompt", type=positive_int, nargs="+", default=None,
+                   help="causal LMs: prompt lengths of the timed prefills, batch 1 (default: 128 512)")
+    p.add_argument("--context", type=positive_int, default=None,
+                   help="causal LMs: tokens already in the key/value cache at each timed decoding step (default: 512)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="causal LMs, --backend torch: where to run; cuda times with CUDA events (default: cpu)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="causal LMs, --backend torch: weights and cache dtype (default: fp32)")
+    p.add_argument("--compile", action="store_true",
+                   help="causal LMs on --device cuda: time torch.compile-d models instead of eager")
     p.add_argument("--threads", type=positive_int, default=THREADS,
                    help=f"intra-op threads of both backends (default: {THREADS})")
     p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed calls per model first (default: 3)")
