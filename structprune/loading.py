@@ -67,11 +67,27 @@ def check_outputs(name: str, outputs: int, num_labels: int | None) -> None:
                              "labels; use a model trained for this task")
 
 
-def load_model(name: str, num_labels: int | None = None, trained: bool = True, causal: bool = False):
+def is_causal_lm(name: str) -> bool:
+    """Whether ``name`` holds a causal LM: a ``.gguf`` file, a structprune folder of that task, or a Hugging Face
+    folder whose architectures are all ``*ForCausalLM``. Hub names read as classifiers."""
+    path = Path(name)
+    if path.suffix == ".gguf":
+        return True
+    raw = _config_json(path) if path.is_dir() else None
+    if raw is None:
+        return False
+    if SECTION in raw:
+        return isinstance(raw[SECTION], dict) and raw[SECTION].get("task") == "causal_lm"
+    architectures = raw.get("architectures") or []
+    return bool(architectures) and all(str(a).endswith("ForCausalLM") for a in architectures)
+
+
+def load_model(name: str, num_labels: int | None = None, trained: bool = True, causal: bool | None = None):
     """A full-size or compact structprune model from a structprune folder, or a Hugging Face folder / hub name.
 
     ``causal``: a causal LM is wanted (a ``.gguf`` file is accepted too, converted once and cached by
-    :func:`structprune.gguf.gguf_folder`); otherwise a sequence classifier. A Hugging Face checkpoint without a
+    :func:`structprune.gguf.gguf_folder`), or a sequence classifier; ``None``: what ``name`` holds
+    (:func:`is_causal_lm`). A Hugging Face checkpoint without a
     classification head gets a new one (``num_labels`` outputs, seed 0). Where a trained model is expected
     (``trained``), that is an error; otherwise a notice on stderr.
     """
@@ -86,6 +102,8 @@ def load_model(name: str, num_labels: int | None = None, trained: bool = True, c
     from structprune.arch import from_hf
     from structprune.compaction import from_pretrained
 
+    if causal is None:
+        causal = is_causal_lm(name)
     path = Path(name)
     if causal and path.suffix == ".gguf":
         from structprune.gguf import gguf_folder
@@ -164,6 +182,10 @@ def load_tokenizer(name: str | Path, vocab_size: int | None = None, required: bo
     from transformers import AutoTokenizer
 
     path = Path(name)
+    if path.suffix == ".gguf":
+        from structprune.gguf import gguf_folder
+
+        path = name = gguf_folder(path)
     if path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_FILES):
         if not required:
             return None

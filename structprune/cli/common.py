@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from structprune.data.lm import LM_TASKS, TEXT_PREFIX, list_lm_tasks
 from structprune.data.readers import is_task_file
-from structprune.data.splits import FILE_HELD_OUT_SHARE, SPLIT_SEED
 from structprune.data.registry import list_tasks
+from structprune.data.splits import FILE_HELD_OUT_SHARE, SPLIT_SEED
 from structprune.methods.options import SEED, positive_int
 
+LM_CALIBRATION_WINDOWS = 128
 THREADS = 2
 """Threads of every timed or ONNX Runtime command (the benchmark protocol's, structprune.bench.CPU_THREADS)."""
 
@@ -51,7 +53,26 @@ class TaskArgs:
 
     @property
     def is_file(self) -> bool:
-        return is_task_file(self.task)
+        return is_task_file(self.task) and not self.is_lm
+
+    @property
+    def is_lm(self) -> bool:
+        """A language-model task (perplexity, zero-shot choice, last word): the model is a causal LM."""
+        return self.task.startswith(TEXT_PREFIX) or self.task.strip().lower() in LM_TASKS
+
+    def lm_calibration(self, tokenizer) -> dict:
+        """Calibration windows of a language-model task's text: ``train_size`` windows (default 128) of
+        ``max_length`` tokens, drawn with ``seed`` from its calibration split (a ``text:FILE`` file whole)."""
+        from structprune.data.lm import get_lm_task, load_text
+        from structprune.likelihood import text_windows
+
+        lm = get_lm_task(self.task)
+        if lm.kind != "perplexity" or (lm.calibration is None and not self.task.startswith(TEXT_PREFIX)):
+            calibrated = [name for name, t in LM_TASKS.items() if t.calibration]
+            raise CliError(f"{self.task} has no calibration text; prune on {', '.join(calibrated)} or text:FILE "
+                           "(and evaluate on this task with `structprune eval`)")
+        text = load_text(self.task, lm.calibration, data_dir=self.data_dir)
+        return text_windows(tokenizer, text, self.max_length, self.train_size or LM_CALIBRATION_WINDOWS, self.seed)
 
     @cached_property
     def _file(self):
@@ -111,7 +132,8 @@ def add_task_options(p: argparse.ArgumentParser, split: str, subset: str = "use 
                      "training examples", held_out: bool = True) -> None:
     p.add_argument("--task", required=True,
                    help=f"a built-in task ({', '.join(list_tasks())}) or a .csv/.tsv/.jsonl file of labelled "
-                        "examples (see --text-column, --label-column)")
+                        "examples (see --text-column, --label-column); for a causal LM, a language-model task "
+                        f"({', '.join(list_lm_tasks())})")
     p.add_argument("--split", default=split, help=f"split of a built-in task to read (default: {split}); "
                                                   "ignored for files")
     p.add_argument("--train-size", type=positive_int, default=None, help=f"{subset}, drawn with --seed (default: all)")

@@ -155,6 +155,9 @@ def _bench_causal_lm(args: argparse.Namespace, spec: dict) -> None:
         print(f"rows appended to {args.csv}")
 
 
+DEFAULT_SPLIT = "dev"
+
+
 def run_eval(args: argparse.Namespace) -> None:
     from structprune.compaction import empty_model
     from structprune.data import encode
@@ -163,6 +166,9 @@ def run_eval(args: argparse.Namespace) -> None:
     from structprune.loading import check_outputs, load_model, load_tokenizer
 
     task = TaskArgs.from_args(args)
+    if task.is_lm:
+        _eval_lm(args, task)
+        return
     data = task.load()
     path = Path(args.model)
     print(f"scoring {args.model} on {data.task.name} {data.split} ({len(data)} examples)", file=sys.stderr, flush=True)
@@ -171,12 +177,37 @@ def run_eval(args: argparse.Namespace) -> None:
         check_outputs(args.model, spec["num_labels"], data.task.num_labels)
         model = session(path, threads=args.threads)
     else:
-        model = load_model(args.model, data.task.num_labels)
+        model = load_model(args.model, data.task.num_labels, causal=False)
         spec = model.spec
     encoded = encode(data, load_tokenizer(args.model, spec["vocab_size"]), task.max_length)
-    metrics = evaluate(model, encoded, data.task, args.batch_size)
+    metrics = evaluate(model, encoded, data.task, args.batch_size or 64)
     values = ", ".join(f"{name} {value:.2f}" for name, value in metrics.items())
     print(f"{data.task.name} {data.split} ({len(data)} examples): {values}")
+
+
+def _eval_lm(args: argparse.Namespace, task: TaskArgs) -> None:
+    from structprune import bench
+    from structprune.data.lm import get_lm_task
+    from structprune.export import ONNX_FILE
+    from structprune.likelihood import evaluate_lm
+    from structprune.loading import load_model, load_tokenizer
+
+    if (Path(args.model) / ONNX_FILE).is_file():
+        raise CliError(f"{args.model} is an ONNX export; score the model folder it was exported from (the generation "
+                       "graph returns the last position's logits only)")
+    lm = get_lm_task(task.task)
+    split = None if args.split == DEFAULT_SPLIT else args.split
+    model = load_model(args.model, causal=True)
+    tokenizer = load_tokenizer(args.model, model.spec["vocab_size"])
+    print(f"scoring {args.model} on {lm.name}: {lm.description}", file=sys.stderr, flush=True)
+    with bench.torch_threads(args.threads):
+        result = evaluate_lm(model, tokenizer, task.task, split=split, limit=args.limit,
+                             batch_size=args.batch_size, window=args.window, stride=args.stride or args.window,
+                             data_dir=task.data_dir)
+    metrics = result.metrics()
+    values = ", ".join(f"{name} {value:.2f}" if isinstance(value, float) else f"{name} {value}"
+                       for name, value in metrics.items())
+    print(f"{lm.name} {split or lm.splits[0]}: {values}")
 
 
 def register(sub) -> None:
@@ -218,10 +249,22 @@ def register(sub) -> None:
 
     p = sub.add_parser("eval", help="task metrics of a model or an ONNX folder",
                        description="Score MODEL (a model folder, hub name, or an ONNX folder from `structprune "
-                                   "export`) on a task split with the task's metrics, in percent.")
-    p.add_argument("model", help="model folder, hub name or ONNX folder (with tokenizer files)")
-    add_task_options(p, split="dev", subset="score a random subset of this many examples", held_out=False)
-    p.add_argument("--batch-size", type=positive_int, default=64, help="examples per forward call (default: 64)")
+                                   "export`) on a task split with the task's metrics, in percent. A causal LM is "
+                                   "scored on a language-model task: perplexity over windows of --window tokens every "
+                                   "--stride tokens, zero-shot multiple choice (acc, acc_norm as lm-evaluation-harness "
+                                   "defines them) or LAMBADA's last word.")
+    p.add_argument("model", help="model folder, hub name, .gguf file (causal LMs) or ONNX folder (with tokenizer "
+                                 "files)")
+    add_task_options(p, split=DEFAULT_SPLIT, subset="score a random subset of this many examples", held_out=False)
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="examples per forward call (default: 64; language-model tasks: 4 windows or 16 choices)")
+    lm = p.add_argument_group("language-model tasks")
+    lm.add_argument("--limit", type=positive_int, default=None,
+                    help="score only the first N windows (perplexity) or items (the others), for a quick run")
+    lm.add_argument("--window", type=positive_int, default=512, help="tokens per perplexity window (default: 512)")
+    lm.add_argument("--stride", type=positive_int, default=None,
+                    help="tokens between window starts; smaller than --window gives each window context that is "
+                         "not scored (default: --window)")
     p.add_argument("--threads", type=positive_int, default=THREADS,
                    help=f"ONNX Runtime threads for an ONNX folder (default: {THREADS})")
     p.set_defaults(run=run_eval)

@@ -28,7 +28,7 @@ def run_finetune(args: argparse.Namespace) -> None:
     check_output_dir(args.out, args.overwrite, inputs=(args.model, args.task))
     task = TaskArgs.from_args(args)
     train = task.load()
-    model = load_model(args.model, train.task.num_labels, trained=False)
+    model = load_model(args.model, train.task.num_labels, trained=False, causal=False)
     tokenizer = load_tokenizer(args.model, model.spec["vocab_size"])
     config = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=task.seed)
     log = finetune(model, encode(train, tokenizer, task.max_length), config, checkpoint_dir=args.checkpoint_dir,
@@ -97,10 +97,26 @@ def run_export(args: argparse.Namespace) -> None:
     check_output_dir(args.out, args.overwrite, inputs=(args.model,))
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model, model.spec["vocab_size"], required=False)
-    result = export(model, args.out, tokenizer, overwrite=args.overwrite, threads=args.threads)
+    causal = model.spec.get("task") == "causal_lm"
+    if args.all_logits and not causal:
+        raise CliError("--all-logits is for causal LMs; a classifier's graph returns its logits already")
+    result = export(model, args.out, tokenizer, overwrite=args.overwrite, threads=args.threads,
+                    all_logits=args.all_logits)
+    checked = "prefill + 8 decode steps, tolerance 1e-4 x the largest |logit|" if causal else "tolerance 1e-4"
     print(f"ONNX model written to {result.directory / ONNX_FILE}: parity with PyTorch max |diff| "
-          f"{result.max_abs_diff:.2e} on shapes {result.checked_shapes}, {result.fused_attention} fused attention "
-          "nodes" + ("" if tokenizer is not None else "; no tokenizer found, so none was saved"))
+          f"{result.max_abs_diff:.2e} on shapes {result.checked_shapes} ({checked}), {result.fused_attention} fused "
+          "attention nodes" + ("" if tokenizer is not None else "; no tokenizer found, so none was saved"))
+    if causal:
+        from structprune.export_decoder import (
+            OptimumIncompatibleError,
+            check_optimum_compatible,
+        )
+
+        try:
+            check_optimum_compatible(args.out)
+            print("optimum's ORTModelForCausalLM can load it; structprune.ort_generation.generate serves it too")
+        except OptimumIncompatibleError as err:
+            print(f"note: {err}")
 
 
 def register(sub) -> None:
@@ -141,9 +157,13 @@ def register(sub) -> None:
 
     p = sub.add_parser("export", help="export a model to ONNX (with a PyTorch parity check)",
                        description="Export MODEL to an ONNX folder (model.onnx, config.json, tokenizer) that "
-                                   "optimum's ORTModelForSequenceClassification reads; fails if ONNX Runtime "
-                                   "disagrees with PyTorch.")
-    p.add_argument("model", help="model folder (structprune or Hugging Face) or hub name")
+                                   "optimum's ORTModelForSequenceClassification reads; a causal LM with its key/value "
+                                   "cache in the layout of optimum's ORTModelForCausalLM (text-generation-with-past). "
+                                   "Fails if ONNX Runtime disagrees with PyTorch.")
+    p.add_argument("model", help="model folder (structprune or Hugging Face), hub name or .gguf file")
+    p.add_argument("--all-logits", action="store_true",
+                   help="causal LMs: return the logits of every position (to score text), not only the last one's "
+                        "(what generation reads; faster prefill)")
     p.add_argument("--threads", type=positive_int, default=THREADS,
                    help=f"ONNX Runtime threads of the parity check (default: {THREADS})")
     add_output_options(p, "ONNX folder to write")

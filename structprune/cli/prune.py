@@ -73,15 +73,22 @@ def _write_masks(args: argparse.Namespace, task: TaskArgs, options: dict) -> Non
 
     budget = _budget(args)
     check_output_dir(args.out, args.overwrite, inputs=_inputs(args))
-    data = task.load()
-    model = load_model(args.model, data.task.num_labels)
-    tokenizer = load_tokenizer(args.model, model.spec["vocab_size"])
-    print(f"[{args.method}] pruning {args.model} on {len(data)} {data.task.name} examples to {budget.kind} sparsity "
-          f"{budget.target}", file=sys.stderr, flush=True)
-    encoded = encode(data, tokenizer, task.max_length)
+    if task.is_lm:
+        model = load_model(args.model, causal=True)
+        tokenizer = load_tokenizer(args.model, model.spec["vocab_size"])
+        encoded = task.lm_calibration(tokenizer)
+        what, meta = f"{len(encoded['input_ids'])} windows of {task.max_length} tokens of {task.task}", {"task": task.task}
+    else:
+        data = task.load()
+        model = load_model(args.model, data.task.num_labels, causal=False)
+        tokenizer = load_tokenizer(args.model, model.spec["vocab_size"])
+        encoded = encode(data, tokenizer, task.max_length)
+        what, meta = f"{len(data)} {data.task.name} examples", {"task": data.task.name,
+                                                                 "num_labels": data.task.num_labels}
+    print(f"[{args.method}] pruning {args.model} on {what} to {budget.kind} sparsity {budget.target}",
+          file=sys.stderr, flush=True)
     result = get_method(args.method)(model, encoded, budget, progress=True, **options)
-    result.masks.meta |= {"model": args.model, "task": data.task.name, "num_labels": data.task.num_labels,
-                          "examples": len(data)}
+    result.masks.meta |= {"model": args.model, "examples": len(encoded["input_ids"])} | meta
     result.masks.save(args.out, ModelStructure.from_spec(model.spec), model.spec, overwrite=args.overwrite)
     summary = result.log["summary"]
     print(f"masks written to {args.out}: {args.method}, parameter sparsity {summary['param_sparsity']:.3f}, "
@@ -112,9 +119,9 @@ def _run_pipeline(args: argparse.Namespace, task: TaskArgs, options: dict) -> No
     train = task.load()
     held_out = task.held_out(args.eval_split)
     evaluation = train if held_out is None else held_out
-    model = load_model(args.model, train.task.num_labels, trained=False)
+    model = load_model(args.model, train.task.num_labels, trained=False, causal=False)
     tokenizer = load_tokenizer(args.model, model.spec["vocab_size"])
-    teacher = None if args.teacher is None else load_model(args.teacher, train.task.num_labels)
+    teacher = None if args.teacher is None else load_model(args.teacher, train.task.num_labels, causal=False)
     options, setup, log = _method_inputs(args.method, options, task, train, tokenizer)
     checkpoints = Path(args.checkpoint_dir or f"{Path(args.out).absolute()}-checkpoints")
     run = pipeline.Run(budget, args.method, options, teacher=teacher, max_length=task.max_length,
@@ -136,6 +143,10 @@ def run_prune(args: argparse.Namespace) -> None:
     task = TaskArgs.from_args(args)
     options = _method_options(args, args.method)
     check_settings(args.method, options)  # bad settings fail before any loading or training
+    if entry.learned and task.is_lm:
+        scorers = [name for name in list_methods() if not METHODS[name].learned]
+        raise CliError(f"{args.method} trains classifiers; prune a causal LM with a training-free method: "
+                       f"{', '.join(scorers)}")
     if entry.learned:
         _run_pipeline(args, task, options)
     else:
@@ -160,7 +171,7 @@ def run_transfer_search(args: argparse.Namespace) -> None:
                           task.label_column)
     config = config_from_options(options)
     train = task.load()
-    model = load_model(args.model, train.task.num_labels, trained=False)
+    model = load_model(args.model, train.task.num_labels, trained=False, causal=False)
     budget = Budget(args.target_sparsity, args.budget_kind, args.seq_len)
     result = transfer_search(model, load_tokenizer(args.model, model.spec["vocab_size"]), train, sources, budget, base=config,
                              budget_runs=args.budget_runs, budget_minutes=args.budget_minutes,
