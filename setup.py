@@ -123,7 +123,10 @@ setup(
         # Triton runs the GPU kernels (CUDA builds of torch bring it); the tests also run them on
         # the CPU under its interpreter.
         "triton": ["triton>=3.0; platform_system == 'Linux'"],
-        "test": ["pytest>=7", "hypothesis>=6", "triton>=3.0; platform_system == 'Linux'"],
+        # Causal LMs from GGUF files (SmolLM2 ships as one) and the gensim text corpora of the LLM demo.
+        "llm": ["gguf>=0.10", "accelerate>=0.26", "gensim>=4.3"],
+        "test": ["pytest>=7", "hypothesis>=6", "triton>=3.0; platform_system == 'Linux'", "gguf>=0.10",
+                 "accelerate>=0.26", "gensim>=4.3", "lm-eval>=0.4"],
     },
     entry_points={"console_scripts": ["structprune=structprune.cli:main"]},
     ext_modules=ext_modules,

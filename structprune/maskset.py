@@ -243,6 +243,7 @@ def uniform_masks(structure: ModelStructure, head_sparsity: float, neuron_sparsi
             raise MaskError(f"{what} sparsity {value} is outside [0, 1)")
     shapes = mask_shapes(structure)
     head, neuron = torch.zeros(shapes["head"]), torch.zeros(shapes["neuron"])
-    head[:, : max(1, math.ceil(structure.max_heads * (1 - head_sparsity)))] = 1
-    neuron[:, : max(1, math.ceil(structure.max_ffn * (1 - neuron_sparsity)))] = 1
+    # rounded first: 9 * (1 - 1/3) is 6.000000000000001 in floating point, which must keep 6 heads, not 7
+    head[:, : max(1, math.ceil(round(structure.max_heads * (1 - head_sparsity), 6)))] = 1
+    neuron[:, : max(1, math.ceil(round(structure.max_ffn * (1 - neuron_sparsity), 6)))] = 1
     return MaskSet({"head": head, "neuron": neuron})

@@ -138,6 +138,13 @@ def _plot(c: Comparison, path: Path) -> None:
     layers.set_title("kept units per layer")
     layers.legend()
     fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure as PNG to ``path`` atomically, and close it."""
+    from matplotlib import pyplot as plt
+
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

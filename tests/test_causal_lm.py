@@ -83,6 +83,12 @@ def test_compact_equals_masked_and_generates_the_same_tokens(arch):
     assert torch.equal(_greedy(small, {"input_ids": ids}), tokens[:, ids.shape[1]:])
 
 
+def test_masked_model_leaves_the_callers_model_alone():
+    ours = from_hf(make_causal("qwen2")).eval()
+    MaskedModel(ours)
+    assert all(layer.attn.attention_fn is None and layer.ffn.ffn_fn is None for layer in ours.layers)
+
+
 def test_layers_without_attention_keep_no_cache():
     hf = make_causal("llama")
     masked = MaskedModel(hf)

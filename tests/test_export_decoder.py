@@ -247,3 +247,19 @@ def test_smollm2_generation_matches_pytorch(tmp_path, smollm2_folder):
                    eos_token_id=eos, pad_token_id=model.generation_config.pad_token_id)
     np.testing.assert_array_equal(got, expected.numpy())
     assert "Paris" in tokenizer.decode(got[0])
+
+
+def test_head_counts_that_do_not_divide_the_hidden_size(tmp_path):
+    """7 of 9 SmolLM2-like heads kept: transformers refuses such a config, so the section alone states them."""
+    config = LlamaConfig(vocab_size=64, hidden_size=72, num_hidden_layers=2, num_attention_heads=9,
+                         num_key_value_heads=3, intermediate_size=48, max_position_embeddings=128)
+    torch.manual_seed(0)
+    masked = MaskedModel(LlamaForCausalLM(config).eval())
+    head = torch.ones(2, 9)
+    head[:, 7:] = 0
+    model = compact(masked, MaskSet({"head": head})).eval()
+    export(model, tmp_path / "onnx")
+    written = json.loads((tmp_path / "onnx" / "config.json").read_text())
+    assert written["num_attention_heads"] == 9 and written["structprune_onnx"]["heads"] == [7, 7]
+    with pytest.raises(OptimumIncompatibleError, match="cannot state the kept query heads"):
+        check_optimum_compatible(tmp_path / "onnx")

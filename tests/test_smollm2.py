@@ -3,13 +3,15 @@ Hugging Face, greedy generation, and masked == compact after pruning."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from structprune.arch import from_hf
 from structprune.compaction import compact
-from structprune.gguf import gguf_folder
+from structprune.gguf import MissingPackageError, gguf_folder
 from structprune.loading import ModelLoadError, load_model, load_tokenizer
 from structprune.masked_model import MaskedModel
 from structprune.maskset import MaskSet, mask_shapes
@@ -26,11 +28,11 @@ def smollm2(smollm2_folder):
 
 
 def test_converted_folder_loads_as_a_structprune_causal_lm(smollm2_folder):
-    model = load_model(str(smollm2_folder), causal=True)
+    model = load_model(str(smollm2_folder))  # found to be a causal LM from its config
     assert model.spec["task"] == "causal_lm" and model.spec["tie_word_embeddings"]
     assert [(layer["heads"], layer["kv_heads"], layer["ffn"]) for layer in model.spec["layers"]] == [(9, 3, 1536)] * 30
     with pytest.raises(ModelLoadError, match="no trained classification head"):
-        load_model(str(smollm2_folder))
+        load_model(str(smollm2_folder), causal=False)
 
 
 def test_matches_hugging_face_and_generates_the_same_text(smollm2):
@@ -62,6 +64,12 @@ def test_pruned_compact_equals_masked(smollm2):
         assert (masked(ids).logits - small(ids).logits).abs().max() <= 1e-4
 
 
-def test_missing_gguf_file_is_a_clear_error(tmp_path):
+def test_missing_gguf_file_or_package_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         gguf_folder(tmp_path / "none.gguf")
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    monkeypatch.setenv("STRUCTPRUNE_CACHE", str(tmp_path / "cache"))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(MissingPackageError, match="pip install gguf"):
+        gguf_folder(tmp_path / "model.gguf")

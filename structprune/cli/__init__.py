@@ -30,7 +30,7 @@ from structprune.cli.common import CliError
 COMMANDS = (prune, models, measure, demo)
 
 USER_ERRORS = ("ValueError", "OSError", "FloatingPointError", "DemoError", "AccuracyFloorError",
-               "ExportParityError", "VaderDownloadError")
+               "ExportParityError", "VaderDownloadError", "MissingPackageError")
 """Failures caused by input or environment (by class name, so checking imports nothing): one line, exit 1."""
 
 
