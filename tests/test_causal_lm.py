@@ -170,3 +170,13 @@ def test_dynamic_cache_built_outside_is_accepted():
         ours(ids[:, :3], cache=cache, use_cache=True)
         step = ours(ids[:, 3:], attention_mask=torch.ones(1, 4, dtype=torch.long), cache=cache).logits[:, -1]
     assert (full - step).abs().max() <= 1e-5
+
+
+def test_an_unknown_causal_architecture_is_named(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from structprune.loading import ModelLoadError, load_model
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ModelLoadError, match="'gpt2' model; structprune supports causal language models of type llama"):
+        load_model(str(tmp_path / "gpt2"), causal=True)
