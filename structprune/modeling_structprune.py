@@ -327,14 +327,20 @@ class Layer(nn.Module):
         # output, which matters when x itself comes from an Add (ELECTRA's embedding projection).
         return normalise(norm, out + x, hidden) if self.post_ln else x + out
 
-    def forward(self, x, ctx: AttentionContext, rope, gates: dict | None = None) -> torch.Tensor:
+    def attention_block(self, x, ctx: AttentionContext, rope, gates: dict | None = None) -> torch.Tensor:
+        """The residual stream after the attention sublayer (and, post-LN, its norm)."""
         g = gates or {}
-        hidden = g.get("hidden")
-        x = self._sublayer(x, self.attn_norm, self.attn, lambda h: self.attn(h, ctx, rope, g.get("head")),
-                           g.get("attn_layer"), hidden)
-        x = self._sublayer(x, self.ffn_norm, self.ffn, lambda h: self.ffn(h, g.get("neuron")),
-                           g.get("ffn_layer"), hidden)
-        return x
+        return self._sublayer(x, self.attn_norm, self.attn, lambda h: self.attn(h, ctx, rope, g.get("head")),
+                              g.get("attn_layer"), g.get("hidden"))
+
+    def ffn_block(self, x, gates: dict | None = None) -> torch.Tensor:
+        """The residual stream after the FFN sublayer (and, post-LN, its norm)."""
+        g = gates or {}
+        return self._sublayer(x, self.ffn_norm, self.ffn, lambda h: self.ffn(h, g.get("neuron")),
+                              g.get("ffn_layer"), g.get("hidden"))
+
+    def forward(self, x, ctx: AttentionContext, rope, gates: dict | None = None) -> torch.Tensor:
+        return self.ffn_block(self.attention_block(x, ctx, rope, gates), gates)
 
 
 class Embeddings(nn.Module):

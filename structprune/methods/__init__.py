@@ -51,6 +51,8 @@ def _resolve(reference: str):
 _OPTIONS = "structprune.methods.options:"
 
 METHODS: Mapping[str, Method] = {
+    "block_influence": Method("structprune.methods.block_influence", "remove layers or sublayers of least block "
+                              "influence, ShortGPT (training-free, forward passes only)", _OPTIONS + "BLOCK_INFLUENCE"),
     "attribution": Method("structprune.methods.attribution", "integrated-gradients attribution of gates "
                           "(training-free)", _OPTIONS + "ATTRIBUTION"),
     "fisher": Method("structprune.methods.fisher", "Fisher mask search and mask tuning, Kwon et al. 2022 "

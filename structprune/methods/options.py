@@ -159,15 +159,16 @@ class L0Config:
 SEED = Option("--seed", "seed of the data subset, calibration draws and any shuffling (default: 0)",
               non_negative_int)
 BATCH_SIZE = Option("--batch-size", "examples per step (l0, transfer) or per calibration batch (default: the "
-                                    "method's: 32, attribution 8)", positive_int)
+                                    "method's: 32, attribution and block_influence 8)", positive_int)
 CALIB_BATCHES = Option("--calib-batches", "taylor: batches of task data used to score units (default: 8)",
                        positive_int)
 OBJECTIVE = Option("--objective", "attribution, fisher, head_importance: supervised: gold labels; pseudo: the "
                                   "model's own predictions as labels; entropy: prediction entropy (attribution "
                                   "only); pseudo and entropy ignore the labels (default: supervised)",
                    choices=("supervised", "pseudo", "entropy"))
-CALIB_EXAMPLES = Option("--calib-examples", "attribution, fisher, head_importance: calibration examples drawn "
-                                            "from the task data (default: 2048, head_importance 512)", positive_int)
+CALIB_EXAMPLES = Option("--calib-examples", "attribution, block_influence, fisher, head_importance: calibration "
+                                            "examples drawn from the task data (default: 2048, head_importance 512, "
+                                            "block_influence 128)", positive_int)
 STEPS = Option("--steps", "attribution: points on each integration path (default: 4)", positive_int)
 SCOPE = Option("--scope", "attribution: rank units across all layers (global) or prune each layer alike "
                           "(default: global)", choices=("global", "layer"))
@@ -194,5 +195,11 @@ L0: Mapping[str, Option] = {**config_options(L0Config), "batch_size": BATCH_SIZE
 def l0_settings(options: Mapping[str, object]) -> L0Config:
     """The :class:`L0Config` of ``l0``'s options (raises before any work when they do not fit together)."""
     return L0Config(**options)
+GRANULARITY = Option("--granularity", "block_influence: remove whole layers, or attention and FFN sublayers "
+                                     "apart (default: layer)", choices=("layer", "sublayer"))
+ITERATIVE = Option("--iterative", "block_influence: score the remaining blocks again after each removal "
+                                  "(default: once, on the dense model)", boolean=True)
+BLOCK_INFLUENCE: Mapping[str, Option] = {"granularity": GRANULARITY, "iterative": ITERATIVE, "batch_size": BATCH_SIZE,
+                                         "max_examples": CALIB_EXAMPLES, "seed": SEED}
 MAGNITUDE: Mapping[str, Option] = {}
 TAYLOR: Mapping[str, Option] = {"batch_size": BATCH_SIZE, "calib_batches": CALIB_BATCHES, "seed": SEED}

@@ -1,0 +1,134 @@
+"""``block_influence``: remove whole layers or sublayers whose output turns the residual stream least
+(ShortGPT's Block Influence, Men et al. 2024).
+
+A block's influence is ``1 - cos(h_in, h_out)``, averaged over the real tokens of the calibration data, where
+``h_in`` is the residual stream entering the block and ``h_out`` the stream leaving it: a block that barely
+changes the direction of the stream matters least. ``granularity="layer"`` scores whole layers (both sublayers
+go together, as ShortGPT removes layers); ``"sublayer"`` scores attention and FFN sublayers apart. Blocks go
+lowest influence first until the budget is met; whole blocks are coarse, so the last one may overshoot the
+target (the result reports what was reached). ``iterative=True`` scores the remaining blocks again after each
+removal, on the model without the blocks removed so far (one calibration pass per removal).
+
+Scoring is forward passes only: no gradient, so it runs on models whose backward pass would not fit. The
+metric was made for pre-norm decoders (Llama family), where the stream between blocks is the residual itself;
+on post-LN encoders it reads the normalised stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from structprune.arch.structure import ModelStructure
+from structprune.budget import Budget
+from structprune.masked_model import MaskedModel
+from structprune.maskset import MaskSet
+from structprune.methods.calibration import calibration_batches
+from structprune.methods.result import PruneResult, result_from_masks
+from structprune.methods.setup import prepare_pruning
+from structprune.modeling_structprune import StructprunePreTrainedModel
+
+GRANULARITIES = ("layer", "sublayer")
+BLOCKS = ("attn_layer", "ffn_layer")
+
+
+@torch.no_grad()
+def influences(model: StructprunePreTrainedModel, batches: list[dict[str, torch.Tensor]],
+               gates: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``attn_layer [L]`` and ``ffn_layer [L]``: each sublayer's ``1 - cos(stream in, stream out)`` over real
+    tokens, and ``layer [L]`` for whole layers, with the sublayers whose gate is 0 removed."""
+    L = len(model.layers)
+    sums = {name: torch.zeros(L, dtype=torch.float64) for name in (*BLOCKS, "layer")}
+    tokens = 0
+    for batch in batches:
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        x, ctx, rope = model.layer_inputs(ids, mask)
+        real = (torch.ones_like(ids) if mask is None else mask).bool()
+        tokens += int(real.sum())
+
+        def change(a: torch.Tensor, b: torch.Tensor) -> float:
+            return float((1 - F.cosine_similarity(a.float(), b.float(), dim=-1))[real].sum())
+
+        for i, layer in enumerate(model.layers):
+            g = {name: gates[name][i] for name in BLOCKS}
+            mid = layer.attention_block(x, ctx, rope, g)
+            out = layer.ffn_block(mid, g)
+            sums["attn_layer"][i] += change(x, mid)
+            sums["ffn_layer"][i] += change(mid, out)
+            sums["layer"][i] += change(x, out)
+            x = out
+    return {name: (s / max(tokens, 1)).float() for name, s in sums.items()}
+
+
+def _masks(removed: set[tuple[str, int]], L: int) -> dict[str, torch.Tensor]:
+    gates = {name: torch.ones(L) for name in BLOCKS}
+    for name, i in removed:
+        gates[name][i] = 0.0
+    return gates
+
+
+def _resolved(removed: set[tuple[str, int]], structure: ModelStructure) -> ModelStructure:
+    return MaskSet(_masks(removed, structure.num_layers)).resolve(structure)
+
+
+def _blocks(granularity: str, L: int) -> list[tuple[tuple[str, int], ...]]:
+    """The removable blocks, each a tuple of (sublayer, layer) units."""
+    if granularity == "layer":
+        return [tuple((name, i) for name in BLOCKS) for i in range(L)]
+    return [((name, i),) for i in range(L) for name in BLOCKS]
+
+
+def _score(block: tuple[tuple[str, int], ...], scores: Mapping[str, torch.Tensor]) -> float:
+    return float(scores["layer"][block[0][1]]) if len(block) == 2 else float(scores[block[0][0]][block[0][1]])
+
+
+def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Tensor], budget: Budget | float, *,
+          granularity: str = "layer", iterative: bool = False, batch_size: int = 8, max_examples: int | None = 128,
+          seed: int = 0, progress: bool = False) -> PruneResult:
+    """Masks removing the layers (or sublayers) of lowest block influence until ``budget`` is met.
+
+    Args:
+        model: a Hugging Face model of a supported architecture, a full-size structprune model or a MaskedModel.
+        task_data: encoded calibration tensors (``input_ids``, ``attention_mask``; labels are not read).
+        budget: parameters, FLOPs or latency to remove (a float: parameters).
+        granularity: ``layer`` or ``sublayer``; iterative: score again after each removal.
+        batch_size, max_examples, seed: the calibration batches (examples drawn with ``seed``).
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"block_influence: granularity {granularity!r} is not one of {GRANULARITIES}")
+    inputs = prepare_pruning(model, budget, min_heads=0, min_neurons=0)
+    full, structure, budget = inputs.full, inputs.structure, inputs.budget
+    if task_data is None or len(task_data.get("input_ids", ())) == 0:
+        raise ValueError("block_influence needs calibration data: encoded tensors with at least one example")
+    device = full.embeddings.word.weight.device
+    batches = calibration_batches({k: v for k, v in task_data.items() if k in ("input_ids", "attention_mask")},
+                                  batch_size, max_examples, seed, device)
+    was_training = full.training
+    full.eval()
+    costs = budget.cost_model(structure, full.spec)
+    L = structure.num_layers
+    removed: set[tuple[str, int]] = set()
+    remaining = _blocks(granularity, L)
+    scores = influences(full, batches, _masks(removed, L))
+    history = []
+    while costs.reduction(_resolved(removed, structure)) < budget.target:
+        if len(remaining) == 1:
+            full.train(was_training)
+            raise ValueError(f"block_influence: reaching {budget.kind} sparsity {budget.target} would remove every "
+                             f"{granularity} of the model; choose a smaller target")
+        block = min(remaining, key=lambda b: _score(b, scores))
+        remaining.remove(block)
+        removed |= set(block)
+        history.append({"removed": [f"{name}[{i}]" for name, i in block], "influence": _score(block, scores)})
+        if iterative:
+            scores = influences(full, batches, _masks(removed, L))
+    full.train(was_training)
+    masks = MaskSet(_masks(removed, L))
+    options = {"granularity": granularity, "iterative": iterative, "batch_size": batch_size,
+               "max_examples": max_examples, "seed": seed}
+    log = {"influence": {name: s.tolist() for name, s in scores.items()}, "removed": history,
+           "calibration_examples": sum(len(b["input_ids"]) for b in batches)}
+    return result_from_masks("block_influence", full, masks, budget, options, log)
