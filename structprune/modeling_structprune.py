@@ -142,8 +142,8 @@ def gate_product(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
 def eager_attention(q, k, v, head_gate, additive: torch.Tensor, scale: float, group: int = 1) -> torch.Tensor:
     """Dense softmax attention: queries ``[B, H, S, D]``, keys and values ``[B, H / group, K, D]`` (query
     heads ``h * group ... (h + 1) * group - 1`` share key/value head ``h``), ``additive`` mask ``[B, 1, 1|S, K]``."""
-    B, H, S, D = q.shape
     if group > 1:  # (B, Hkv, g, S, D) against (B, Hkv, 1, K, D): keys and values are read, never copied per head
+        B, H, S, D = q.shape
         q, k, v, additive = q.view(B, H // group, group, S, D), k.unsqueeze(2), v.unsqueeze(2), additive.unsqueeze(2)
     # Divide (not multiply) and add the mask second: the pattern ONNX Runtime's attention fusion matches.
     scores = torch.matmul(q, k.transpose(-1, -2)) / (1.0 / scale) + additive
@@ -151,7 +151,9 @@ def eager_attention(q, k, v, head_gate, additive: torch.Tensor, scale: float, gr
         probs = torch.softmax(scores, dim=-1)
     else:
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    out = torch.matmul(probs, v).view(B, H, S, D)
+    out = torch.matmul(probs, v)
+    if group > 1:
+        out = out.flatten(1, 2)
     if head_gate is not None:
         out = gate_product(out, head_gate.view(1, -1, 1, 1))
     return out
