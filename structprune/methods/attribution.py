@@ -164,7 +164,8 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
           scope: str = "global",
           batch_size: int = 8, max_examples: int | None = 2048, stratify: bool = True, tune: bool = False,
           seed: int = 0, min_heads: int = 1,
-          min_neurons: int = 1, tolerance: float = DEFAULT_TOLERANCE, progress: bool = False) -> PruneResult:
+          min_neurons: int = 1, tolerance: float = DEFAULT_TOLERANCE, multiple_of: int = 1,
+          progress: bool = False) -> PruneResult:
     """Masks removing the heads and neurons with the lowest attribution per unit of cost.
 
     Args:
@@ -181,7 +182,7 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
         max_examples: calibration examples drawn from ``task_data`` with ``seed`` (``None``: all).
         tune: rescale the kept units by layer-wise least squares afterwards
             (:mod:`structprune.methods.mask_tuning`; scales, not weights, change).
-        min_heads, min_neurons, tolerance: see :func:`structprune.methods.selection.select_units`.
+        min_heads, min_neurons, tolerance, multiple_of: see :func:`structprune.methods.selection.select_units`.
     """
     if scope not in SCOPES:
         raise ValueError(f"attribution: scope {scope!r} is not one of {SCOPES}")
@@ -204,5 +205,6 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
 
     options = {"steps": steps, "objective": objective, "path": path, "aggregate": aggregate, "scope": scope,
                "batch_size": batch_size, "max_examples": max_examples, "stratify": stratify, "tune": tune,
-               "seed": seed, "min_heads": min_heads, "min_neurons": min_neurons, "tolerance": tolerance}
+               "seed": seed, "min_heads": min_heads, "min_neurons": min_neurons, "tolerance": tolerance,
+               "multiple_of": multiple_of}
     return prune_by_importance("attribution", model, budget, importance, options, tune_kept if tune else None)

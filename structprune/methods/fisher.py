@@ -176,7 +176,7 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
           objective: str = "supervised", max_examples: int | None = 2048, grad_batch_size: int = 32,
           tune: bool = True, tune_examples: int | None = TUNE_EXAMPLES, teacher: str = "dense",
           rearrange_masks: bool = True, damping: float = 1.0, min_heads: int = 0, min_neurons: int = 0,
-          bf16: bool | None = None, seed: int = 0, progress: bool = False) -> PruneResult:
+          bf16: bool | None = None, seed: int = 0, multiple_of: int = 1, progress: bool = False) -> PruneResult:
     """Fisher mask search, rearrangement and mask tuning (see the module docstring).
 
     Args:
@@ -196,6 +196,8 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
             whole sublayers).
         bf16: run the gradient and tuning passes under bf16 autocast (``None``: where the hardware
             has native bf16, :func:`structprune.precision.native_bf16`).
+        multiple_of: kept FFN widths are multiples of it (units then go through
+            :func:`structprune.methods.selection.select_units`, as under latency budgets).
     """
     if objective == "entropy":
         raise ValueError("fisher needs a loss over labels: use objective='supervised' or 'pseudo'")
@@ -221,8 +223,9 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
     grouped = any(layer.kv_map is not None for layer in structure.layers)
 
     def search(b: Budget) -> MaskSet:
-        if b.kind == "latency" or grouped:
-            return select_units(structure, full.spec, fisher, b, max(min_heads, 1), max(min_neurons, 1))
+        if b.kind == "latency" or grouped or multiple_of > 1:
+            return select_units(structure, full.spec, fisher, b, max(min_heads, 1), max(min_neurons, 1),
+                                multiple_of=multiple_of)
         return search_masks(structure, full.spec, fisher, b, min_heads, min_neurons)
 
     masks = search(budget)
@@ -243,7 +246,8 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
     seconds["total"] = time.perf_counter() - start
     options = {"objective": objective, "max_examples": max_examples, "grad_batch_size": grad_batch_size,
                "tune": tune, "tune_examples": tune_examples, "teacher": teacher, "rearrange": rearrange_masks,
-               "damping": damping, "min_heads": min_heads, "min_neurons": min_neurons, "bf16": bf16, "seed": seed}
+               "damping": damping, "min_heads": min_heads, "min_neurons": min_neurons, "bf16": bf16, "seed": seed,
+               "multiple_of": multiple_of}
     log = {"fisher": fisher, "seconds": seconds, "scoring_seconds": seconds["total"],
            "calibration_examples": sum(len(b["input_ids"]) for b in batches), "tuning": [asdict(fit) for fit in fits]}
     return result_from_masks("fisher", full, masks, budget, options, log)

@@ -45,9 +45,10 @@ def magnitude_scores(model: StructpruneForSequenceClassification) -> dict[str, t
 
 
 def prune(model: PreTrainedModel | MaskedModel, task_data: object, budget: Budget | float, *,
-          min_heads: int = 1, min_neurons: int = 1, tolerance: float = DEFAULT_TOLERANCE,
+          min_heads: int = 1, min_neurons: int = 1, tolerance: float = DEFAULT_TOLERANCE, multiple_of: int = 1,
           progress: bool = False) -> PruneResult:
     """Masks removing the heads and neurons with the smallest mean squared weight (see the module doc).
+    ``multiple_of``: kept FFN widths are multiples of it (:func:`structprune.methods.selection.select_units`).
 
     ``progress`` is the methods' common keyword; scoring weights is instant, so there is no progress to show.
     """
@@ -55,5 +56,5 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: object, budget: Budge
         scores = magnitude_scores(inputs.full)
         return scores, {"scores": scores}
 
-    options = {"min_heads": min_heads, "min_neurons": min_neurons, "tolerance": tolerance}
+    options = {"min_heads": min_heads, "min_neurons": min_neurons, "tolerance": tolerance, "multiple_of": multiple_of}
     return prune_by_importance("magnitude", model, budget, importance, options)

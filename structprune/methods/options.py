@@ -182,11 +182,15 @@ TUNE_EXAMPLES = Option("--tune-examples", "fisher: calibration examples mask tun
 BF16 = Option("--bf16", "fisher: bf16 autocast for the gradient and tuning passes (default: where the hardware "
                         "runs bf16 natively: CUDA, or a CPU with AVX512-BF16 / AMX)", boolean=True)
 
+MULTIPLE_OF = Option("--multiple-of", "attribution, fisher, magnitude, taylor: keep every FFN width a multiple of N "
+                                     "(hardware-aligned shapes, e.g. 64; default: 1)", positive_int)
+
 ATTRIBUTION: Mapping[str, Option] = {"steps": STEPS, "objective": OBJECTIVE, "scope": SCOPE, "batch_size": BATCH_SIZE,
-                                     "max_examples": CALIB_EXAMPLES, "tune": TUNE, "seed": SEED}
+                                     "max_examples": CALIB_EXAMPLES, "tune": TUNE, "seed": SEED,
+                                     "multiple_of": MULTIPLE_OF}
 FISHER: Mapping[str, Option] = {"objective": OBJECTIVE, "max_examples": CALIB_EXAMPLES, "grad_batch_size": BATCH_SIZE,
                                 "tune": TUNE, "tune_examples": TUNE_EXAMPLES, "teacher": TUNING_TEACHER, "bf16": BF16,
-                                "seed": SEED}
+                                "seed": SEED, "multiple_of": MULTIPLE_OF}
 HEAD_IMPORTANCE: Mapping[str, Option] = {"objective": OBJECTIVE, "batch_size": BATCH_SIZE,
                                          "max_examples": CALIB_EXAMPLES, "seed": SEED}
 L0: Mapping[str, Option] = {**config_options(L0Config), "batch_size": BATCH_SIZE, "seed": SEED}
@@ -201,5 +205,6 @@ ITERATIVE = Option("--iterative", "block_influence: score the remaining blocks a
                                   "(default: once, on the dense model)", boolean=True)
 BLOCK_INFLUENCE: Mapping[str, Option] = {"granularity": GRANULARITY, "iterative": ITERATIVE, "batch_size": BATCH_SIZE,
                                          "max_examples": CALIB_EXAMPLES, "seed": SEED}
-MAGNITUDE: Mapping[str, Option] = {}
-TAYLOR: Mapping[str, Option] = {"batch_size": BATCH_SIZE, "calib_batches": CALIB_BATCHES, "seed": SEED}
+MAGNITUDE: Mapping[str, Option] = {"multiple_of": MULTIPLE_OF}
+TAYLOR: Mapping[str, Option] = {"batch_size": BATCH_SIZE, "calib_batches": CALIB_BATCHES, "seed": SEED,
+                                "multiple_of": MULTIPLE_OF}

@@ -61,7 +61,7 @@ def result_from_scores(method: str, model: StructpruneForSequenceClassification,
     structure = ModelStructure.from_spec(model.spec)
     select = select_per_layer if options.get("scope") == "layer" else select_units
     masks = select(structure, model.spec, scores, budget, options["min_heads"], options["min_neurons"],
-                   options["tolerance"])
+                   options["tolerance"], options.get("multiple_of", 1))
     return result_from_masks(method, model, masks, budget, options, log)
 
 

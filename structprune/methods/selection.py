@@ -16,6 +16,11 @@
 With the defaults (``min_heads=1``, ``min_neurons=1``) every layer keeps an attention and an FFN sublayer;
 pass 0 to allow removing whole sublayers.
 
+``multiple_of=N`` keeps every FFN width a multiple of N (hardware-aligned shapes: matrix kernels run full
+tiles): a layer's neurons are ranked by importance and removed in chunks of N, least important first (the
+first chunk takes the remainder of a width that is not a multiple), each chunk ranked by its mean importance
+per cost and never before the chunks below it. Heads need no rounding.
+
 :func:`select_per_layer` applies the budget to each layer on its own: every layer loses the same fraction
 of its own cost, by the same rule, so the whole model meets the budget too (the cost of the model outside
 its layers, e.g. ELECTRA's embedding projection, is left out of each layer's count, which is why the
@@ -68,29 +73,37 @@ class _Selection:
         self.layers = [_Layer(layer.heads, layer.kv_heads, layer.ffn) for layer in structure.layers]
         self.saved = 0
 
-    def _after(self, kind: str, i: int, h: int) -> _Layer:
+    def _after(self, kind: str, i: int, js: tuple[int, ...]) -> _Layer:
         layer = self.layers[i]
         if kind == "neuron":
-            return dataclasses.replace(layer, ffn=layer.ffn - 1)
-        last_of_group = self.group_alive[i][_groups(self.structure.layers[i])[h]] == 1
+            return dataclasses.replace(layer, ffn=layer.ffn - len(js))
+        last_of_group = self.group_alive[i][_groups(self.structure.layers[i])[js[0]]] == 1
         return dataclasses.replace(layer, heads=layer.heads - 1, kv_heads=layer.kv_heads - last_of_group)
 
-    def allowed(self, kind: str, i: int) -> bool:
+    def allowed(self, kind: str, i: int, js: tuple[int, ...]) -> bool:
         layer = self.layers[i]
-        return layer.heads > self.min_heads if kind == "head" else layer.ffn > self.min_neurons
+        kept, minimum = (layer.heads, self.min_heads) if kind == "head" else (layer.ffn, self.min_neurons)
+        return kept - len(js) >= minimum
 
-    def saving(self, kind: str, i: int, j: int) -> int:
-        """Cost saved by removing unit ``j`` of layer ``i`` now."""
-        return _layer_cost(self.costs, self.layers[i]) - _layer_cost(self.costs, self._after(kind, i, j))
+    def saving(self, kind: str, i: int, js: tuple[int, ...]) -> int:
+        """Cost saved by removing units ``js`` (one head, or a chunk of neurons) of layer ``i`` now."""
+        return _layer_cost(self.costs, self.layers[i]) - _layer_cost(self.costs, self._after(kind, i, js))
 
-    def remove(self, kind: str, i: int, j: int) -> None:
-        self.saved += self.saving(kind, i, j)
-        self.layers[i] = self._after(kind, i, j)
+    def remove(self, kind: str, i: int, js: tuple[int, ...]) -> None:
+        self.saved += self.saving(kind, i, js)
+        self.layers[i] = self._after(kind, i, js)
         if kind == "head":
-            self.group_alive[i][_groups(self.structure.layers[i])[j]] -= 1
-            self.head[i, j] = 0
+            self.group_alive[i][_groups(self.structure.layers[i])[js[0]]] -= 1
+            self.head[i, js[0]] = 0
         else:
-            self.neuron[i, j] = 0
+            self.neuron[i, list(js)] = 0
+
+
+def _neuron_chunks(score: torch.Tensor, width: int, multiple_of: int) -> list[tuple[int, ...]]:
+    """A layer's neurons, least important first, in chunks of ``multiple_of`` (the first takes the remainder)."""
+    order = torch.argsort(score[:width], stable=True).tolist()
+    first = width % multiple_of or multiple_of
+    return [tuple(order[:first])] + [tuple(order[k:k + multiple_of]) for k in range(first, width, multiple_of)]
 
 
 def max_reduction(structure: ModelStructure, spec: dict, budget: Budget, min_heads: int = 1,
@@ -121,7 +134,8 @@ def check_reachable(structure: ModelStructure, spec: dict, budget: Budget, min_h
 
 
 def select_units(structure: ModelStructure, spec: dict, scores: Mapping[str, torch.Tensor], budget: Budget,
-                 min_heads: int = 1, min_neurons: int = 1, tolerance: float = DEFAULT_TOLERANCE) -> MaskSet:
+                 min_heads: int = 1, min_neurons: int = 1, tolerance: float = DEFAULT_TOLERANCE,
+                 multiple_of: int = 1) -> MaskSet:
     """Masks removing the least important heads and neurons per unit of cost until ``budget`` is met.
 
     Args:
@@ -129,8 +143,12 @@ def select_units(structure: ModelStructure, spec: dict, scores: Mapping[str, tor
         min_heads, min_neurons: units every layer keeps (0 allows removing a whole sublayer).
         tolerance: a unit that would overshoot the target by more than this is skipped at first
             (see the module docstring), so the result lands within ``tolerance`` when it can.
+        multiple_of: kept FFN widths are multiples of this (see the module docstring).
     """
     check_reachable(structure, spec, budget, min_heads, min_neurons)
+    widest = max(layer.ffn for layer in structure.layers)
+    if not 1 <= multiple_of <= widest:
+        raise ValueError(f"multiple_of must be between 1 and the widest FFN ({widest} neurons), got {multiple_of}")
     costs = budget.cost_model(structure, spec)
     selection = _Selection(structure, costs, min_heads, min_neurons)
     ranked = []
@@ -141,26 +159,34 @@ def select_units(structure: ModelStructure, spec: dict, scores: Mapping[str, tor
                              f"{list(getattr(selection, kind).shape)}")
         if not torch.isfinite(score).all() or (score < 0).any():
             raise ValueError(f"{kind} scores must be finite and non-negative")
-        for i in range(structure.num_layers):
-            for j in range(score.shape[1]):
-                ranked.append((float(score[i, j]) / selection.saving(kind, i, j), kind, i, j))
-    ranked.sort(key=lambda unit: (unit[0], unit[1] == "neuron", unit[2], unit[3]))
+        for i, layer in enumerate(structure.layers):
+            chunked = kind == "neuron" and multiple_of > 1
+            units = _neuron_chunks(score[i], layer.ffn, multiple_of) if chunked else [(j,) for j in range(score.shape[1])]
+            floor = 0.0  # a chunk never ranks before the chunks below it in its layer
+            for k, js in enumerate(units):
+                ratio = float(score[i, list(js)].sum()) / selection.saving(kind, i, js)
+                floor = max(floor, ratio) if chunked else ratio
+                ranked.append((floor, kind == "neuron", i, k if chunked else js[0], kind, js))
+    ranked.sort(key=lambda unit: unit[:4])
+    next_chunk = [0] * structure.num_layers  # chunked neurons go in order, so every kept width stays aligned
 
     def reached() -> bool:
         return selection.saved / costs.total >= budget.target
 
     skipped = []
-    for _, kind, i, j in ranked:
+    for _, _, i, k, kind, js in ranked:
         if reached():
             break
-        if not selection.allowed(kind, i):
+        in_order = kind == "head" or multiple_of == 1 or next_chunk[i] == k
+        if not in_order or not selection.allowed(kind, i, js):
             continue
-        if (selection.saved + selection.saving(kind, i, j)) / costs.total > budget.target + tolerance:
-            skipped.append((kind, i, j))
+        if (selection.saved + selection.saving(kind, i, js)) / costs.total > budget.target + tolerance:
+            skipped.append((kind, i, js))
             continue
-        selection.remove(kind, i, j)
+        selection.remove(kind, i, js)
+        next_chunk[i] += kind == "neuron"
     # Every skipped unit overshoots the remaining gap, so one of them closes it: the one overshooting least.
-    candidates = [unit for unit in skipped if selection.allowed(unit[0], unit[1])]
+    candidates = [unit for unit in skipped if selection.allowed(*unit)]
     if not reached() and candidates:
         selection.remove(*min(candidates, key=lambda unit: selection.saving(*unit)))
     if not reached():
@@ -170,7 +196,8 @@ def select_units(structure: ModelStructure, spec: dict, scores: Mapping[str, tor
 
 
 def select_per_layer(structure: ModelStructure, spec: dict, scores: Mapping[str, torch.Tensor], budget: Budget,
-                     min_heads: int = 1, min_neurons: int = 1, tolerance: float = DEFAULT_TOLERANCE) -> MaskSet:
+                     min_heads: int = 1, min_neurons: int = 1, tolerance: float = DEFAULT_TOLERANCE,
+                     multiple_of: int = 1) -> MaskSet:
     """Masks removing ``budget``'s fraction from every layer, lowest importance per cost first."""
     costs = budget.cost_model(structure, spec)
     layer_costs = [costs.layer(layer.heads, layer.kv_heads, layer.ffn) for layer in structure.layers]
@@ -185,7 +212,7 @@ def select_per_layer(structure: ModelStructure, spec: dict, scores: Mapping[str,
     for i, layer in enumerate(structure.layers):
         one = dataclasses.replace(structure, layers=(layer,))
         masks = select_units(one, layer_spec, {name: scores[name][i:i + 1] for name in ("head", "neuron")},
-                             layer_budget, min_heads, min_neurons, tolerance)
+                             layer_budget, min_heads, min_neurons, tolerance, multiple_of)
         head.append(masks.masks["head"][0])
         neuron.append(masks.masks["neuron"][0])
     return MaskSet({"head": torch.stack(head), "neuron": torch.stack(neuron)})

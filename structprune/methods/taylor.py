@@ -71,7 +71,8 @@ def taylor_scores(model: MaskedModel, data: Mapping[str, torch.Tensor], batch_si
 
 def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Tensor], budget: Budget | float, *,
           batch_size: int = 32, calib_batches: int | None = 8, seed: int = 0, min_heads: int = 1,
-          min_neurons: int = 1, tolerance: float = DEFAULT_TOLERANCE, progress: bool = False) -> PruneResult:
+          min_neurons: int = 1, tolerance: float = DEFAULT_TOLERANCE, multiple_of: int = 1,
+          progress: bool = False) -> PruneResult:
     """Masks removing the heads and neurons with the lowest Taylor importance per cost.
 
     Args:
@@ -80,12 +81,12 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
         task_data: encoded, labelled calibration tensors (:func:`structprune.data.encode`).
         budget: a :class:`~structprune.budget.Budget`, or a float parameter sparsity.
         batch_size, calib_batches, seed: the calibration batches (see :func:`taylor_scores`).
-        min_heads, min_neurons, tolerance: see :func:`structprune.methods.selection.select_units`.
+        min_heads, min_neurons, tolerance, multiple_of: see :func:`structprune.methods.selection.select_units`.
     """
     def importance(inputs: PruningInputs) -> tuple[dict[str, torch.Tensor], dict]:
         scores = taylor_scores(inputs.masked, task_data, batch_size, calib_batches, seed, progress)
         return scores, {"scores": scores}
 
     options = {"batch_size": batch_size, "calib_batches": calib_batches, "seed": seed, "min_heads": min_heads,
-               "min_neurons": min_neurons, "tolerance": tolerance}
+               "min_neurons": min_neurons, "tolerance": tolerance, "multiple_of": multiple_of}
     return prune_by_importance("taylor", model, budget, importance, options)
