@@ -16,7 +16,6 @@ of :mod:`structprune.modeling_structprune`) and the tokenizer files.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ from structprune import modeling_structprune
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
 from structprune.costs import check_memory, declared_params
-from structprune.io import atomic_dir
+from structprune.io import atomic_dir, sha256_file
 from structprune.masked_model import MaskedModel
 from structprune.maskset import KeptLayer, MaskSet
 from structprune.modeling_structprune import (
@@ -201,16 +200,9 @@ def save(model: StructprunePreTrainedModel, directory: str | os.PathLike, tokeni
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CHECKSUM_FILE).write_text(f"{_sha256(tmp / WEIGHTS_FILE)}  {WEIGHTS_FILE}\n")
+        (tmp / CHECKSUM_FILE).write_text(f"{sha256_file(tmp / WEIGHTS_FILE)}  {WEIGHTS_FILE}\n")
     return Path(directory)
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_weights(directory: Path, weights_path: Path) -> None:
@@ -219,7 +211,7 @@ def _check_weights(directory: Path, weights_path: Path) -> None:
     if not recorded.is_file():
         return
     expected = (recorded.read_text().split() or [""])[0]
-    if _sha256(weights_path) != expected:
+    if sha256_file(weights_path) != expected:
         raise ModelFileError(f"{weights_path} differs from the checksum structprune recorded when it saved the model "
                              f"({CHECKSUM_FILE}): the file is corrupt or truncated; save the model again")
 

