@@ -180,7 +180,7 @@ def node_counts(path: Path) -> dict[str, int]:
 
 def export(model: StructpruneForSequenceClassification | StructpruneForCausalLM, directory: str | os.PathLike,
            tokenizer=None, example_shape: tuple[int, int] = (2, 16),
-           check_shapes: tuple[tuple[int, int], ...] = ((1, 7), (3, 33)), atol: float = 1e-4, fuse: bool = True,
+           check_shapes: tuple[tuple[int, int], ...] = ((1, 7), (3, 33)), atol: float | None = None, fuse: bool = True,
            overwrite: bool = False, threads: int | None = None, all_logits: bool = False) -> ExportResult:
     """Export ``model`` to ``directory`` (ONNX + config + tokenizer) and check it against PyTorch.
 
@@ -189,15 +189,16 @@ def export(model: StructpruneForSequenceClassification | StructpruneForCausalLM,
             LM goes to :func:`structprune.export_decoder.export_decoder` (graph with a key/value cache).
         tokenizer: saved beside the graph when given (optimum needs it for pipelines).
         example_shape: (batch, sequence) used for tracing; ``check_shapes`` must differ from it.
-        atol: parity tolerance on logits.
+        atol: parity tolerance on logits (default 1e-4; causal LMs: relative to the largest logit,
+            :data:`structprune.export_decoder.RTOL`).
         fuse: run ORT's transformer optimizer (BERT family; ignored for causal LMs).
         all_logits: causal LMs: logits of every position, not only the last (which generation reads).
     """
     if isinstance(model, StructpruneForCausalLM):
-        from structprune.export_decoder import export_decoder  # imports this module
+        from structprune import export_decoder  # imports this module
 
-        return export_decoder(model, directory, tokenizer, example_shape, check_shapes, atol, overwrite, threads,
-                              all_logits)
+        return export_decoder.export_decoder(model, directory, tokenizer, example_shape, check_shapes,
+                                             atol or export_decoder.RTOL, overwrite, threads, all_logits)
     if not isinstance(model, StructpruneForSequenceClassification):
         raise TypeError(f"export() takes a structprune model, got {type(model).__name__}; "
                         "use structprune.arch.from_hf or structprune.compact first")
@@ -228,7 +229,7 @@ def export(model: StructpruneForSequenceClassification | StructpruneForCausalLM,
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         sess = session(path, threads=threads)
-        diff = check_parity(model, sess, list(check_shapes), atol)
+        diff = check_parity(model, sess, list(check_shapes), 1e-4 if atol is None else atol)
         counts = node_counts(path)
     fused = counts.get("Attention", 0) + counts.get("MultiHeadAttention", 0)
     return ExportResult(Path(directory), names, diff, list(check_shapes), fused, counts)

@@ -102,7 +102,7 @@ def run_export(args: argparse.Namespace) -> None:
         raise CliError("--all-logits is for causal LMs; a classifier's graph returns its logits already")
     result = export(model, args.out, tokenizer, overwrite=args.overwrite, threads=args.threads,
                     all_logits=args.all_logits)
-    checked = "prefill + 8 decode steps, tolerance 1e-4 x the largest |logit|" if causal else "tolerance 1e-4"
+    checked = "prefill + 8 decode steps, tolerance 5e-4 x the largest |logit|" if causal else "tolerance 1e-4"
     print(f"ONNX model written to {result.directory / ONNX_FILE}: parity with PyTorch max |diff| "
           f"{result.max_abs_diff:.2e} on shapes {result.checked_shapes} ({checked}), {result.fused_attention} fused "
           "attention nodes" + ("" if tokenizer is not None else "; no tokenizer found, so none was saved"))
