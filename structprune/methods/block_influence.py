@@ -5,8 +5,10 @@ A block's influence is ``1 - cos(h_in, h_out)``, averaged over the real tokens o
 ``h_in`` is the residual stream entering the block and ``h_out`` the stream leaving it: a block that barely
 changes the direction of the stream matters least. ``granularity="layer"`` scores whole layers (both sublayers
 go together, as ShortGPT removes layers); ``"sublayer"`` scores attention and FFN sublayers apart. Blocks go
-lowest influence first until the budget is met; whole blocks are coarse, so the last one may overshoot the
-target (the result reports what was reached). ``iterative=True`` scores the remaining blocks again after each
+lowest influence per unit of cost first (the rule of :mod:`structprune.methods.selection`; all layers cost the
+same, so whole layers go in ShortGPT's order) until the budget is met; whole blocks are coarse, so the last one
+may overshoot the target (the result reports what was reached). Ranked by influence alone, sublayers go
+cheapest first: on SmolLM2 at 20% of the parameters that removed 20 attention sublayers and 2 FFNs. ``iterative=True`` scores the remaining blocks again after each
 removal, on the model without the blocks removed so far (one calibration pass per removal).
 
 Scoring is forward passes only: no gradient, so it runs on models whose backward pass would not fit. The
@@ -119,7 +121,12 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
             full.train(was_training)
             raise ValueError(f"block_influence: reaching {budget.kind} sparsity {budget.target} would remove every "
                              f"{granularity} of the model; choose a smaller target")
-        block = min(remaining, key=lambda b: _score(b, scores))
+        before = costs.of(_resolved(removed, structure))
+
+        def per_cost(b: tuple[tuple[str, int], ...]) -> float:
+            return _score(b, scores) / max(before - costs.of(_resolved(removed | set(b), structure)), 1e-12)
+
+        block = min(remaining, key=per_cost)
         remaining.remove(block)
         removed |= set(block)
         history.append({"removed": [f"{name}[{i}]" for name, i in block], "influence": _score(block, scores)})
