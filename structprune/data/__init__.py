@@ -11,10 +11,13 @@ the VADER corpora, and tokenisation.
 * Seeded splits for datasets without one, and train-size subsets (:mod:`.splits`).
 * :func:`fetch_vader` / :func:`load_vader`: four human-rated sentiment corpora from PyPI
   (:mod:`.vader`).
+* Language-model tasks (perplexity text, zero-shot items, LAMBADA): :data:`LM_TASKS`, :func:`list_lm_tasks`,
+  :func:`get_lm_task`, :func:`load_text`, :func:`load_items` (:mod:`.lm`).
 * :func:`encode`, :func:`batches`, :func:`model_inputs`, :func:`trim_padding`: tensors for training and
   evaluation (:mod:`.encoding`, loaded on first use: it imports torch, the rest of the package does not).
 """
 
+from structprune.data.lm import LM_TASKS, get_lm_task, list_lm_tasks, load_items, load_text
 from structprune.data.readers import is_task_file, load_file
 from structprune.data.registry import TASKS, get_task, list_tasks, load_task, load_vader
 from structprune.data.root import DATA_DIR_ENV, default_data_dir, resolve_data_dir
@@ -39,6 +42,11 @@ _ENCODING = ("MODEL_INPUTS", "batches", "encode", "model_inputs", "num_rows", "t
 __getattr__, __dir__ = exports("structprune.data", {name: "structprune.data.encoding" for name in _ENCODING})
 
 __all__ = [
+    "LM_TASKS",
+    "get_lm_task",
+    "list_lm_tasks",
+    "load_items",
+    "load_text",
     "MODEL_INPUTS",
     "CACHE_ENV",
     "DATA_DIR_ENV",
