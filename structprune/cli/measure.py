@@ -122,11 +122,13 @@ def _bench_causal_lm(args: argparse.Namespace, spec: dict) -> None:
         decode_bench.check_positions(phases, spec.get("max_position_embeddings"))
     except ValueError as err:
         raise CliError(str(err)) from None
-    dense_spec = empty_model(Path(args.dense)).spec
+    runners = _lm_runners(args)
+    # torch: the dense model may be the Hugging Face folder it was pruned from; ORT folders carry the section
+    dense = runners[(args.backend, "dense")]
+    dense_spec = dense.model.spec if args.backend == "torch" else empty_model(Path(args.dense)).spec
     if dense_spec.get("task") != "causal_lm":
         raise CliError(f"{args.pruned} is a causal LM but {args.dense} is not; compare two causal LMs")
     structures = {"dense": ModelStructure.from_spec(dense_spec), "pruned": ModelStructure.from_spec(spec)}
-    runners = _lm_runners(args)
     timing = bench.TIMING | {"warmup": args.warmup, "repeats": args.repeats}
 
     def timer(calls: dict) -> dict:

@@ -73,6 +73,12 @@ def test_bench_times_prefill_and_decode(lm, tmp_path):
     assert len(rows) == 3 and "ideal_speedup" in rows[0]
 
 
+def test_bench_on_torch_takes_the_hugging_face_folder_as_dense(lm):
+    out = ok("bench", "--dense", lm["model"], "--pruned", lm["pruned"], "--backend", "torch", "--prompt", 16,
+             "--context", 16, "--batch", 1, "--repeats", 2, "--warmup", 1)
+    assert "prefill" in out and "decode" in out and "torch" in out
+
+
 @pytest.mark.parametrize("args, message", [
     (("prune", "--method", "l0"), "prune a causal LM with a training-free method"),
     (("eval-onnx",), "is an ONNX export; score the model folder"),
