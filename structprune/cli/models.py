@@ -66,11 +66,29 @@ def run_compact(args: argparse.Namespace) -> None:
         raise CliError(f"{args.masks} was made for the model {made_for}, not for {args.model}; compact the model the "
                        "masks came from, or pass --force if it is the same model under another path")
     pruned = compact(model, masks)
-    tokenizer = load_tokenizer(args.model, model.spec["vocab_size"], required=False)
+    tokenizer = load_tokenizer(args.model, model.spec["vocab_size"], required=args.recover is not None)
+    if args.recover is not None:
+        _recover(args, masks.meta, model, pruned, tokenizer)
     save(pruned, args.out, tokenizer, overwrite=args.overwrite)
     summary = masks.summary(ModelStructure.from_spec(model.spec), model.spec)
     print(f"compact model written to {args.out}: {summary['params_kept']:,} of {summary['params_dense']:,} "
           f"attention + FFN parameters kept (sparsity {summary['param_sparsity']:.3f})")
+
+
+def _recover(args: argparse.Namespace, meta: dict, dense, pruned, tokenizer) -> None:
+    """Distil the compact causal LM from ``dense`` on the calibration text its masks were made from."""
+    from structprune.recovery import recover
+
+    task = TaskArgs(str(meta.get("task", "")), "train", data_dir=args.data_dir,
+                    max_length=int(meta.get("max_length", 128)), seed=int(meta.get("seed", 0)))
+    if dense.spec.get("task") != "causal_lm" or not task.is_lm:
+        raise CliError("--recover distils a causal LM pruned on a language-model task; recover a classifier with "
+                       "structprune finetune on its task")
+    windows = task.lm_calibration(tokenizer)
+    result = recover(pruned, dense, windows, args.recover, lr=args.recover_lr)
+    print(f"recovery: {result.steps} steps of {min(4, len(windows['input_ids']))} windows of {task.max_length} "
+          f"tokens of {task.task} in {result.seconds:.0f} s, distillation loss {result.losses[0]:.3f} -> "
+          f"{result.losses[-1]:.3f}")
 
 
 def run_latency_table(args: argparse.Namespace) -> None:
@@ -141,6 +159,14 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="the model the masks were made for (folder or hub name)")
     p.add_argument("--force", action="store_true",
                    help="compact even though --model is not the model the masks record (the same model moved)")
+    recovery = p.add_argument_group("recovery (causal LMs)")
+    recovery.add_argument("--recover", type=positive_int, default=None, metavar="STEPS",
+                          help="distil the compact model from --model for STEPS steps of 4 windows of the calibration "
+                               "text the masks were made from (logits KL; default: no recovery)")
+    recovery.add_argument("--recover-lr", type=float, default=5e-5, help="peak learning rate of recovery "
+                                                                        "(default: 5e-5)")
+    recovery.add_argument("--data-dir", default=None, help="folder of the benchmark data sets, for the calibration "
+                                                           "text (default: $STRUCTPRUNE_DATA_DIR, else ../shared/data)")
     add_output_options(p, "model folder to write")
     p.set_defaults(run=run_compact)
 

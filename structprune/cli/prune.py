@@ -77,7 +77,8 @@ def _write_masks(args: argparse.Namespace, task: TaskArgs, options: dict) -> Non
         model = load_model(args.model, causal=True)
         tokenizer = load_tokenizer(args.model, model.spec["vocab_size"])
         encoded = task.lm_calibration(tokenizer)
-        what, meta = f"{len(encoded['input_ids'])} windows of {task.max_length} tokens of {task.task}", {"task": task.task}
+        what = f"{len(encoded['input_ids'])} windows of {task.max_length} tokens of {task.task}"
+        meta = {"task": task.task, "max_length": task.max_length, "seed": task.seed}
     else:
         data = task.load()
         model = load_model(args.model, data.task.num_labels, causal=False)

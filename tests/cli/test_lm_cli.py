@@ -58,6 +58,14 @@ def test_masks_record_the_calibration_text(lm):
     assert onnx["structprune_onnx"]["layout"] == "text-generation-with-past"
 
 
+def test_compact_recovers_by_distillation_on_the_calibration_text(lm, tmp_path):
+    out = ok("compact", lm["masks"], "--model", lm["model"], "--out", tmp_path / "recovered", "--recover", 3)
+    assert "recovery: 3 steps" in out and "distillation loss" in out
+    ok("eval", tmp_path / "recovered", "--task", str(lm["task"]), "--window", 32, "--limit", 2)
+    code, _, err = cli("compact", lm["masks"], "--model", lm["model"], "--out", tmp_path / "bad", "--recover", 0)
+    assert code == 2 and "--recover" in err
+
+
 def test_eval_reports_perplexity_of_dense_and_pruned(lm):
     for name in ("model", "pruned"):
         out = ok("eval", lm[name], "--task", str(lm["task"]), "--window", 32, "--limit", 3)
