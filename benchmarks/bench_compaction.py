@@ -47,6 +47,7 @@ from structprune.compaction import compact
 from structprune.costs import flops_ideal_speedup
 from structprune.export import example_inputs, export, session
 from structprune.maskset import MaskSet, uniform_masks
+from structprune.report import save_figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PLOT_SHAPE = (8, 128)
@@ -314,8 +315,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     print(f"plot: {path}")
 
 

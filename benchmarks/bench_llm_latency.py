@@ -59,6 +59,7 @@ from structprune.decode_bench import (
 )
 from structprune.export import export, session
 from structprune.maskset import MaskSet, mask_shapes
+from structprune.report import save_figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BACKENDS = ("torch", "ort")
@@ -250,8 +251,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     print(f"plot: {path}")
 
 

@@ -211,19 +211,11 @@ def export(model: StructpruneForSequenceClassification | StructpruneForCausalLM,
     model = model.eval().float()
     names = input_names(model)
     example = example_inputs(model, *example_shape)
-    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     with atomic_dir(directory, overwrite=overwrite, marker=ONNX_FILE) as tmp:
         path = tmp / ONNX_FILE
-        with warnings.catch_warnings(), torch.inference_mode():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                _Logits(model, names), tuple(example[n] for n in names), str(path), dynamo=False,
-                input_names=names, output_names=["logits"], opset_version=OPSET, do_constant_folding=True,
-                dynamic_axes={n: {0: "batch_size", 1: "sequence_length"} for n in names} | {"logits": {0: "batch_size"}},
-            )
-        if n_bytes >= TWO_GB:
-            _consolidate_external_data(path)
-        elif fuse and model.spec["family"] == "bert":
+        axes = {n: {0: "batch_size", 1: "sequence_length"} for n in names} | {"logits": {0: "batch_size"}}
+        external = trace(_Logits(model, names), tuple(example[n] for n in names), path, names, ["logits"], axes)
+        if fuse and not external and model.spec["family"] == "bert":
             _fuse_bert(path)
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
@@ -233,6 +225,21 @@ def export(model: StructpruneForSequenceClassification | StructpruneForCausalLM,
         counts = node_counts(path)
     fused = counts.get("Attention", 0) + counts.get("MultiHeadAttention", 0)
     return ExportResult(Path(directory), names, diff, list(check_shapes), fused, counts)
+
+
+def trace(module: nn.Module, example: tuple, path: Path, input_names: list[str], output_names: list[str],
+          dynamic_axes: dict) -> bool:
+    """Trace ``module`` on ``example`` to ``path`` with the TorchScript exporter (opset :data:`OPSET`); a graph
+    over 2 GB keeps its weights in one external file. Whether it did."""
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, example, str(path), dynamo=False, input_names=input_names,
+                          output_names=output_names, opset_version=OPSET, do_constant_folding=True,
+                          dynamic_axes=dynamic_axes)
+    external = sum(p.numel() * p.element_size() for p in module.parameters()) >= TWO_GB
+    if external:
+        _consolidate_external_data(path)
+    return external
 
 
 def _consolidate_external_data(path: Path) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +29,11 @@ from transformers import DynamicCache, PretrainedConfig
 from structprune import ort_generation
 from structprune.export import (
     ONNX_FILE,
-    OPSET,
-    TWO_GB,
     ExportParityError,
     ExportResult,
-    _consolidate_external_data,
     node_counts,
     session,
+    trace,
 )
 from structprune.io import atomic_dir
 from structprune.modeling_structprune import StructpruneForCausalLM
@@ -260,16 +257,10 @@ def export_decoder(model: StructpruneForCausalLM, directory: str | os.PathLike, 
     model = model.eval().float()
     inputs, outputs = io_names(model)
     example = _trace_example(model, *example_shape)
-    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     with atomic_dir(directory, overwrite=overwrite, marker=ONNX_FILE) as tmp:
         path = tmp / ONNX_FILE
-        with warnings.catch_warnings(), torch.inference_mode():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(_DecoderGraph(model, all_logits), example, str(path), dynamo=False,
-                              input_names=inputs, output_names=outputs, opset_version=OPSET, do_constant_folding=True,
-                              dynamic_axes=_dynamic_axes(inputs, outputs, all_logits))
-        if n_bytes >= TWO_GB:
-            _consolidate_external_data(path)
+        trace(_DecoderGraph(model, all_logits), example, path, inputs, outputs,
+              _dynamic_axes(inputs, outputs, all_logits))
         graph_config(model, all_logits).save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
