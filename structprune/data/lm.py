@@ -6,6 +6,7 @@ Kinds: ``perplexity`` (:func:`load_text` gives one string), ``multiple_choice`` 
 LAMBADA). Prompts follow lm-evaluation-harness (0.4) task configs as far as the staged files allow; each
 task's ``description`` says where its file differs from lm-eval's source (see each folder's SOURCE.txt).
 The ``gensim-*`` corpora ship with the ``gensim`` wheel and need no data folder (CI, demos).
+Expert corpora (``xquad-<lang>``, ``pubmed``, ``pubmedqa``) are read by :mod:`structprune.data.expert_corpora`.
 """
 
 from __future__ import annotations
@@ -102,6 +103,16 @@ def _json_lines(path: Path) -> list[tuple[dict, str]]:
             raise _malformed(f"{path}:{i}", f"expected a JSON object, found {type(obj).__name__}")
         out.append((obj, f"{path}:{i}"))
     return out
+
+
+def _json_file(path: Path):
+    """The parsed content of a JSON file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; the {path.parent.name}/ folder of the task data should contain it")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise _malformed(f"{path}:{err.lineno}", f"not valid JSON ({err.msg})") from None
 
 
 def _field(obj: dict, key: str, kind: type, where: str):
@@ -227,12 +238,7 @@ def arc(folder: Path, split: str = "test") -> list[MultipleChoice]:
     The staged file is LLM-Adapters' instruction text; stem and choices are parsed out of it (3-5 choices).
     """
     path = folder / "test.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; the {folder.name}/ folder of the task data should contain it")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise _malformed(f"{path}:{err.lineno}", f"not valid JSON ({err.msg})") from None
+    data = _json_file(path)
     if not isinstance(data, list):
         raise _malformed(str(path), "expected a JSON array of items")
     items = []
@@ -318,6 +324,20 @@ def _arc_reader(subset: str) -> Callable[[Path, str], list[MultipleChoice]]:
     return lambda folder, split: arc(folder / subset, split)
 
 
+def _expert_reader(reader: str, *args) -> Callable[[Path, str], str | list]:
+    """A reader of :mod:`structprune.data.expert_corpora`, imported on first read (it imports this module)."""
+    def read(folder: Path, split: str) -> str | list:
+        from structprune.data import expert_corpora
+        return getattr(expert_corpora, reader)(folder, split, *args)
+    return read
+
+
+XQUAD_LANGUAGES = ("en", "ar", "de", "el", "es", "hi", "ro", "ru", "th", "tr", "vi", "zh")
+_XQUAD_SPLIT = ("its 48 articles split by the fixed permutation random.Random(0).sample(range(48), 48) (written out "
+                "in expert_corpora.XQUAD_ORDER): first 24 validation (calibration text), last 24 test; the same "
+                "articles in every language")
+
+
 _TABLE = (
     _task("wikitext2", PERPLEXITY, "WIKITEXT2", wikitext2, "WikiText-2 raw test perplexity (validation: calibration "
           "text), the rows joined as the papers do", ("test", "validation"), calibration="validation"),
@@ -340,6 +360,15 @@ _TABLE = (
           ("test", "validation", "train")),
     _task("lambada", LAST_WORD, "LAMBADA", lambada, "LAMBADA (OpenAI) test: greedy last-word accuracy and target "
           "perplexity, as lm-eval's lambada_openai", ("test",)),
+    *(_task(f"xquad-{lang}", PERPLEXITY, "MULTILINGUAL", _expert_reader("xquad", lang), f"XQuAD {lang} perplexity: "
+            f"paragraph contexts in file order joined by '\\n\\n'; {_XQUAD_SPLIT}", ("test", "validation"),
+            calibration="validation") for lang in XQUAD_LANGUAGES),
+    _task("pubmed", PERPLEXITY, "DOMAIN_BIOMED", _expert_reader("pubmed"), "PubMedQA PQA-L abstracts, ' '.join("
+          "CONTEXTS) + ' ' + LONG_ANSWER, joined by '\\n\\n' in file order: test the 500 PMIDs of test_ground_truth"
+          ".json, validation (calibration text) the other 500", ("test", "validation"), calibration="validation"),
+    _task("pubmedqa", MULTIPLE_CHOICE, "DOMAIN_BIOMED", _expert_reader("pubmedqa"), "PubMedQA PQA-L test (500 "
+          "PMIDs), 'Abstract: {CONTEXTS joined by \\n}\\nQuestion: {QUESTION}\\nAnswer:' + ' yes' / ' no' / ' maybe'"
+          " (lm-eval pubmedqa); gold from test_ground_truth.json", ("test",), metrics=("acc",)),
 )
 LM_TASKS: Mapping[str, LMTask] = MappingProxyType({task.name: task for task in _TABLE})
 """Every built-in language-model task by name (read-only); ``text:FILE`` is accepted besides."""

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from structprune.data.expert_corpora import XQUAD_ORDER, XQUAD_SPLITS
 from structprune.data.lm import (
     LM_TASKS,
     MULTIPLE_CHOICE,
+    XQUAD_LANGUAGES,
     Completion,
     MultipleChoice,
     get_lm_task,
@@ -150,11 +152,12 @@ def test_gensim_corpora():
 
 
 SIZES = {"hellaswag": 10042, "piqa": 1838, "arc_easy": 2376, "arc_challenge": 1172, "boolq": 3270,
-         "winogrande": 1267, "openbookqa": 500, "lambada": 5153}
+         "winogrande": 1267, "openbookqa": 500, "lambada": 5153, "pubmedqa": 500}
+PERPLEXITY_TASKS = {"wikitext2", "gensim-news", "gensim-wiki", "pubmed", *(f"xquad-{lang}" for lang in XQUAD_LANGUAGES)}
 
 
 def test_real_staged_files(data_dir: Path):
-    assert set(SIZES) | {"wikitext2", "gensim-news", "gensim-wiki"} == set(LM_TASKS)
+    assert set(SIZES) | PERPLEXITY_TASKS == set(LM_TASKS)
     text = load_text("wikitext2", data_dir=data_dir)
     assert len(text.split("\n\n")) >= 4358 and text.startswith("\n\n = Robert Boulter = \n")
     for name, size in SIZES.items():
@@ -168,3 +171,107 @@ def test_real_staged_files(data_dir: Path):
     assert Counter(i.gold for i in load_items("boolq", data_dir=data_dir))[1] == 2033
     assert Counter(i.gold for i in load_items("openbookqa", data_dir=data_dir)) == {0: 138, 1: 126, 2: 132, 3: 104}
     assert len(load_items("openbookqa", "validation", data_dir=data_dir)) == 500
+
+
+# --------------------------------------------------------------------------------------------- expert corpora
+
+def _squad(articles: int = 48, paragraphs: int = 2) -> str:
+    """A SQuAD v1.1 file whose contexts name their article and paragraph: ``a{article}p{paragraph}``."""
+    return json.dumps({"version": "1.1", "data": [
+        {"title": f"T{a}", "paragraphs": [{"context": f"a{a}p{p}", "qas": []} for p in range(paragraphs)]}
+        for a in range(articles)]})
+
+
+def _pubmed_item(contexts: list[str], question: str, long_answer: str, decision: str) -> dict:
+    return {"QUESTION": question, "CONTEXTS": contexts, "LABELS": ["A"] * len(contexts), "MESHES": [],
+            "YEAR": "2000", "final_decision": decision, "LONG_ANSWER": long_answer}
+
+
+@pytest.fixture
+def pubmed_dir(tmp_path: Path) -> Path:
+    """ori_pqal.json with three items, two of them test items (in the other order in test_ground_truth.json)."""
+    _write(tmp_path, "DOMAIN_BIOMED/ori_pqal.json", json.dumps({
+        "1": _pubmed_item(["Aim one.", "Result one."], "Does one work?", "One works.", "yes"),
+        "2": _pubmed_item(["Aim two."], "Does two work?", "Unclear.", "maybe"),
+        "3": _pubmed_item(["Aim three.", "Result three."], "Does three work?", "It does not.", "no")}, indent=2))
+    _write(tmp_path, "DOMAIN_BIOMED/test_ground_truth.json", json.dumps({"3": "no", "1": "yes"}))
+    return tmp_path
+
+
+def test_xquad_split_by_article(tmp_path: Path):
+    assert sorted(XQUAD_ORDER) == list(range(48))
+    validation, test = set(XQUAD_SPLITS["validation"]), set(XQUAD_SPLITS["test"])
+    assert not validation & test and validation | test == set(range(48)) and len(validation) == len(test) == 24
+    assert XQUAD_SPLITS["validation"] == tuple(sorted(XQUAD_ORDER[:24]))
+    _write(tmp_path, "MULTILINGUAL/xquad.de.json", _squad())
+    for split, articles in XQUAD_SPLITS.items():
+        expected = "\n\n".join(f"a{a}p{p}" for a in articles for p in (0, 1))
+        assert load_text("xquad-de", split, data_dir=tmp_path) == expected
+    task = get_lm_task("xquad-DE")
+    assert task is LM_TASKS["xquad-de"] and (task.splits, task.calibration) == (("test", "validation"), "validation")
+    assert load_text("xquad-de", data_dir=tmp_path).startswith(f"a{XQUAD_SPLITS['test'][0]}p0\n\n")
+    with pytest.raises(ValueError, match=r"unknown language-model task 'xquad-xx'\. Did you mean 'xquad-"):
+        get_lm_task("xquad-xx")
+    (tmp_path / "other").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"MULTILINGUAL not found: task 'xquad-en'"):
+        load_text("xquad-en", data_dir=tmp_path / "other")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (json.dumps({"version": "1.1"}), r"xquad\.en\.json: expected a SQuAD v1\.1 object with a 'data' list"),
+    (_squad(articles=47), r"xquad\.en\.json: 47 articles; XQuAD has 48"),
+    (_squad().replace('"context": "a0p1"', '"context": null'),
+     r"xquad\.en\.json article 0 paragraph 1: 'context' should be a str, found None"),
+    (_squad().replace('"context": "a3p0"', '"text": "a3p0"'), r"xquad\.en\.json article 3 paragraph 0: 'context'"),
+    ('{"data": [\n', r"xquad\.en\.json:2: not valid JSON"),
+])
+def test_malformed_xquad_names_the_file(tmp_path: Path, text, message):
+    _write(tmp_path, "MULTILINGUAL/xquad.en.json", text)
+    with pytest.raises(ValueError, match=message):
+        load_text("xquad-en", "validation", data_dir=tmp_path)
+
+
+def test_pubmed_texts_and_items(pubmed_dir: Path):
+    assert load_text("pubmed", data_dir=pubmed_dir) == ("Aim one. Result one. One works.\n\n"
+                                                        "Aim three. Result three. It does not.")
+    assert load_text("pubmed", LM_TASKS["pubmed"].calibration, data_dir=pubmed_dir) == "Aim two. Unclear."
+    with pytest.raises(ValueError, match="no split 'validation'"):
+        load_items("pubmedqa", "validation", data_dir=pubmed_dir)
+    items = load_items("pubmedqa", data_dir=pubmed_dir)
+    assert [i.gold for i in items] == [0, 1] and all(i.choices == ("yes", "no", "maybe") for i in items)
+    assert items[0].requests()[2] == ("Abstract: Aim one.\nResult one.\nQuestion: Does one work?\nAnswer:", " maybe")
+    assert items[1].source == f"{pubmed_dir}/DOMAIN_BIOMED/ori_pqal.json PMID 3"
+
+
+@pytest.mark.parametrize(("truth", "message"), [
+    ({"1": "no"}, r"ori_pqal\.json PMID 1: final_decision 'yes' disagrees with test_ground_truth\.json \('no'\)"),
+    ({"1": "yes", "9": "no"}, r"test_ground_truth\.json PMID 9: not a PMID of ori_pqal\.json"),
+    ({"1": "perhaps"}, r"test_ground_truth\.json PMID 1: answer 'perhaps'"),
+])
+def test_malformed_pubmedqa(pubmed_dir: Path, truth, message):
+    _write(pubmed_dir, "DOMAIN_BIOMED/test_ground_truth.json", json.dumps(truth))
+    with pytest.raises(ValueError, match=message):
+        load_items("pubmedqa", data_dir=pubmed_dir)
+
+
+def test_real_expert_corpora(data_dir: Path):
+    files = {lang: json.loads((data_dir / "MULTILINGUAL" / f"xquad.{lang}.json").read_text(encoding="utf-8"))["data"]
+             for lang in ("en", "de")}
+    for split, articles in XQUAD_SPLITS.items():
+        titles = {lang: [data[a]["title"] for a in articles] for lang, data in files.items()}
+        assert titles["en"] == titles["de"]  # every file keeps the English titles: the same articles
+        for lang, data in files.items():
+            text = load_text(f"xquad-{lang}", split, data_dir=data_dir)
+            assert text == "\n\n".join(p["context"] for a in articles for p in data[a]["paragraphs"])
+            assert text.count("\n\n") + 1 == 120  # 24 articles of 5 paragraphs
+    for lang in XQUAD_LANGUAGES:
+        validation, test = (load_text(f"xquad-{lang}", split, data_dir=data_dir) for split in ("validation", "test"))
+        assert validation.strip() and test.strip() and validation != test, lang
+    assert len(load_text("xquad-en", data_dir=data_dir)) == 97492
+    assert len(load_text("xquad-en", "validation", data_dir=data_dir)) == 91346
+    test, validation = (load_text("pubmed", split, data_dir=data_dir).split("\n\n") for split in ("test", "validation"))
+    assert len(test) == len(validation) == 500 and not set(test) & set(validation)
+    truth = json.loads((data_dir / "DOMAIN_BIOMED" / "test_ground_truth.json").read_text(encoding="utf-8"))
+    items = load_items("pubmedqa", data_dir=data_dir)
+    assert {i.source.rsplit(" ", 1)[1]: i.choices[i.gold] for i in items} == truth
+    assert Counter(i.gold for i in items) == {0: 276, 1: 169, 2: 55}
