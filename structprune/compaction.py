@@ -4,7 +4,7 @@
 key/value heads of grouped-query attention (rows of k/v, when every query head of the group is
 gone), neurons (up/gate rows, down columns), whole sublayers (the module is not built at all), and
 hidden dimensions (embeddings, every projection, norms, the classifier input). Kept-unit scales are
-folded into the o-proj and down-proj input columns. The result runs the same forward code
+folded into the o-proj and down-proj input columns, sublayer shifts into their output biases. The result runs the same forward code
 (:mod:`structprune.modeling_structprune`) with per-layer shapes as Python ints.
 
 The saved folder is a Hugging Face model folder: ``config.json`` (the original config, its
@@ -84,6 +84,15 @@ class _Slicer:
         if f"{prefix}.bias" in self.source:
             self.take(f"{prefix}.bias", {0: rows} if rows is not None else {}, out_scale)
 
+    def shift(self, prefix: str, shift: torch.Tensor | None, rows: list[int], out_scale=None) -> None:
+        """Add a sublayer's output ``shift`` (kept ``rows``) to the bias of its output projection ``prefix``."""
+        if shift is None:
+            return
+        shift = _index(shift, 0, rows) * (1.0 if out_scale is None else out_scale)
+        name = f"{prefix}.bias"
+        self.state[name] = (self.state[name] + shift.to(self.state[name]) if name in self.state
+                            else shift.to(self.state[f"{prefix}.weight"])).contiguous()
+
     def embeddings(self, spec: dict, H: list[int]) -> None:
         project = spec["family"] == "bert" and spec.get("embedding_project")
         for name in ("embeddings.word", "embeddings.position", "embeddings.token_type"):
@@ -106,6 +115,7 @@ class _Slicer:
             head_scale = gates["head"][i][list(kept.heads)] if "head" in gates else torch.ones(len(kept.heads))
             layer_scale = gates["attn_layer"][i] if "attn_layer" in gates else None
             self.linear(f"{p}.attn.o", H, q_rows, head_scale.repeat_interleave(hd), layer_scale)
+            self.shift(f"{p}.attn.o", gates["attn_shift"][i] if "attn_shift" in gates else None, H, layer_scale)
             self.layer_norms(i, spec)
         if kept.heads or bert:
             self.linear(f"{p}.attn_norm", H, None)
@@ -117,6 +127,7 @@ class _Slicer:
             neuron_scale = gates["neuron"][i][n] if "neuron" in gates else None
             layer_scale = gates["ffn_layer"][i] if "ffn_layer" in gates else None
             self.linear(f"{p}.ffn.down", H, n, neuron_scale, layer_scale)
+            self.shift(f"{p}.ffn.down", gates["ffn_shift"][i] if "ffn_shift" in gates else None, H, layer_scale)
         if kept.neurons or bert:
             self.linear(f"{p}.ffn_norm", H, None)
 
@@ -154,7 +165,7 @@ def compact(model: PreTrainedModel | MaskedModel, masks: MaskSet) -> Structprune
     kept_layers, hidden = masks.kept(structure)
     new_structure = masks.resolve(structure)
     gates = masks.gates(structure)
-    spec = copy.deepcopy(full.spec)
+    spec = masks.compact_spec(copy.deepcopy(full.spec))
     spec["hidden_size"] = new_structure.hidden_size
     spec["layers"] = [
         old | {"heads": layer.heads, "kv_heads": layer.kv_heads,

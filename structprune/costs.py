@@ -56,7 +56,8 @@ def _attention_macs(q, kv, D, S: int):
 
 
 def _ffn_params(width, alive, D, gated: bool, spec: dict):
-    return (3 if gated else 2) * width * D + (width + D * alive) * spec["ffn_bias"]
+    out_bias = spec["ffn_bias"] if spec.get("ffn_out_bias") is None else spec["ffn_out_bias"]
+    return (3 if gated else 2) * width * D + width * spec["ffn_bias"] + D * alive * out_bias
 
 
 def _ffn_macs(width, D, S: int, gated: bool):

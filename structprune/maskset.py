@@ -10,7 +10,9 @@ Mask tensors (any subset may be present; an absent one keeps everything):
 
 Masks hold 0/1 values. Optional ``scales`` (``head [L, H]``, ``neuron [L, F]``) are real-valued
 per-unit factors for kept units (e.g. from mask tuning); compaction folds them into the o-proj and
-down-proj input columns.
+down-proj input columns. Optional ``shifts`` (``attn [L, D]``, ``ffn [L, D]``) are added to a kept
+sublayer's output (bias compensation: what the removed units contributed on average); compaction makes
+them the o-proj and down-proj output biases.
 
 A sublayer is removed when its layer mask is 0 or all of its heads / neurons are, and then it
 adds nothing to the residual stream (bias included). Sparsity and FLOPs are counted by
@@ -35,6 +37,7 @@ from structprune.io import atomic_dir, atomic_write_text
 
 MASK_NAMES = UNIT_NAMES
 SCALE_NAMES = ("head", "neuron")
+SHIFT_NAMES = ("attn", "ffn")
 MASKS_FILE = "masks.safetensors"
 SUMMARY_FILE = "masks.json"
 FORMAT_VERSION = 1
@@ -69,11 +72,12 @@ class KeptLayer:
 
 @dataclass
 class MaskSet:
-    """Named binary masks, optional kept-unit scales, and free-form metadata (method, budget...)."""
+    """Named binary masks, optional kept-unit scales and sublayer output shifts, and free-form metadata."""
 
     masks: dict[str, torch.Tensor]
     scales: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    shifts: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = set(self.masks) - set(MASK_NAMES)
@@ -82,8 +86,15 @@ class MaskSet:
         unknown = set(self.scales) - set(SCALE_NAMES)
         if unknown:
             raise MaskError(f"unknown scale names {sorted(unknown)}; scales exist only for {SCALE_NAMES}")
+        unknown = set(self.shifts) - set(SHIFT_NAMES)
+        if unknown:
+            raise MaskError(f"unknown shift names {sorted(unknown)}; shifts exist only for {SHIFT_NAMES}")
         self.masks = {k: v.detach().float().cpu() for k, v in self.masks.items()}
         self.scales = {k: v.detach().float().cpu() for k, v in self.scales.items()}
+        self.shifts = {k: v.detach().float().cpu() for k, v in self.shifts.items()}
+        for name, shift in self.shifts.items():
+            if not torch.isfinite(shift).all():
+                raise MaskError(f"shift {name!r} holds non-finite values; the masks are corrupt, re-create them")
         for name, mask in self.masks.items():
             if not torch.all((mask == 0) | (mask == 1)):
                 raise MaskError(f"mask {name!r} must hold only 0 and 1; put real values in scales")
@@ -111,24 +122,32 @@ class MaskSet:
                 "apply masks to the original model"
             )
         shapes = mask_shapes(structure)
-        for store, kind in ((self.masks, "mask"), (self.scales, "scale")):
+        shift_shape = (structure.num_layers, structure.hidden_size)
+        for store, kind in ((self.masks, "mask"), (self.scales, "scale"), (self.shifts, "shift")):
             for name, tensor in store.items():
-                if tuple(tensor.shape) != shapes[name]:
+                if tuple(tensor.shape) != (shift_shape if kind == "shift" else shapes[name]):
                     raise MaskError(
                         f"{kind} {name!r} has shape {list(tensor.shape)} but the model "
                         f"({structure.arch}, {structure.num_layers} layers, {structure.max_heads} heads, "
-                        f"FFN {structure.max_ffn}, hidden {structure.hidden_size}) needs {list(shapes[name])}"
+                        f"FFN {structure.max_ffn}, hidden {structure.hidden_size}) needs "
+                        f"{list(shift_shape if kind == 'shift' else shapes[name])}"
                     )
         if "hidden" in self.masks and not self.masks["hidden"].any():
             raise MaskError("the hidden mask removes every hidden dimension; keep at least one")
 
     def gates(self, structure: ModelStructure) -> dict[str, torch.Tensor]:
-        """Gate values for the masked model: ``mask * scale`` (the masked model applies the removal rules)."""
+        """Gate values for the masked model: ``mask * scale`` (the masked model applies the removal rules),
+        and the shifts as ``attn_shift`` / ``ffn_shift``."""
         self.validate(structure)
         gates = dict(self.masks)
         for name, scale in self.scales.items():
             gates[name] = gates.get(name, torch.ones_like(scale)) * scale
-        return gates
+        return gates | {f"{name}_shift": shift for name, shift in self.shifts.items()}
+
+    def compact_spec(self, spec: dict) -> dict:
+        """``spec`` with the output biases the shifts become after compaction."""
+        return spec | ({"o_bias": True} if "attn" in self.shifts else {}) | (
+            {"ffn_out_bias": True} if "ffn" in self.shifts else {})
 
     def kept(self, structure: ModelStructure) -> tuple[list[KeptLayer], tuple[int, ...]]:
         """Per-layer kept units and kept hidden dims, after the removed-sublayer rules."""
@@ -168,7 +187,7 @@ class MaskSet:
     def summary(self, structure: ModelStructure, spec: dict, seq_len: int = 128) -> dict:
         """Kept counts per layer, parameter sparsity and FLOPs (dense vs pruned) at ``seq_len``."""
         pruned = self.resolve(structure)
-        dense_params, kept_params = count_params(structure, spec), count_params(pruned, spec)
+        dense_params, kept_params = count_params(structure, spec), count_params(pruned, self.compact_spec(spec))
         dense_flops, kept_flops = count_flops(structure, spec, seq_len), count_flops(pruned, spec, seq_len)
         return {
             "layers": [{"heads": layer.heads, "kv_heads": layer.kv_heads, "ffn": layer.ffn} for layer in pruned.layers],
@@ -187,8 +206,9 @@ class MaskSet:
         """Write ``masks.safetensors`` and ``masks.json`` (with a summary when the model is given)."""
         tensors = {name: t.contiguous() for name, t in self.masks.items()}
         tensors |= {f"scale.{name}": t.contiguous() for name, t in self.scales.items()}
+        tensors |= {f"shift.{name}": t.contiguous() for name, t in self.shifts.items()}
         info = {"format_version": FORMAT_VERSION, "masks": sorted(self.masks), "scales": sorted(self.scales),
-                "meta": self.meta}
+                "shifts": sorted(self.shifts), "meta": self.meta}
         if structure is not None and spec is not None:
             info["summary"] = self.summary(structure, spec)
         with atomic_dir(directory, overwrite=overwrite, marker=SUMMARY_FILE) as tmp:
@@ -219,11 +239,13 @@ class MaskSet:
                             "and 'scales' and an object 'meta'); re-create the masks")
         if info.get("format_version", 0) > FORMAT_VERSION:
             raise MaskError(f"{directory} was written by a newer structprune; upgrade to read it")
-        masks = {k: v for k, v in tensors.items() if not k.startswith("scale.")}
+        masks = {k: v for k, v in tensors.items() if "." not in k}
         scales = {k.removeprefix("scale."): v for k, v in tensors.items() if k.startswith("scale.")}
-        if sorted(masks) != info.get("masks") or sorted(scales) != info.get("scales"):
+        shifts = {k.removeprefix("shift."): v for k, v in tensors.items() if k.startswith("shift.")}
+        if (sorted(masks) != info.get("masks") or sorted(scales) != info.get("scales")
+                or sorted(shifts) != info.get("shifts", []) or len(masks) + len(scales) + len(shifts) != len(tensors)):
             raise MaskError(f"{tensor_path} and {info_path} disagree on which masks exist; re-create the masks")
-        return cls(masks, scales, info.get("meta", {}))
+        return cls(masks, scales, info.get("meta", {}), shifts)
 
 
 def random_masks(structure: ModelStructure, generator: torch.Generator, keep: float = 0.5,

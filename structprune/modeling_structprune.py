@@ -55,7 +55,7 @@ from transformers.modeling_outputs import (
 
 SECTION = "structprune"
 FORMAT_VERSION = 1
-LAYER_GATES = ("attn_layer", "head", "ffn_layer", "neuron")
+LAYER_GATES = ("attn_layer", "head", "ffn_layer", "neuron", "attn_shift", "ffn_shift")
 
 
 def structure_section(config: PretrainedConfig) -> dict:
@@ -285,12 +285,12 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """FFN of ``width`` neurons; ``gated`` adds the SwiGLU gate projection."""
 
-    def __init__(self, hidden: int, width: int, gated: bool, bias: bool, act: str):
+    def __init__(self, hidden: int, width: int, gated: bool, bias: bool, act: str, out_bias: bool | None = None):
         super().__init__()
         self.act = act
         self.up = nn.Linear(hidden, width, bias=bias)
         self.gate = nn.Linear(hidden, width, bias=False) if gated else None
-        self.down = nn.Linear(width, hidden, bias=bias)
+        self.down = nn.Linear(width, hidden, bias=bias if out_bias is None else out_bias)
         self.ffn_fn = None  # set by the masked model to route through structprune.ops
 
     def forward(self, x, neuron_gate=None) -> torch.Tensor:
@@ -309,7 +309,8 @@ class Layer(nn.Module):
         kind = "layernorm" if self.post_ln else "rmsnorm"
         self.attn = Attention(spec, layer, cache_index) if layer["heads"] > 0 else None
         self.ffn = (
-            FeedForward(hidden, layer["ffn"], spec["gated_ffn"], spec["ffn_bias"], spec["activation"])
+            FeedForward(hidden, layer["ffn"], spec["gated_ffn"], spec["ffn_bias"], spec["activation"],
+                        spec.get("ffn_out_bias"))
             if layer["ffn"] > 0 else None
         )
         # Post-LN keeps both norms even when a sublayer is gone (LN(x + 0) = LN(x)).
@@ -317,10 +318,13 @@ class Layer(nn.Module):
         self.ffn_norm = Norm(hidden, eps, kind) if (self.post_ln or self.ffn is not None) else None
         self.dropout = nn.Dropout(spec.get("hidden_dropout", 0.0))
 
-    def _sublayer(self, x, norm, block, run, layer_gate, hidden):
+    def _sublayer(self, x, norm, block, run, layer_gate, hidden, shift=None):
         if block is None:
             return normalise(norm, x, hidden) if self.post_ln else x
-        out = self.dropout(run(x if self.post_ln else normalise(norm, x, hidden)))
+        out = run(x if self.post_ln else normalise(norm, x, hidden))
+        if shift is not None:  # what removed units added on average (bias compensation)
+            out = out + shift
+        out = self.dropout(out)
         if layer_gate is not None:
             out = out * layer_gate
         if hidden is not None:
@@ -333,13 +337,13 @@ class Layer(nn.Module):
         """The residual stream after the attention sublayer (and, post-LN, its norm)."""
         g = gates or {}
         return self._sublayer(x, self.attn_norm, self.attn, lambda h: self.attn(h, ctx, rope, g.get("head")),
-                              g.get("attn_layer"), g.get("hidden"))
+                              g.get("attn_layer"), g.get("hidden"), g.get("attn_shift"))
 
     def ffn_block(self, x, gates: dict | None = None) -> torch.Tensor:
         """The residual stream after the FFN sublayer (and, post-LN, its norm)."""
         g = gates or {}
         return self._sublayer(x, self.ffn_norm, self.ffn, lambda h: self.ffn(h, g.get("neuron")),
-                              g.get("ffn_layer"), g.get("hidden"))
+                              g.get("ffn_layer"), g.get("hidden"), g.get("ffn_shift"))
 
     def forward(self, x, ctx: AttentionContext, rope, gates: dict | None = None) -> torch.Tensor:
         return self.ffn_block(self.attention_block(x, ctx, rope, gates), gates)
@@ -422,7 +426,8 @@ class StructprunePreTrainedModel(PreTrainedModel):
     """The backbone every structprune model shares: embeddings, layers and (decoders) the final norm.
 
     ``gates`` (masked model only) is a dict of ``attn_layer [L]``, ``head [L, H]``, ``ffn_layer [L]``,
-    ``neuron [L, F]``, ``hidden [D]``. Subclasses add a head.
+    ``neuron [L, F]``, ``hidden [D]``, and ``attn_shift`` / ``ffn_shift [L, D]`` added to a kept sublayer's
+    output. Subclasses add a head.
     """
 
     config_class = PretrainedConfig

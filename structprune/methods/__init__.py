@@ -57,6 +57,8 @@ METHODS: Mapping[str, Method] = {
                           "(training-free)", _OPTIONS + "ATTRIBUTION"),
     "fisher": Method("structprune.methods.fisher", "Fisher mask search and mask tuning, Kwon et al. 2022 "
                      "(training-free)", _OPTIONS + "FISHER"),
+    "flap": Method("structprune.methods.flap", "fluctuation of output-projection inputs with bias compensation, FLAP "
+                   "(training-free, forward passes only)", _OPTIONS + "FLAP"),
     "head_importance": Method("structprune.methods.head_importance", "iterative head importance, Michel et al. "
                               "2019 (training-free)", _OPTIONS + "HEAD_IMPORTANCE"),
     "l0": Method("structprune.methods.l0", "learned hard-concrete masks with distillation, CoFiPruning",

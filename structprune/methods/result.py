@@ -35,16 +35,18 @@ Importance = Callable[[PruningInputs], tuple[Mapping[str, torch.Tensor], Mapping
 
 def prune_by_importance(method: str, model: PreTrainedModel | MaskedModel, budget: Budget | float,
                         importance: Importance, options: Mapping[str, object],
-                        refine: Callable[[PruningInputs, PruneResult], None] | None = None) -> PruneResult:
+                        refine: Callable[[PruningInputs, PruneResult], None] | None = None,
+                        per_cost: bool = True) -> PruneResult:
     """The one pruner of scoring methods: check the budget, score the units with ``importance``, select
-    them (:func:`result_from_scores`), then let ``refine`` adjust the result (e.g. mask tuning).
+    them (:func:`result_from_scores`; ``per_cost``: see :func:`select_units`), then let ``refine`` adjust the result
+    (e.g. mask tuning).
 
     ``options`` are the method's settings, ``min_heads``, ``min_neurons`` and ``tolerance`` included.
     """
     inputs = prepare_pruning(model, budget, options["min_heads"], options["min_neurons"])
     start = time.perf_counter()
     scores, log = importance(inputs)
-    result = result_from_scores(method, inputs.full, scores, inputs.budget, options, log)
+    result = result_from_scores(method, inputs.full, scores, inputs.budget, options, log, per_cost)
     if refine is not None:
         refine(inputs, result)
     result.log["scoring_seconds"] = time.perf_counter() - start
@@ -52,7 +54,8 @@ def prune_by_importance(method: str, model: PreTrainedModel | MaskedModel, budge
 
 
 def result_from_scores(method: str, model: StructpruneForSequenceClassification, scores: Mapping[str, torch.Tensor],
-                       budget: Budget, options: Mapping[str, object], log: Mapping[str, object]) -> PruneResult:
+                       budget: Budget, options: Mapping[str, object], log: Mapping[str, object],
+                       per_cost: bool = True) -> PruneResult:
     """Select units from ``scores`` (see :func:`select_units`) and record what was done.
 
     ``options`` are the method's settings (stored in the masks' metadata, so a mask folder says
@@ -61,7 +64,7 @@ def result_from_scores(method: str, model: StructpruneForSequenceClassification,
     structure = ModelStructure.from_spec(model.spec)
     select = select_per_layer if options.get("scope") == "layer" else select_units
     masks = select(structure, model.spec, scores, budget, options["min_heads"], options["min_neurons"],
-                   options["tolerance"], options.get("multiple_of", 1))
+                   options["tolerance"], options.get("multiple_of", 1), per_cost)
     return result_from_masks(method, model, masks, budget, options, log)
 
 

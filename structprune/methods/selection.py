@@ -135,7 +135,7 @@ def check_reachable(structure: ModelStructure, spec: dict, budget: Budget, min_h
 
 def select_units(structure: ModelStructure, spec: dict, scores: Mapping[str, torch.Tensor], budget: Budget,
                  min_heads: int = 1, min_neurons: int = 1, tolerance: float = DEFAULT_TOLERANCE,
-                 multiple_of: int = 1) -> MaskSet:
+                 multiple_of: int = 1, per_cost: bool = True) -> MaskSet:
     """Masks removing the least important heads and neurons per unit of cost until ``budget`` is met.
 
     Args:
@@ -144,6 +144,8 @@ def select_units(structure: ModelStructure, spec: dict, scores: Mapping[str, tor
         tolerance: a unit that would overshoot the target by more than this is skipped at first
             (see the module docstring), so the result lands within ``tolerance`` when it can.
         multiple_of: kept FFN widths are multiples of this (see the module docstring).
+        per_cost: rank by importance per unit of cost (rule 1); ``False`` ranks by importance alone, for scores
+            already comparable across kinds (FLAP's standardised scores).
     """
     check_reachable(structure, spec, budget, min_heads, min_neurons)
     widest = max(layer.ffn for layer in structure.layers)
@@ -164,7 +166,7 @@ def select_units(structure: ModelStructure, spec: dict, scores: Mapping[str, tor
             units = _neuron_chunks(score[i], layer.ffn, multiple_of) if chunked else [(j,) for j in range(score.shape[1])]
             floor = 0.0  # a chunk never ranks before the chunks below it in its layer
             for k, js in enumerate(units):
-                ratio = float(score[i, list(js)].sum()) / selection.saving(kind, i, js)
+                ratio = float(score[i, list(js)].sum()) / (selection.saving(kind, i, js) if per_cost else len(js))
                 floor = max(floor, ratio) if chunked else ratio
                 ranked.append((floor, kind == "neuron", i, k if chunked else js[0], kind, js))
     ranked.sort(key=lambda unit: unit[:4])
@@ -197,7 +199,7 @@ def select_units(structure: ModelStructure, spec: dict, scores: Mapping[str, tor
 
 def select_per_layer(structure: ModelStructure, spec: dict, scores: Mapping[str, torch.Tensor], budget: Budget,
                      min_heads: int = 1, min_neurons: int = 1, tolerance: float = DEFAULT_TOLERANCE,
-                     multiple_of: int = 1) -> MaskSet:
+                     multiple_of: int = 1, per_cost: bool = True) -> MaskSet:
     """Masks removing ``budget``'s fraction from every layer, lowest importance per cost first."""
     costs = budget.cost_model(structure, spec)
     layer_costs = [costs.layer(layer.heads, layer.kv_heads, layer.ffn) for layer in structure.layers]
@@ -212,7 +214,7 @@ def select_per_layer(structure: ModelStructure, spec: dict, scores: Mapping[str,
     for i, layer in enumerate(structure.layers):
         one = dataclasses.replace(structure, layers=(layer,))
         masks = select_units(one, layer_spec, {name: scores[name][i:i + 1] for name in ("head", "neuron")},
-                             layer_budget, min_heads, min_neurons, tolerance, multiple_of)
+                             layer_budget, min_heads, min_neurons, tolerance, multiple_of, per_cost)
         head.append(masks.masks["head"][0])
         neuron.append(masks.masks["neuron"][0])
     return MaskSet({"head": torch.stack(head), "neuron": torch.stack(neuron)})

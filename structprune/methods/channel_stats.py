@@ -1,0 +1,154 @@
+"""Calibration statistics gathered one layer at a time: what each head and FFN neuron feeds its output projection.
+
+Removing a head drops its columns of the attention output projection (o-proj); removing a neuron drops its column
+of the FFN down-projection. The forward-only methods (``flap``, ``expert``) score units from what flows into those
+columns over the real tokens of calibration text:
+
+* per input channel: mean, sample variance and mean square (``ChannelStats``);
+* per head: the exact squared norm of the head's contribution to the layer output, ``||W_o[:, h] x_h||^2``;
+  a neuron's is ``||W_down[:, j]||^2 x_j^2`` (one column), so the channel mean square gives it.
+
+:func:`layer_by_layer` runs every calibration batch through one layer before moving on, carrying the residual
+streams forward (SparseGPT's and Wanda's schedule): only the layer being run needs to sit on ``device``; the
+others stay where they are (e.g. the CPU), so a model whose layers do not all fit on the accelerator can be scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from structprune.modeling_structprune import Layer, StructprunePreTrainedModel
+
+RunLayer = Callable[[int, Layer, torch.Tensor, object, object, torch.Tensor], torch.Tensor]
+"""``(i, layer, x [B, S, D], ctx, rope, real [B, S]) -> x after layer i``."""
+
+
+def _move_outside_layers(model: StructprunePreTrainedModel, device: torch.device) -> None:
+    for name, child in model.named_children():
+        if name != "layers":
+            child.to(device)
+
+
+@torch.no_grad()
+def layer_by_layer(model: StructprunePreTrainedModel, batches: Sequence[dict[str, torch.Tensor]], run: RunLayer,
+                   device: torch.device | str | None = None) -> list[torch.Tensor]:
+    """The residual stream after the last layer for each batch, computed layer by layer with ``run``.
+
+    Every layer is moved to ``device`` (default: where the embeddings are) for its turn and back afterwards;
+    the streams of all batches stay on ``device``.
+    """
+    home = model.embeddings.word.weight.device
+    device = home if device is None else torch.device(device)
+    _move_outside_layers(model, device)
+    try:
+        streams = []
+        for batch in batches:
+            ids, mask = batch["input_ids"].to(device), batch.get("attention_mask")
+            mask = None if mask is None else mask.to(device)
+            x, ctx, rope = model.layer_inputs(ids, mask)
+            streams.append([x, ctx, rope, (torch.ones_like(ids) if mask is None else mask).bool()])
+        for i, layer in enumerate(model.layers):
+            layer.to(device)
+            for stream in streams:
+                stream[0] = run(i, layer, *stream)
+            layer.to(home)
+    finally:
+        _move_outside_layers(model, home)
+    return [stream[0] for stream in streams]
+
+
+@dataclass
+class ChannelStats:
+    """Running sums over tokens of each input channel of a projection (float64)."""
+
+    count: int
+    sum: torch.Tensor
+    sumsq: torch.Tensor
+
+    @classmethod
+    def zeros(cls, channels: int) -> ChannelStats:
+        return cls(0, torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64))
+
+    def add(self, x: torch.Tensor) -> None:
+        """Tokens ``[N, C]``."""
+        x = x.double()
+        self.count += x.shape[0]
+        self.sum += x.sum(0).cpu()
+        self.sumsq += x.pow(2).sum(0).cpu()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)
+
+    @property
+    def meansq(self) -> torch.Tensor:
+        return self.sumsq / max(self.count, 1)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Sample variance (``count - 1`` in the denominator), as FLAP computes it."""
+        return ((self.sumsq - self.count * self.mean.pow(2)) / max(self.count - 1, 1)).clamp_min(0)
+
+
+@dataclass
+class LayerStats:
+    """What one layer's kept sublayers feed their output projections (``None`` for an absent sublayer)."""
+
+    attn: ChannelStats | None
+    """The o-proj inputs ``[H * head_dim]``."""
+    head_change: torch.Tensor | None
+    """``[H]`` summed over tokens: ``||W_o[:, h] x_h||^2``, each head's whole contribution to the output."""
+    ffn: ChannelStats | None
+    """The down-projection inputs ``[F]``."""
+
+
+def neuron_change(layer: Layer, stats: LayerStats) -> torch.Tensor:
+    """``[F]``: each neuron's contribution to the layer output, ``||W_down[:, j]||^2 x_j^2`` summed over tokens."""
+    return stats.ffn.sumsq * layer.ffn.down.weight.detach().double().pow(2).sum(0).cpu()
+
+
+def _record(module: nn.Module, real: torch.Tensor, out: list, heads: int | None) -> torch.utils.hooks.RemovableHandle:
+    """Accumulate the real tokens of ``module``'s input (and, for an o-proj, each head's output norm)."""
+
+    def hook(_module, args):
+        x = args[0][real]  # (N, C)
+        out[0].add(x)
+        if heads is not None:
+            w = module.weight.detach()  # (D, H * hd)
+            per_head = torch.einsum("nhd,ehd->nhe", x.view(x.shape[0], heads, -1), w.view(w.shape[0], heads, -1))
+            out[1] += per_head.double().pow(2).sum((0, 2)).cpu()
+
+    return module.register_forward_pre_hook(hook)
+
+
+def channel_stats(model: StructprunePreTrainedModel, batches: Sequence[dict[str, torch.Tensor]],
+                  device: torch.device | str | None = None, head_change: bool = True) -> list[LayerStats]:
+    """One :class:`LayerStats` per layer over the real tokens of ``batches`` (dense forward, layer by layer);
+    ``head_change=False`` skips the per-head output norms (``None``), which cost one more o-proj product."""
+    found: list[LayerStats] = []
+
+    def run(i, layer, x, ctx, rope, real):
+        while len(found) <= i:
+            attn, ffn = model.layers[len(found)].attn, model.layers[len(found)].ffn
+            found.append(LayerStats(
+                None if attn is None else ChannelStats.zeros(attn.o.in_features),
+                None if attn is None or not head_change else torch.zeros(attn.heads, dtype=torch.float64),
+                None if ffn is None else ChannelStats.zeros(ffn.down.in_features)))
+        stats, handles = found[i], []
+        if layer.attn is not None:
+            box = [stats.attn, stats.head_change]
+            handles.append(_record(layer.attn.o, real, box, layer.attn.heads if head_change else None))
+        if layer.ffn is not None:
+            handles.append(_record(layer.ffn.down, real, [stats.ffn], None))
+        try:
+            return layer(x, ctx, rope)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    layer_by_layer(model, batches, run, device)
+    return found
