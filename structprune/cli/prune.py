@@ -77,6 +77,7 @@ def _write_masks(args: argparse.Namespace, task: TaskArgs, options: dict) -> Non
         model = load_model(args.model, causal=True)
         tokenizer = load_tokenizer(args.model, model.spec["vocab_size"])
         encoded = task.lm_calibration(tokenizer)
+        options = _method_inputs(args.method, options, task, encoded, tokenizer)[0]
         what = f"{len(encoded['input_ids'])} windows of {task.max_length} tokens of {task.task}"
         meta = {"task": task.task, "max_length": task.max_length, "seed": task.seed}
     else:
@@ -106,7 +107,7 @@ def _method_inputs(name: str, options: dict, task: TaskArgs, train, tokenizer) -
     build = inputs_builder(name)
     if build is None:
         return options, {}, {}
-    return build(options, train, task.other_splits(), tokenizer, max_length=task.max_length,
+    return build(options, train, () if task.is_lm else task.other_splits(), tokenizer, max_length=task.max_length,
                  data_dir=task.data_dir, text_columns=task.text_columns, label_column=task.label_column)
 
 

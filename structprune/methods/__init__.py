@@ -57,6 +57,10 @@ METHODS: Mapping[str, Method] = {
                           "(training-free)", _OPTIONS + "ATTRIBUTION"),
     "fisher": Method("structprune.methods.fisher", "Fisher mask search and mask tuning, Kwon et al. 2022 "
                      "(training-free)", _OPTIONS + "FISHER"),
+    "expert": Method("structprune.methods.expert", "customised expert: units relevant to language, domain and task "
+                     "corpora by output change, Cus-Prun (training-free, forward passes only)", _OPTIONS + "EXPERT",
+                     inputs="structprune.methods.expert:expert_inputs",
+                     settings="structprune.methods.expert:check_options"),
     "flap": Method("structprune.methods.flap", "fluctuation of output-projection inputs with bias compensation, FLAP "
                    "(training-free, forward passes only)", _OPTIONS + "FLAP"),
     "head_importance": Method("structprune.methods.head_importance", "iterative head importance, Michel et al. "

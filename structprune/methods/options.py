@@ -166,9 +166,9 @@ OBJECTIVE = Option("--objective", "attribution, fisher, head_importance: supervi
                                   "model's own predictions as labels; entropy: prediction entropy (attribution "
                                   "only); pseudo and entropy ignore the labels (default: supervised)",
                    choices=("supervised", "pseudo", "entropy"))
-CALIB_EXAMPLES = Option("--calib-examples", "attribution, block_influence, fisher, flap, head_importance: "
+CALIB_EXAMPLES = Option("--calib-examples", "attribution, block_influence, expert, fisher, flap, head_importance: "
                                             "calibration examples drawn from the task data (default: 2048, "
-                                            "head_importance 512, block_influence and flap 128)", positive_int)
+                                            "head_importance 512, block_influence, expert and flap 128)", positive_int)
 STEPS = Option("--steps", "attribution: points on each integration path (default: 4)", positive_int)
 SCOPE = Option("--scope", "attribution: rank units across all layers (global) or prune each layer alike "
                           "(default: global)", choices=("global", "layer"))
@@ -182,7 +182,8 @@ TUNE_EXAMPLES = Option("--tune-examples", "fisher: calibration examples mask tun
 BF16 = Option("--bf16", "fisher: bf16 autocast for the gradient and tuning passes (default: where the hardware "
                         "runs bf16 natively: CUDA, or a CPU with AVX512-BF16 / AMX)", boolean=True)
 
-MULTIPLE_OF = Option("--multiple-of", "attribution, fisher, flap, magnitude, taylor: keep every FFN width a multiple of N "
+MULTIPLE_OF = Option("--multiple-of", "attribution, expert, fisher, flap, magnitude, taylor: keep every FFN width a "
+                                     "multiple of N "
                                      "(hardware-aligned shapes, e.g. 64; default: 1)", positive_int)
 
 ATTRIBUTION: Mapping[str, Option] = {"steps": STEPS, "objective": OBJECTIVE, "scope": SCOPE, "batch_size": BATCH_SIZE,
@@ -209,6 +210,14 @@ MAGNITUDE: Mapping[str, Option] = {"multiple_of": MULTIPLE_OF}
 METRIC = Option("--metric", "flap: a channel's input variance (fluctuation) or mean square (norm, Wanda-sp) times its "
                             "weight column's squared norm (default: fluctuation)", choices=("fluctuation", "norm"))
 COMPENSATE = Option("--compensate", "flap: add the removed units' mean output as a bias (default: on)", boolean=True)
+EXPERT_SPEC = Option("--expert", "expert: the expert's calibration corpora as DIMENSION=SOURCE pairs, DIMENSION one of "
+                                 "language, domain, task; SOURCE an LM task with calibration text (xquad-de, pubmed, "
+                                 "wikitext2...), text:FILE or a classification task (its training sentences); e.g. "
+                                 "language=xquad-de,domain=pubmed (default: none: score on --task's text alone)")
+COMBINE = Option("--combine", "expert: a unit's score over the corpora: their mean relevance, or the largest "
+                              "(default: mean)", choices=("mean", "max"))
+EXPERT: Mapping[str, Option] = {"expert": EXPERT_SPEC, "combine": COMBINE, "batch_size": BATCH_SIZE,
+                                "max_examples": CALIB_EXAMPLES, "seed": SEED, "multiple_of": MULTIPLE_OF}
 FLAP: Mapping[str, Option] = {"metric": METRIC, "compensate": COMPENSATE, "batch_size": BATCH_SIZE,
                               "max_examples": CALIB_EXAMPLES, "seed": SEED, "multiple_of": MULTIPLE_OF}
 TAYLOR: Mapping[str, Option] = {"batch_size": BATCH_SIZE, "calib_batches": CALIB_BATCHES, "seed": SEED,

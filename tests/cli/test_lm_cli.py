@@ -111,3 +111,20 @@ def test_a_task_without_calibration_text_is_refused_for_pruning(lm, tmp_path):
     code, _, err = cli("prune", "--model", lm["model"], "--task", "piqa", "--target-sparsity", 0.3,
                        "--out", tmp_path / "m")
     assert code == 1 and "has no calibration text" in err
+
+
+def test_expert_and_flap_prune_a_causal_lm_and_compact(lm, tmp_path):
+    domain = write_text(tmp_path / "domain.txt", sentences=80)
+    ok("prune", "--model", lm["model"], "--task", lm["task"], "--method", "expert", "--expert",
+       f"domain=text:{domain}", "--target-sparsity", 0.3, "--max-length", 16, "--train-size", 8,
+       "--calib-examples", 6, "--out", tmp_path / "expert")
+    meta = json.loads((tmp_path / "expert" / "masks.json").read_text())["meta"]
+    assert meta["options"]["corpora"] == [f"domain=text:{domain}"] and "reference" in meta["relevance"]
+    ok("prune", "--model", lm["model"], "--task", lm["task"], "--method", "flap", "--target-sparsity", 0.3,
+       "--max-length", 16, "--train-size", 8, "--out", tmp_path / "flap")
+    assert json.loads((tmp_path / "flap" / "masks.json").read_text())["shifts"] == ["attn", "ffn"]
+    ok("compact", tmp_path / "flap", "--model", lm["model"], "--out", tmp_path / "flap-model")
+    assert json.loads((tmp_path / "flap-model" / "config.json").read_text())["structprune"]["ffn_out_bias"]
+    code, _, err = cli("prune", "--model", lm["model"], "--task", lm["task"], "--method", "expert", "--expert",
+                       "dialect=x", "--target-sparsity", 0.3, "--out", tmp_path / "bad")
+    assert code != 0 and "DIMENSION=SOURCE" in err and not (tmp_path / "bad").exists()
