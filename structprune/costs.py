@@ -206,11 +206,19 @@ def decode_ideal_speedup(dense_structure: ModelStructure, pruned_structure: Mode
 class LatencyTable:
     """Measured latency (ms) of one model's sublayers at one input shape on one backend.
 
-    Predicts any pruned structure of that model: ``base_ms`` (embeddings, norms and classifier: the model
-    with every sublayer removed) plus, per layer, ``attn_ms[h]`` (an attention sublayer with ``h`` heads)
-    and ``ffn_ms`` at the measured ``ffn_widths``, interpolated linearly in between (the piecewise-linear
-    shape of Kwon et al., 2022). :func:`structprune.latency.measure_table` measures one.
+    Predicts any pruned structure of that model: ``base_ms`` (embeddings, norms and the classifier or LM
+    head: the model with every sublayer removed) plus, per layer, ``attn_ms[h]`` (an attention sublayer with
+    ``h`` heads) and ``ffn_ms`` at the measured ``ffn_widths``, interpolated linearly in between (the
+    piecewise-linear shape of Kwon et al., 2022). :func:`structprune.latency.measure_table` measures one.
+
+    ``phase`` says what one timed call was (one of :attr:`PHASES`): ``"forward"`` (classifiers): one forward
+    pass of ``batch`` examples of ``seq_len`` tokens; ``"prefill"`` (causal LMs): ``batch`` prompts of
+    ``seq_len`` tokens from an empty key/value cache, to the first token; ``"decode"`` (causal LMs): one
+    decoding step of ``batch`` sequences with ``seq_len`` tokens already in the cache (ms per token).
+    Files written before tables had a phase load as ``"forward"``.
     """
+
+    PHASES = ("forward", "prefill", "decode")
 
     backend: str
     batch: int
@@ -222,6 +230,11 @@ class LatencyTable:
     ffn_widths: tuple[int, ...]
     ffn_ms: tuple[float, ...]
     machine: dict
+    phase: str = "forward"
+
+    def __post_init__(self) -> None:
+        if self.phase not in self.PHASES:
+            raise ValueError(f"latency table phase {self.phase!r} is not one of {self.PHASES}")
 
     @staticmethod
     def signature(structure: ModelStructure) -> dict:
@@ -282,7 +295,7 @@ def _load_table(path: str, mtime: int | None) -> LatencyTable:
     try:
         for key in ("attn_ms", "ffn_widths", "ffn_ms"):
             info[key] = tuple(float(v) if key != "ffn_widths" else int(v) for v in info[key])
-        return LatencyTable(**info)
+        return LatencyTable(**info)  # no "phase" (files written before it): "forward"; another value: refused
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"latency table {path} is damaged ({err}); measure it again") from None
 

@@ -39,6 +39,8 @@ MASK_NAMES = UNIT_NAMES
 SCALE_NAMES = ("head", "neuron")
 SHIFT_NAMES = ("attn", "ffn")
 MASKS_FILE = "masks.safetensors"
+WEIGHTS_FILE = "weights.safetensors"
+"""The full-size weights a method tuned while choosing the masks (e.g. ``sprint``), beside the masks."""
 SUMMARY_FILE = "masks.json"
 FORMAT_VERSION = 1
 MAX_SCALE = 1e4
@@ -202,8 +204,10 @@ class MaskSet:
         }
 
     def save(self, directory: str | os.PathLike, structure: ModelStructure | None = None,
-             spec: dict | None = None, overwrite: bool = False) -> Path:
-        """Write ``masks.safetensors`` and ``masks.json`` (with a summary when the model is given)."""
+             spec: dict | None = None, overwrite: bool = False,
+             weights: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write ``masks.safetensors`` and ``masks.json`` (with a summary when the model is given), and the
+        full-size ``weights`` the masks go with, if the method tuned them (:func:`tuned_weights` reads them)."""
         tensors = {name: t.contiguous() for name, t in self.masks.items()}
         tensors |= {f"scale.{name}": t.contiguous() for name, t in self.scales.items()}
         tensors |= {f"shift.{name}": t.contiguous() for name, t in self.shifts.items()}
@@ -213,6 +217,9 @@ class MaskSet:
             info["summary"] = self.summary(structure, spec)
         with atomic_dir(directory, overwrite=overwrite, marker=SUMMARY_FILE) as tmp:
             save_file(tensors, str(tmp / MASKS_FILE), metadata={"format": "pt"})
+            if weights is not None:
+                save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS_FILE),
+                          metadata={"format": "pt"})
             atomic_write_text(tmp / SUMMARY_FILE, json.dumps(info, indent=2, sort_keys=True))
         return Path(directory)
 
@@ -246,6 +253,17 @@ class MaskSet:
                 or sorted(shifts) != info.get("shifts", []) or len(masks) + len(scales) + len(shifts) != len(tensors)):
             raise MaskError(f"{tensor_path} and {info_path} disagree on which masks exist; re-create the masks")
         return cls(masks, scales, info.get("meta", {}), shifts)
+
+
+def tuned_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    """The weights saved beside the masks of ``directory`` (``None`` when the method tuned none)."""
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise MaskError(f"{path} is corrupt or truncated ({err}); re-create the masks") from err
 
 
 def random_masks(structure: ModelStructure, generator: torch.Generator, keep: float = 0.5,

@@ -508,6 +508,8 @@ class StructprunePreTrainedModel(PreTrainedModel):
         rotary ``(cos, sin)`` (``None`` for learned positions)."""
         B, S = input_ids.shape
         past = self._check_cache(cache, B)
+        if cache is not None and attention_mask is not None and all(layer.attn is None for layer in self.layers):
+            past = attention_mask.shape[-1] - S  # nothing is cached without attention: the mask says what came before
         limit = self.max_sequence_length
         if limit is not None and past + S > limit:
             raise ValueError(f"sequence length {past + S} exceeds the model's maximum of {limit} tokens; "

@@ -47,9 +47,12 @@ def position_ids(attention_mask: np.ndarray, length: int) -> np.ndarray:
 
 def step(session, input_ids: np.ndarray, attention_mask: np.ndarray,
          past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """One forward pass: logits ``[B, S, vocab]`` and the next past (this pass's presents)."""
+    """One forward pass: logits ``[B, S, vocab]`` and the next past (this pass's presents). Inputs the graph does
+    not take are left out (a model without attention reads neither the mask nor the positions)."""
     feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
              "position_ids": position_ids(attention_mask, input_ids.shape[1]), **past}
+    takes = {i.name for i in session.get_inputs()}
+    feeds = {name: value for name, value in feeds.items() if name in takes}
     names = ["logits", *(PRESENT_PREFIX + name[len(PAST_PREFIX):] for name in past)]
     logits, *presents = session.run(names, feeds)
     return logits, dict(zip(past, presents))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def run_compact(args: argparse.Namespace) -> None:
     from structprune.compaction import compact, save
     from structprune.io import check_output_dir
     from structprune.loading import load_model, load_tokenizer
-    from structprune.maskset import MaskSet
+    from structprune.maskset import MaskSet, tuned_weights
 
     check_output_dir(args.out, args.overwrite, inputs=(args.masks, args.model))
     masks = MaskSet.load(args.masks)
@@ -65,7 +66,12 @@ def run_compact(args: argparse.Namespace) -> None:
     if made_for is not None and not args.force and _identity(str(made_for)) != _identity(args.model):
         raise CliError(f"{args.masks} was made for the model {made_for}, not for {args.model}; compact the model the "
                        "masks came from, or pass --force if it is the same model under another path")
-    pruned = compact(model, masks)
+    tuned = tuned_weights(args.masks)
+    if tuned is not None:  # the method tuned the weights along with the masks: compact those (the dense stays)
+        source = copy.deepcopy(model)
+        source.load_state_dict(tuned)
+        print(f"compacting the weights {masks.meta.get('method', 'the method')} tuned with the masks", flush=True)
+    pruned = compact(model if tuned is None else source, masks)
     tokenizer = load_tokenizer(args.model, model.spec["vocab_size"], required=args.recover is not None)
     if args.recover is not None:
         _recover(args, masks.meta, model, pruned, tokenizer)
@@ -98,9 +104,17 @@ def run_latency_table(args: argparse.Namespace) -> None:
     if args.batch < 1 or args.seq < 1:
         raise CliError(f"--batch and --seq must be >= 1, got {args.batch} and {args.seq}")
     refuse_existing_file(args.out, args.overwrite)
-    table = measure_table(load_model(args.model, trained=False), args.batch, args.seq, args.ffn_points, args.threads)
+    model = load_model(args.model, trained=False)  # causal=None: a causal LM folder loads as one
+    causal = model.spec.get("task") == "causal_lm"
+    if args.phase is not None and not causal:
+        raise CliError(f"--phase is for causal LMs; {args.model} is a classifier, whose table times one forward "
+                       "pass of --batch examples of --seq tokens (leave --phase out)")
+    table = measure_table(model, args.batch, args.seq, args.ffn_points, args.threads, phase=args.phase)
     table.save(args.out)
-    print(f"latency table written to {args.out}: ONNX Runtime CPU, batch {args.batch}, sequence {args.seq}, "
+    shape = {"forward": f"forward, batch {args.batch}, sequence {args.seq}",
+             "prefill": f"prefill, batch {args.batch}, prompt {args.seq}",
+             "decode": f"decode (one step), batch {args.batch}, context {args.seq}"}[table.phase]
+    print(f"latency table written to {args.out}: ONNX Runtime CPU, {shape}, "
           f"{args.threads} threads; all sublayers removed {table.base_ms:.2f} ms, per layer: "
           f"{len(table.attn_ms) - 1} heads {table.attn_ms[-1]:.2f} ms, {table.ffn_widths[-1]} neurons "
           f"{table.ffn_ms[-1]:.2f} ms")
@@ -172,10 +186,19 @@ def register(sub) -> None:
 
     p = sub.add_parser("latency-table", help="measure a per-layer latency table for latency budgets",
                        description="Measure how long MODEL's attention (per head count) and FFN (per width) "
-                                   "sublayers take on ONNX Runtime CPU, for `prune --budget-kind latency`.")
+                                   "sublayers take on ONNX Runtime CPU, for `prune --budget-kind latency`. A "
+                                   "classifier is timed in one forward pass of --batch examples of --seq tokens; a "
+                                   "causal LM in one --phase: prefill (--batch prompts of --seq tokens, to the first "
+                                   "token) or decode (one step of --batch sequences with --seq tokens already in the "
+                                   "key/value cache).")
     p.add_argument("--model", required=True, help="the dense model (folder or hub name)")
-    p.add_argument("--batch", type=positive_int, default=8, help="examples per call (default: 8)")
-    p.add_argument("--seq", type=positive_int, default=128, help="tokens per example (default: 128)")
+    p.add_argument("--phase", choices=("prefill", "decode"), default=None,
+                   help="causal LMs: the phase to time, prefill or decode (default: decode); not for classifiers")
+    p.add_argument("--batch", type=positive_int, default=8,
+                   help="examples per call: classifier inputs, prompts (prefill) or sequences decoded (default: 8)")
+    p.add_argument("--seq", type=positive_int, default=128,
+                   help="tokens per example: classifier input length, prompt length (prefill) or tokens already "
+                        "in the cache (decode) (default: 128)")
     p.add_argument("--ffn-points", type=positive_int, default=8, help="FFN widths measured besides 0 (default: 8)")
     p.add_argument("--threads", type=positive_int, default=THREADS, help=f"ONNX Runtime intra-op threads (default: {THREADS})")
     add_output_options(p, "table file (JSON) to write")

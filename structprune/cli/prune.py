@@ -91,7 +91,8 @@ def _write_masks(args: argparse.Namespace, task: TaskArgs, options: dict) -> Non
           file=sys.stderr, flush=True)
     result = get_method(args.method)(model, encoded, budget, progress=True, **options)
     result.masks.meta |= {"model": args.model, "examples": len(encoded["input_ids"])} | meta
-    result.masks.save(args.out, ModelStructure.from_spec(model.spec), model.spec, overwrite=args.overwrite)
+    result.masks.save(args.out, ModelStructure.from_spec(model.spec), model.spec, overwrite=args.overwrite,
+                      weights=result.weights)
     summary = result.log["summary"]
     print(f"masks written to {args.out}: {args.method}, parameter sparsity {summary['param_sparsity']:.3f}, "
           f"FLOPs reduction {summary['flops_reduction']:.3f} at sequence {summary['seq_len']}")

@@ -68,6 +68,9 @@ METHODS: Mapping[str, Method] = {
     "l0": Method("structprune.methods.l0", "learned hard-concrete masks with distillation, CoFiPruning",
                  _OPTIONS + "L0", learned=True, settings=_OPTIONS + "l0_settings"),
     "magnitude": Method("structprune.methods.magnitude", "weight magnitude (no data)", _OPTIONS + "MAGNITUDE"),
+    "sprint": Method("structprune.methods.sprint", "remove whole sublayers by measured latency and tunability, "
+                     "tuning the rest briefly after each removal, SPRINT (causal LMs; returns tuned weights)",
+                     _OPTIONS + "SPRINT"),
     "taylor": Method("structprune.methods.taylor", "first-order Taylor importance", _OPTIONS + "TAYLOR"),
     "transfer": Method("structprune.transfer", "l0 helped by auxiliary tasks under limited data",
                        "structprune.transfer.config:OPTIONS", learned=True,

@@ -65,15 +65,17 @@ def influences(model: StructprunePreTrainedModel, batches: list[dict[str, torch.
     return {name: (s / max(tokens, 1)).float() for name, s in sums.items()}
 
 
-def _masks(removed: set[tuple[str, int]], L: int) -> dict[str, torch.Tensor]:
+def sublayer_masks(removed: set[tuple[str, int]], L: int) -> dict[str, torch.Tensor]:
+    """``attn_layer [L]`` and ``ffn_layer [L]`` masks removing the ``(sublayer, layer)`` units ``removed``."""
     gates = {name: torch.ones(L) for name in BLOCKS}
     for name, i in removed:
         gates[name][i] = 0.0
     return gates
 
 
-def _resolved(removed: set[tuple[str, int]], structure: ModelStructure) -> ModelStructure:
-    return MaskSet(_masks(removed, structure.num_layers)).resolve(structure)
+def resolved_without(removed: set[tuple[str, int]], structure: ModelStructure) -> ModelStructure:
+    """The structure left once the sublayers ``removed`` are gone."""
+    return MaskSet(sublayer_masks(removed, structure.num_layers)).resolve(structure)
 
 
 def _blocks(granularity: str, L: int) -> list[tuple[tuple[str, int], ...]]:
@@ -114,26 +116,26 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
     L = structure.num_layers
     removed: set[tuple[str, int]] = set()
     remaining = _blocks(granularity, L)
-    scores = influences(full, batches, _masks(removed, L))
+    scores = influences(full, batches, sublayer_masks(removed, L))
     history = []
-    while costs.reduction(_resolved(removed, structure)) < budget.target:
+    while costs.reduction(resolved_without(removed, structure)) < budget.target:
         if len(remaining) == 1:
             full.train(was_training)
             raise ValueError(f"block_influence: reaching {budget.kind} sparsity {budget.target} would remove every "
                              f"{granularity} of the model; choose a smaller target")
-        before = costs.of(_resolved(removed, structure))
+        before = costs.of(resolved_without(removed, structure))
 
         def per_cost(b: tuple[tuple[str, int], ...]) -> float:
-            return _score(b, scores) / max(before - costs.of(_resolved(removed | set(b), structure)), 1e-12)
+            return _score(b, scores) / max(before - costs.of(resolved_without(removed | set(b), structure)), 1e-12)
 
         block = min(remaining, key=per_cost)
         remaining.remove(block)
         removed |= set(block)
         history.append({"removed": [f"{name}[{i}]" for name, i in block], "influence": _score(block, scores)})
         if iterative:
-            scores = influences(full, batches, _masks(removed, L))
+            scores = influences(full, batches, sublayer_masks(removed, L))
     full.train(was_training)
-    masks = MaskSet(_masks(removed, L))
+    masks = MaskSet(sublayer_masks(removed, L))
     options = {"granularity": granularity, "iterative": iterative, "batch_size": batch_size,
                "max_examples": max_examples, "seed": seed}
     log = {"influence": {name: s.tolist() for name, s in scores.items()}, "removed": history,

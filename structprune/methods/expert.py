@@ -3,11 +3,12 @@
 An expert is placed along up to three dimensions, ``language``, ``domain`` and ``task``, each described by a
 calibration corpus (``corpora``). A unit's relevance to a corpus is how much the layer output changes when the unit
 is removed, summed over the corpus's tokens: ``||W_o[:, h] x_h||^2`` for a head, ``||W_down[:, j]||^2 x_j^2`` for a
-neuron (:mod:`structprune.methods.channel_stats`: forward passes only, one layer at a time). Each corpus's
-relevance is divided by its mean over the units of the same kind in the same layer, so that corpora, layers and
-kinds weigh alike; a unit's expert score is the mean of its relevance over the expert's corpora (``combine="max"``:
-the largest, keeping what any one dimension needs). Units go lowest score per unit of cost first until the budget
-is met. No post-training.
+neuron (:mod:`structprune.methods.channel_stats`: forward passes only, one layer at a time). Heads and neurons
+are in the same currency (a squared change of the residual stream), so each corpus's relevance is divided by its
+layer's total over both kinds: corpora and layers weigh alike, and a head still outweighs a neuron by what it
+carries. A unit's expert score is the mean of its relevance over the expert's corpora (``combine="max"``: the
+largest, keeping what any one dimension needs). Units go lowest score per unit of cost first until the budget is
+met. No post-training.
 
 ``task_data`` is the reference text (e.g. general text): without ``corpora`` the units are scored on it alone,
 the general-calibration baseline at the same budget; with them it only enters the relevance report.
@@ -45,8 +46,8 @@ Tensors = Mapping[str, torch.Tensor]
 
 def relevance(model: StructprunePreTrainedModel, batches: Sequence[dict[str, torch.Tensor]],
               device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-    """``head [L, H]`` and ``neuron [L, F]``: output change per token when the unit is removed, divided by the
-    layer's mean over units of the same kind."""
+    """``head [L, H]`` and ``neuron [L, F]``: the output change when the unit is removed, as a share of its layer's
+    total over all heads and neurons."""
     stats = channel_stats(model, batches, device)
     L = len(model.layers)
     head = torch.zeros(L, max((layer.attn.heads for layer in model.layers if layer.attn), default=0),
@@ -55,11 +56,11 @@ def relevance(model: StructprunePreTrainedModel, batches: Sequence[dict[str, tor
                          dtype=torch.float64)
     for i, (layer, layer_stats) in enumerate(zip(model.layers, stats)):
         if layer.attn is not None:
-            head[i] = layer_stats.head_change / layer_stats.head_change.mean().clamp_min(1e-30)
+            head[i, :layer.attn.heads] = layer_stats.head_change
         if layer.ffn is not None:
-            change = neuron_change(layer, layer_stats)
-            neuron[i] = change / change.mean().clamp_min(1e-30)
-    return {"head": head, "neuron": neuron}
+            neuron[i, :layer.ffn.down.in_features] = neuron_change(layer, layer_stats)
+    total = (head.sum(1) + neuron.sum(1)).clamp_min(1e-30)[:, None]
+    return {"head": head / total, "neuron": neuron / total}
 
 
 def combined(scores: Mapping[str, Tensors], how: str) -> dict[str, torch.Tensor]:

@@ -218,6 +218,12 @@ COMBINE = Option("--combine", "expert: a unit's score over the corpora: their me
                               "(default: mean)", choices=("mean", "max"))
 EXPERT: Mapping[str, Option] = {"expert": EXPERT_SPEC, "combine": COMBINE, "batch_size": BATCH_SIZE,
                                 "max_examples": CALIB_EXAMPLES, "seed": SEED, "multiple_of": MULTIPLE_OF}
+CANDIDATES = Option("--candidates", "sprint: sublayers probed by a short tuning each round (default: 3)", positive_int)
+PROBE_STEPS = Option("--probe-steps", "sprint: tuning steps of each probe, 0 to rank by sensitivity alone (default: 8)",
+                     non_negative_int)
+TUNE_STEPS = Option("--tune-steps", "sprint: tuning steps kept after each removal (default: 16)", non_negative_int)
+SPRINT: Mapping[str, Option] = {"candidates": CANDIDATES, "probe_steps": PROBE_STEPS, "tune_steps": TUNE_STEPS,
+                                "lr": L0["lr"], "batch_size": BATCH_SIZE, "max_examples": CALIB_EXAMPLES, "seed": SEED}
 FLAP: Mapping[str, Option] = {"metric": METRIC, "compensate": COMPENSATE, "batch_size": BATCH_SIZE,
                               "max_examples": CALIB_EXAMPLES, "seed": SEED, "multiple_of": MULTIPLE_OF}
 TAYLOR: Mapping[str, Option] = {"batch_size": BATCH_SIZE, "calib_batches": CALIB_BATCHES, "seed": SEED,

@@ -41,8 +41,10 @@ def test_head_relevance_is_the_output_change_of_removing_the_head():
         w = layer.attn.o.weight.double()
         changes = torch.stack([(x[:, h * hd:(h + 1) * hd] @ w[:, h * hd:(h + 1) * hd].t()).pow(2).sum()
                                for h in range(layer.attn.heads)])
-    torch.testing.assert_close(scores["head"][1, head], changes[head] / changes.mean(), rtol=1e-5, atol=0)
-    assert torch.allclose(scores["neuron"].mean(1), torch.ones(len(model.layers), dtype=torch.float64))
+    share = scores["head"][1] / scores["head"][1].sum()
+    torch.testing.assert_close(share[head], changes[head] / changes.sum(), rtol=1e-5, atol=0)
+    totals = scores["head"].sum(1) + scores["neuron"].sum(1)
+    torch.testing.assert_close(totals, torch.ones(len(model.layers), dtype=torch.float64))
 
 
 def test_corpora_combine_and_the_report_names_specific_units():

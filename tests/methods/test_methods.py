@@ -51,8 +51,8 @@ def encoded_data(num_labels: int, rows: int = 24, seq: int = 10) -> dict[str, to
 MODELS = {"bert": tiny_bert, "llama": tiny_llama}
 
 
-# Unit scorers (heads, neurons); block_influence removes whole sublayers (tests/methods/test_block_influence.py).
-SCORING = sorted(name for name in METHODS if name not in ("l0", "transfer", "block_influence"))
+# Unit scorers (heads, neurons); block_influence and sprint remove whole sublayers (their own test files).
+SCORING = sorted(name for name in METHODS if name not in ("l0", "transfer", "block_influence", "sprint"))
 """Methods that score units and select them with select_units (l0 and transfer learn their masks:
 tests/methods/test_l0.py, tests/transfer/)."""
 

@@ -1,0 +1,80 @@
+"""The LLM pruning benchmark's quick run (a tiny random Llama with SmolLM2's tokenizer): a dense row and one row per
+pruned model with finite perplexity, accuracies in percent and positive speedups; nothing left behind; ``--resume``
+measures nothing twice."""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from structprune.methods import method_options
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_llm_pruning
+
+LIBRARY_TEMPORARIES = (".ses", "torchinductor_")
+
+
+def _files(folder: Path) -> set[tuple[str, int]]:
+    return {(str(p.relative_to(folder)), p.stat().st_mtime_ns) for p in folder.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts}
+
+
+def _left_behind(scratch: Path) -> list[str]:
+    """What is in the temporary folder, but for what importing the libraries creates there (onnxruntime's ``.ses``
+    file and torch's empty ``torchinductor_<user>`` folder, outside the script's control)."""
+    return [p.name for p in scratch.iterdir()
+            if not p.name.startswith(LIBRARY_TEMPORARIES) or (p.is_dir() and any(p.iterdir()))]
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_variants_name_registered_methods_and_their_options():
+    for label, (method, options) in bench_llm_pruning.VARIANTS.items():
+        assert set(options) <= set(method_options(method)), label
+    assert set(bench_llm_pruning.DEFAULT_VARIANTS) <= set(bench_llm_pruning.VARIANTS)
+
+
+def test_quick_run_rows_and_no_leftovers(tmp_path, monkeypatch, smollm2_folder, data_dir):
+    scratch = tmp_path / "scratch"  # the run's (and its subprocesses') temporary folder
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    benchmarks = bench_llm_pruning.RESULTS.parent
+    before = _files(benchmarks)
+    out = tmp_path / "out"
+    argv = ["--quick", "--no-pin", "--methods", "magnitude,flap", "--sparsities", "0.3", "--data-dir", str(data_dir),
+            "--out", str(out / "llm_pruning.csv"), "--plot", str(out / "llm_pruning.png")]
+    assert bench_llm_pruning.main(argv) == 0
+
+    rows = _rows(out / "llm_pruning.csv")
+    assert [(r["label"], r["target_sparsity"]) for r in rows] == [("dense", "0.0"), ("magnitude", "0.3"),
+                                                                  ("flap", "0.3")]
+    for r in rows:
+        assert math.isfinite(float(r["perplexity"])) and float(r["perplexity"]) > 1
+        scores = [float(r[f"{task}_{metric}"]) for task, metric in bench_llm_pruning.TASK_METRICS.items()]
+        assert all(0 <= s <= 100 for s in scores)
+        assert float(r["zero_shot_avg"]) == pytest.approx(sum(scores) / len(scores), abs=0.01)
+        assert float(r["prefill_speedup"]) > 0 and float(r["decode_speedup"]) > 0
+        assert r["model"].startswith("tiny random") and r["quick"] == "True" and r["cpu"]
+    for r in rows[1:]:
+        assert float(r["achieved_sparsity"]) == pytest.approx(0.3, abs=0.05)
+        assert int(r["params"]) < int(rows[0]["params"])
+        assert float(r["prune_seconds"]) >= 0 and float(r["peak_rss_mb"]) > 0
+        assert float(r["decode_pruned_ms"]) > 0 and float(r["prefill_ideal"]) > 1
+    assert {p.name for p in out.iterdir()} == {"llm_pruning.csv", "llm_pruning.png"}
+    assert _left_behind(scratch) == []  # work folder, ONNX graphs and compact models removed
+    assert _files(benchmarks) == before  # nothing written into the repository's benchmarks/ (results/ included)
+
+    assert bench_llm_pruning.main([*argv, "--resume"]) == 0  # every pair is done: nothing measured, nothing added
+    assert len(_rows(out / "llm_pruning.csv")) == 3
+    assert _left_behind(scratch) == []
