@@ -70,6 +70,7 @@ def _write_masks(args: argparse.Namespace, task: TaskArgs, options: dict) -> Non
     from structprune.io import check_output_dir
     from structprune.loading import load_model, load_tokenizer
     from structprune.methods import get_method
+    from structprune.methods.distributed import is_writer
 
     budget = _budget(args)
     check_output_dir(args.out, args.overwrite, inputs=_inputs(args))
@@ -90,6 +91,8 @@ def _write_masks(args: argparse.Namespace, task: TaskArgs, options: dict) -> Non
     print(f"[{args.method}] pruning {args.model} on {what} to {budget.kind} sparsity {budget.target}",
           file=sys.stderr, flush=True)
     result = get_method(args.method)(model, encoded, budget, progress=True, **options)
+    if not is_writer():  # under torchrun, every process scored its share; rank 0 writes
+        return
     result.masks.meta |= {"model": args.model, "examples": len(encoded["input_ids"])} | meta
     result.masks.save(args.out, ModelStructure.from_spec(model.spec), model.spec, overwrite=args.overwrite,
                       weights=result.weights)

@@ -58,6 +58,7 @@ from structprune.methods.calibration import (
     objective_batches,
     unit_gates,
 )
+from structprune.methods.distributed import gathered, my_share
 from structprune.methods.mask_tuning import tune_scales
 from structprune.methods.result import PruneResult, result_from_masks
 from structprune.methods.selection import check_reachable, select_units
@@ -72,16 +73,17 @@ def mask_gradients(model: MaskedModel, batches: list[dict[str, torch.Tensor]], o
                    progress: bool = False, bf16: bool = False) -> dict[str, torch.Tensor]:
     """Gradients of each batch's mean loss w.r.t. the gates at 1: ``head [B, L, H]``, ``neuron [B, L, F]``.
 
-    ``bf16`` runs the passes under bf16 autocast (the gradients come back in fp32).
+    ``bf16`` runs the passes under bf16 autocast (the gradients come back in fp32). Under ``torchrun`` the
+    batches are shared out among the processes and gathered back (:mod:`structprune.methods.distributed`).
     """
-    grads: dict[str, list[torch.Tensor]] = {"head": [], "neuron": []}
+    per_batch = {}
     device = model.model.embeddings.word.weight.device
-    for batch in tqdm(batches, desc="fisher gradients", unit="batch", disable=not progress):
+    for j, batch in tqdm(my_share(batches), desc="fisher gradients", unit="batch", disable=not progress):
         with bf16_autocast(device, bf16):
             _, g = gate_gradient(model, batch, unit_gates(model), objective)
-        for name in grads:
-            grads[name].append(g[name].float().cpu())
-    return {name: torch.stack(values) for name, values in grads.items()}
+        per_batch[j] = {name: g[name].float().cpu() for name in ("head", "neuron")}
+    every = gathered(per_batch, len(batches))
+    return {name: torch.stack([b[name] for b in every]) for name in ("head", "neuron")}
 
 
 def fisher_information(grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -3,7 +3,8 @@
 The importance of a unit is ``|g * dL/dg|`` for a gate ``g`` on its output, taken at ``g = 1``
 (Molchanov et al., 2019; Michel et al., 2019 for heads): to first order, the change of the loss
 when the unit is removed. It is summed over a few calibration batches of labelled task data (the
-absolute value is taken per batch, so units whose effect flips sign between batches still count).
+absolute value is taken per batch, so units whose effect flips sign between batches still count). Under
+``torchrun`` the batches are shared out among the processes (:mod:`structprune.methods.distributed`).
 The gates are those of :class:`~structprune.masked_model.MaskedModel`, so the gradients come from the
 same masked forward the rest of the project uses. Weights are not changed.
 
@@ -23,6 +24,7 @@ from transformers import PreTrainedModel
 from structprune.budget import Budget
 from structprune.data.encoding import batches, model_inputs, trim_padding
 from structprune.masked_model import MaskedModel
+from structprune.methods.distributed import gathered, my_share
 from structprune.methods.result import PruneResult, prune_by_importance
 from structprune.methods.selection import DEFAULT_TOLERANCE
 from structprune.methods.setup import PruningInputs
@@ -51,22 +53,23 @@ def taylor_scores(model: MaskedModel, data: Mapping[str, torch.Tensor], batch_si
         "neuron": torch.ones(structure.num_layers, structure.max_ffn, dtype=weight.dtype, device=weight.device,
                              requires_grad=True),
     }
-    scores = {name: torch.zeros_like(g, dtype=torch.float64) for name, g in gates.items()}
     n_batches = -(-len(data["input_ids"]) // batch_size)
     total = n_batches if calib_batches is None else min(calib_batches, n_batches)
     was_training = model.training
     model.eval()
+    per_batch = {}
     try:
-        stream = itertools.islice(batches(data, batch_size, shuffle=True, seed=seed), total)
-        for batch in tqdm(stream, total=total, desc="taylor scores", unit="batch", disable=not progress):
+        mine = my_share(list(itertools.islice(batches(data, batch_size, shuffle=True, seed=seed), total)))
+        for j, batch in tqdm(mine, desc="taylor scores", unit="batch", disable=not progress):
             batch = {name: t.to(weight.device) for name, t in trim_padding(batch).items()}
             loss = model(**model_inputs(batch), labels=batch["labels"], gates=gates).loss
             grads = torch.autograd.grad(loss, list(gates.values()))
-            for (name, gate), grad in zip(gates.items(), grads):
-                scores[name] += (gate.detach() * grad).abs().double()
+            per_batch[j] = {name: (gate.detach() * grad).abs().double().cpu()
+                            for (name, gate), grad in zip(gates.items(), grads)}
     finally:
         model.train(was_training)
-    return {name: score.cpu() for name, score in scores.items()}
+    every = gathered(per_batch, total)  # batch order, whichever process ran each
+    return {name: torch.stack([b[name] for b in every]).sum(0) for name in gates}
 
 
 def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Tensor], budget: Budget | float, *,
