@@ -111,6 +111,20 @@ def neuron_change(layer: Layer, stats: LayerStats) -> torch.Tensor:
     return stats.ffn.sumsq * layer.ffn.down.weight.detach().double().pow(2).sum(0).cpu()
 
 
+def merged(runs: Sequence[list[LayerStats]]) -> list[LayerStats]:
+    """The statistics of several calibration runs over the same model, as if their tokens were one run."""
+
+    def total(parts):
+        if parts[0] is None:
+            return None
+        if isinstance(parts[0], torch.Tensor):
+            return sum(parts[1:], parts[0].clone())
+        return ChannelStats(sum(p.count for p in parts), sum(p.sum for p in parts), sum(p.sumsq for p in parts))
+
+    return [LayerStats(total([s.attn for s in layer]), total([s.head_change for s in layer]),
+                       total([s.ffn for s in layer])) for layer in zip(*runs)]
+
+
 def _record(module: nn.Module, real: torch.Tensor, out: list, heads: int | None) -> torch.utils.hooks.RemovableHandle:
     """Accumulate the real tokens of ``module``'s input (and, for an o-proj, each head's output norm)."""
 

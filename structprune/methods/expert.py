@@ -1,37 +1,46 @@
 """``expert``: prune a general LLM into a customised expert (Cus-Prun, Zhao et al., ACL Findings 2025).
 
 An expert is placed along up to three dimensions, ``language``, ``domain`` and ``task``, each described by a
-calibration corpus (``corpora``). A unit's relevance to a corpus is how much the layer output changes when the unit
-is removed, summed over the corpus's tokens: ``||W_o[:, h] x_h||^2`` for a head, ``||W_down[:, j]||^2 x_j^2`` for a
-neuron (:mod:`structprune.methods.channel_stats`: forward passes only, one layer at a time). Heads and neurons
-are in the same currency (a squared change of the residual stream), so each corpus's relevance is divided by its
-layer's total over both kinds: corpora and layers weigh alike, and a head still outweighs a neuron by what it
-carries. A unit's expert score is the mean of its relevance over the expert's corpora (``combine="max"``: the
-largest, keeping what any one dimension needs). Units go lowest score per unit of cost first until the budget is
-met. No post-training.
+calibration corpus (``corpora``). Units are kept by how much the layer output changes, on the expert's corpora, when
+they are removed and replaced by their mean output (the bias compensation of :mod:`structprune.methods.flap`):
+per corpus, that change is FLAP's fluctuation score (the variance of what a unit feeds its output projection times
+the squared norm of its weights, standardised within each layer and kind; forward passes only, one layer at a time),
+and a unit's expert score is its mean over the expert's corpora (``combine="max"``: the largest, keeping what any one
+dimension needs). Units go lowest score first, across layers and kinds, until the budget is met; the removed units'
+mean outputs over the expert's corpora become output biases (``compensate``). No post-training.
+
+Cus-Prun scores a unit by its uncompensated output change, ``||W_o[:, h] x_h||^2`` for a head and
+``||W_down[:, j]||^2 x_j^2`` for a neuron, summed over the corpus. That is what the report measures; as the ranking it
+lost to the compensated score on SmolLM2 (BENCHMARKS.md, "Customised experts").
 
 ``task_data`` is the reference text (e.g. general text): without ``corpora`` the units are scored on it alone,
 the general-calibration baseline at the same budget; with them it only enters the relevance report.
 
 The report (``relevance`` in the log and the masks' metadata) says which units serve which corpus: per corpus and
-layer, the heads and neurons whose relevance there is at least :data:`SPECIFIC` times their mean relevance on the
-other corpora (the reference included).
+layer, the heads and neurons whose output change there (a share of the layer's total over heads and neurons, exact
+per head) is at least :data:`SPECIFIC` times their mean share on the other corpora (the reference included).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from transformers import PreTrainedModel
 
-from structprune.budget import Budget
+from structprune.budget import Budget, as_budget
 from structprune.masked_model import MaskedModel
 from structprune.methods.calibration import calibration_batches
-from structprune.methods.channel_stats import channel_stats, neuron_change
+from structprune.methods.channel_stats import (
+    LayerStats,
+    channel_stats,
+    merged,
+    neuron_change,
+)
+from structprune.methods.flap import bias_reserve, compensated, flap_scores
 from structprune.methods.result import PruneResult, prune_by_importance
 from structprune.methods.selection import DEFAULT_TOLERANCE
-from structprune.methods.setup import PruningInputs
+from structprune.methods.setup import PruningInputs, dense_model
 from structprune.modeling_structprune import StructprunePreTrainedModel
 
 DIMENSIONS = ("language", "domain", "task")
@@ -44,11 +53,9 @@ SPECIFIC = 2.0
 Tensors = Mapping[str, torch.Tensor]
 
 
-def relevance(model: StructprunePreTrainedModel, batches: Sequence[dict[str, torch.Tensor]],
-              device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+def relevance(model: StructprunePreTrainedModel, stats: list[LayerStats]) -> dict[str, torch.Tensor]:
     """``head [L, H]`` and ``neuron [L, F]``: the output change when the unit is removed, as a share of its layer's
     total over all heads and neurons."""
-    stats = channel_stats(model, batches, device)
     L = len(model.layers)
     head = torch.zeros(L, max((layer.attn.heads for layer in model.layers if layer.attn), default=0),
                        dtype=torch.float64)
@@ -91,10 +98,10 @@ def relevance_report(scores: Mapping[str, Tensors]) -> dict[str, dict]:
 
 
 def prune(model: PreTrainedModel | MaskedModel, task_data: Tensors | None, budget: Budget | float, *,
-          corpora: Mapping[str, Tensors] | None = None, combine: str = "mean", batch_size: int = 8,
-          max_examples: int | None = 128, seed: int = 0, min_heads: int = 1, min_neurons: int = 1,
-          tolerance: float = DEFAULT_TOLERANCE, multiple_of: int = 1, device: torch.device | str | None = None,
-          progress: bool = False) -> PruneResult:
+          corpora: Mapping[str, Tensors] | None = None, combine: str = "mean", compensate: bool = True,
+          batch_size: int = 8, max_examples: int | None = 128, seed: int = 0, min_heads: int = 1,
+          min_neurons: int = 1, tolerance: float = DEFAULT_TOLERANCE, multiple_of: int = 1,
+          device: torch.device | str | None = None, progress: bool = False) -> PruneResult:
     """Masks keeping the heads and neurons the expert's corpora need (see the module doc).
 
     Args:
@@ -103,7 +110,8 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Tensors | None, budge
             ``corpora`` are given.
         budget: parameters, FLOPs or latency to remove (a float: parameters).
         corpora: ``name -> encoded windows`` of each expert dimension (e.g. ``{"language=xquad-de": ...}``).
-        combine: ``mean`` or ``max`` of the corpora's relevances.
+        combine: ``mean`` or ``max`` of the corpora's scores; compensate: replace removed units by their mean
+            output over the expert's corpora (output shifts, biases once compacted).
         batch_size, max_examples, seed: the calibration batches of each corpus.
         min_heads, min_neurons, tolerance, multiple_of: the selection's (:func:`~structprune.methods.selection.select_units`).
         device: run each layer there in turn (the model may stay on the CPU).
@@ -111,34 +119,40 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Tensors | None, budge
     """
     if combine not in COMBINE:
         raise ValueError(f"expert: combine {combine!r} is not one of {COMBINE}")
-    texts = {name: data for name, data in (corpora or {}).items()}
+    texts = dict(corpora or {})
     reference = task_data is not None and len(task_data.get("input_ids", ())) > 0
     if not texts and not reference:
         raise ValueError("expert needs calibration text: corpora for the expert's dimensions, or task_data")
     for name, data in texts.items():
         if len(data.get("input_ids", ())) == 0:
             raise ValueError(f"expert: corpus {name!r} has no examples")
+    budget, full = as_budget(budget), dense_model(model)
+    found: dict[str, list[LayerStats]] = {}
 
     def importance(inputs: PruningInputs) -> tuple[dict[str, torch.Tensor], dict]:
         inputs.full.eval()
-        every = dict(texts) | ({REFERENCE: task_data} if reference else {})
-        scores = {}
-        for name, data in every.items():
+        for name, data in (texts | ({REFERENCE: task_data} if reference else {})).items():
             batches = calibration_batches({k: v for k, v in data.items() if k in ("input_ids", "attention_mask")},
                                           batch_size, max_examples, seed)
-            scores[name] = relevance(inputs.full, batches, device)
-        scoring = {name: s for name, s in scores.items() if name != REFERENCE} or scores
-        report = relevance_report(scores)
-        return combined(scoring, combine), {"relevance": report, "corpora": sorted(scoring)}
+            found[name] = channel_stats(inputs.full, batches, device)
+        scoring = [name for name in found if name != REFERENCE] or [REFERENCE]
+        found["expert"] = merged([found[name] for name in scoring])  # the means that compensation restores
+        shares = {name: relevance(inputs.full, stats) for name, stats in found.items()
+                  if name != "expert"}
+        scores = {name: flap_scores(inputs.full, found[name], "fluctuation") for name in scoring}
+        return combined(scores, combine), {"relevance": relevance_report(shares), "corpora": scoring}
 
-    options = {"combine": combine, "corpora": sorted(texts), "batch_size": batch_size, "max_examples": max_examples,
-               "seed": seed, "min_heads": min_heads, "min_neurons": min_neurons, "tolerance": tolerance,
-               "multiple_of": multiple_of}
+    options = {"combine": combine, "compensate": compensate, "corpora": sorted(texts), "batch_size": batch_size,
+               "max_examples": max_examples, "seed": seed, "min_heads": min_heads, "min_neurons": min_neurons,
+               "tolerance": tolerance, "multiple_of": multiple_of}
 
-    def record(inputs: PruningInputs, result: PruneResult) -> None:
+    def refine(inputs: PruningInputs, result: PruneResult) -> None:
+        if compensate:
+            compensated("expert", inputs, result, found["expert"], budget, options)
         result.masks.meta["relevance"] = result.log["relevance"]
 
-    return prune_by_importance("expert", model, budget, importance, options, record)
+    return prune_by_importance("expert", full, bias_reserve(budget, full) if compensate else budget, importance,
+                               options, refine, per_cost=False)
 
 
 def parse_expert(spec: str) -> list[tuple[str, str]]:

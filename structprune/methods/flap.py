@@ -84,6 +84,26 @@ def compensation(model: StructprunePreTrainedModel, stats: list[LayerStats], hea
     return shifts
 
 
+def bias_reserve(budget: Budget, full: StructprunePreTrainedModel) -> Budget:
+    """The budget a compensating selection aims at: under a parameter budget, raised by the output biases the shifts
+    add (one per sublayer that has none), so that the compacted model meets ``budget`` with them."""
+    if budget.kind != "params":
+        return budget
+    structure = ModelStructure.from_spec(full.spec)
+    missing = (not full.spec["o_bias"]) + (not full.spec["ffn_bias"])
+    biases = missing * structure.num_layers * structure.hidden_size
+    return dataclasses.replace(budget, target=budget.target + biases / count_params(structure, full.spec))
+
+
+def compensated(method: str, inputs: PruningInputs, result: PruneResult, stats: list[LayerStats], budget: Budget,
+                options: Mapping[str, object]) -> None:
+    """Add the bias-compensation shifts to ``result``'s masks and count their biases in its log (against the
+    user's ``budget``)."""
+    masks = result.masks
+    masks.shifts = compensation(inputs.full, stats, masks.masks["head"], masks.masks["neuron"])
+    result.log |= result_from_masks(method, inputs.full, masks, budget, options, result.log).log
+
+
 def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Tensor], budget: Budget | float, *,
           metric: str = "fluctuation", compensate: bool = True, batch_size: int = 8, max_examples: int | None = 128,
           seed: int = 0, min_heads: int = 1, min_neurons: int = 1, tolerance: float = DEFAULT_TOLERANCE,
@@ -106,12 +126,6 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
         raise ValueError("flap needs calibration data: encoded tensors with at least one example")
     found: dict[str, list[LayerStats]] = {}
     budget, full = as_budget(budget), dense_model(model)
-    selection_budget = budget
-    if compensate and budget.kind == "params":
-        structure = ModelStructure.from_spec(full.spec)
-        missing = (not full.spec["o_bias"]) + (not full.spec["ffn_bias"])
-        biases = missing * structure.num_layers * structure.hidden_size
-        selection_budget = dataclasses.replace(budget, target=budget.target + biases / count_params(structure, full.spec))
 
     def importance(inputs: PruningInputs) -> tuple[dict[str, torch.Tensor], dict]:
         batches = calibration_batches({k: v for k, v in task_data.items() if k in ("input_ids", "attention_mask")},
@@ -124,12 +138,11 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
         return scores, {"scores": scores, "calibration_tokens": tokens}
 
     def refine(inputs: PruningInputs, result: PruneResult) -> None:
-        if compensate:  # the shifts become biases, counted in the summary
-            masks = result.masks
-            masks.shifts = compensation(inputs.full, found["stats"], masks.masks["head"], masks.masks["neuron"])
-        result.log |= result_from_masks("flap", inputs.full, result.masks, budget, options, result.log).log
+        if compensate:
+            compensated("flap", inputs, result, found["stats"], budget, options)
 
     options = {"metric": metric, "compensate": compensate, "batch_size": batch_size, "max_examples": max_examples,
                "seed": seed, "min_heads": min_heads, "min_neurons": min_neurons, "tolerance": tolerance,
                "multiple_of": multiple_of}
-    return prune_by_importance("flap", full, selection_budget, importance, options, refine, per_cost=False)
+    return prune_by_importance("flap", full, bias_reserve(budget, full) if compensate else budget, importance,
+                               options, refine, per_cost=False)

@@ -209,14 +209,16 @@ BLOCK_INFLUENCE: Mapping[str, Option] = {"granularity": GRANULARITY, "iterative"
 MAGNITUDE: Mapping[str, Option] = {"multiple_of": MULTIPLE_OF}
 METRIC = Option("--metric", "flap: a channel's input variance (fluctuation) or mean square (norm, Wanda-sp) times its "
                             "weight column's squared norm (default: fluctuation)", choices=("fluctuation", "norm"))
-COMPENSATE = Option("--compensate", "flap: add the removed units' mean output as a bias (default: on)", boolean=True)
+COMPENSATE = Option("--compensate", "expert, flap: add the removed units' mean output as a bias (default: on)",
+                    boolean=True)
 EXPERT_SPEC = Option("--expert", "expert: the expert's calibration corpora as DIMENSION=SOURCE pairs, DIMENSION one of "
                                  "language, domain, task; SOURCE an LM task with calibration text (xquad-de, pubmed, "
                                  "wikitext2...), text:FILE or a classification task (its training sentences); e.g. "
                                  "language=xquad-de,domain=pubmed (default: none: score on --task's text alone)")
 COMBINE = Option("--combine", "expert: a unit's score over the corpora: their mean relevance, or the largest "
                               "(default: mean)", choices=("mean", "max"))
-EXPERT: Mapping[str, Option] = {"expert": EXPERT_SPEC, "combine": COMBINE, "batch_size": BATCH_SIZE,
+EXPERT: Mapping[str, Option] = {"expert": EXPERT_SPEC, "combine": COMBINE, "compensate": COMPENSATE,
+                                "batch_size": BATCH_SIZE,
                                 "max_examples": CALIB_EXAMPLES, "seed": SEED, "multiple_of": MULTIPLE_OF}
 CANDIDATES = Option("--candidates", "sprint: sublayers probed by a short tuning each round (default: 3)", positive_int)
 PROBE_STEPS = Option("--probe-steps", "sprint: tuning steps of each probe, 0 to rank by sensitivity alone (default: 8)",

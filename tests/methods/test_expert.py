@@ -10,6 +10,7 @@ from structprune.arch import from_hf
 from structprune.budget import Budget
 from structprune.methods import check_settings, get_method
 from structprune.methods.calibration import calibration_batches
+from structprune.methods.channel_stats import channel_stats
 from structprune.methods.expert import (
     combined,
     corpus_text,
@@ -29,7 +30,7 @@ def _data(vocab: int, low: int, high: int, n: int = 4, seq: int = 10) -> dict[st
 def test_head_relevance_is_the_output_change_of_removing_the_head():
     model = from_hf(make_causal("llama")).eval()
     data = _data(model.spec["vocab_size"], 3, model.spec["vocab_size"])
-    scores = relevance(model, calibration_batches(data, 2))
+    scores = relevance(model, channel_stats(model, calibration_batches(data, 2)))
     layer, head = model.layers[1], 2
     seen = []
     hook = layer.attn.o.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
@@ -68,6 +69,8 @@ def test_expert_masks_follow_the_corpora_and_differ_from_general_calibration():
     assert not torch.equal(expert.masks.masks["neuron"], base.masks.masks["neuron"])
     assert expert.masks.meta["options"]["corpora"] == ["domain=low"]
     assert set(expert.masks.meta["relevance"]) == {"domain=low", "reference"}
+    assert set(expert.masks.shifts) == {"attn", "ffn"}
+    assert get_method("expert")(hf, general, Budget(0.3), compensate=False).masks.shifts == {}
     with pytest.raises(ValueError, match="needs calibration text"):
         get_method("expert")(hf, None, Budget(0.3))
     with pytest.raises(ValueError, match="combine"):
