@@ -88,8 +88,8 @@ VARIANTS = {
     "shortgpt": ("block_influence", {"granularity": "layer"}),
     "shortgpt-sublayer": ("block_influence", {"granularity": "sublayer"}),
     "fisher": ("fisher", {"grad_batch_size": 8}),
-    "expert": ("expert", {}),  # calibrated on the general text alone: the output change a unit's removal leaves
-    "sprint": ("sprint", {"max_examples": 4}),  # 4 calibration windows: one loss pass per remaining sublayer a round
+    # 4 calibration windows (one loss pass per remaining sublayer a round), 2 probes of 4 steps, 8 steps kept
+    "sprint": ("sprint", {"max_examples": 4, "candidates": 2, "probe_steps": 4, "tune_steps": 8}),
 }
 """Label -> (method, options). The batch sizes keep a backward pass over 512-token windows within a few GB."""
 DEFAULT_VARIANTS, DEFAULT_SPARSITIES = ("magnitude", "taylor", "flap", "shortgpt"), (0.2, 0.35, 0.5)

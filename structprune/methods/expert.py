@@ -13,8 +13,8 @@ Cus-Prun scores a unit by its uncompensated output change, ``||W_o[:, h] x_h||^2
 ``||W_down[:, j]||^2 x_j^2`` for a neuron, summed over the corpus. That is what the report measures; as the ranking it
 lost to the compensated score on SmolLM2 (BENCHMARKS.md, "Customised experts").
 
-``task_data`` is the reference text (e.g. general text): without ``corpora`` the units are scored on it alone,
-the general-calibration baseline at the same budget; with them it only enters the relevance report.
+``task_data`` is the reference text (e.g. general text): without ``corpora`` the units are scored on it alone, which
+is ``flap`` (the general-calibration baseline at the same budget); with them it only enters the relevance report.
 
 The report (``relevance`` in the log and the masks' metadata) says which units serve which corpus: per corpus and
 layer, the heads and neurons whose output change there (a share of the layer's total over heads and neurons, exact
