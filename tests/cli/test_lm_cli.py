@@ -128,3 +128,14 @@ def test_expert_and_flap_prune_a_causal_lm_and_compact(lm, tmp_path):
     code, _, err = cli("prune", "--model", lm["model"], "--task", lm["task"], "--method", "expert", "--expert",
                        "dialect=x", "--target-sparsity", 0.3, "--out", tmp_path / "bad")
     assert code != 0 and "DIMENSION=SOURCE" in err and not (tmp_path / "bad").exists()
+
+
+def test_sprint_saves_its_tuned_weights_and_compact_uses_them(lm, tmp_path):
+    ok("prune", "--model", lm["model"], "--task", lm["task"], "--method", "sprint", "--target-sparsity", 0.2,
+       "--max-length", 16, "--train-size", 8, "--calib-examples", 4, "--candidates", 1, "--probe-steps", 1,
+       "--tune-steps", 1, "--out", tmp_path / "sprint")
+    assert (tmp_path / "sprint" / "weights.safetensors").is_file()
+    out = ok("compact", tmp_path / "sprint", "--model", lm["model"], "--out", tmp_path / "sprint-model")
+    assert "compacting the weights sprint tuned" in out
+    config = json.loads((tmp_path / "sprint-model" / "config.json").read_text())["structprune"]
+    assert any(layer["heads"] == 0 or layer["ffn"] == 0 for layer in config["layers"])
