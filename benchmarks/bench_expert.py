@@ -64,7 +64,7 @@ def evaluate(model, tokenizer, data: dict, args: argparse.Namespace) -> dict:
 
 def table(row: dict, header: bool = False) -> str:
     """One line of the printed table (with the header line first when ``header``)."""
-    keys = [k for k in row if k.startswith("ppl_") or k in ("pubmedqa_acc", "zero_shot_avg")]
+    keys = [k for k in row if (k.startswith("ppl_") and k != "ppl_windows") or k in ("pubmedqa_acc", "zero_shot_avg")]
     line = f"{row['expert'] or 'dense':<20} {row['calibration']:<8} {row['sparsity']:>5.2f} " + " ".join(
         f"{row[k]:>12.2f}" for k in keys)
     head = f"{'expert':<20} {'calib':<8} {'spars':>5} " + " ".join(f"{k[:12]:>12}" for k in keys)
