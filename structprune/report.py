@@ -142,13 +142,16 @@ def _plot(c: Comparison, path: Path) -> None:
 
 
 def save_figure(fig, path: Path) -> None:
-    """Write a matplotlib figure as PNG to ``path`` atomically, and close it."""
+    """Write a matplotlib figure as PNG to ``path`` atomically (its folder made if missing; readable by all, as any
+    other output), and close it."""
     from matplotlib import pyplot as plt
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=110)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         plt.close(fig)

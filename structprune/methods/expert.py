@@ -127,7 +127,8 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Tensors | None, budge
         if len(data.get("input_ids", ())) == 0:
             raise ValueError(f"expert: corpus {name!r} has no examples")
     budget, full = as_budget(budget), dense_model(model)
-    found: dict[str, list[LayerStats]] = {}
+    found: dict[str, list[LayerStats]] = {}  # per corpus
+    expert: list[list[LayerStats]] = []  # the expert corpora's together: the means compensation restores
 
     def importance(inputs: PruningInputs) -> tuple[dict[str, torch.Tensor], dict]:
         inputs.full.eval()
@@ -136,9 +137,8 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Tensors | None, budge
                                           batch_size, max_examples, seed)
             found[name] = channel_stats(inputs.full, batches, device)
         scoring = [name for name in found if name != REFERENCE] or [REFERENCE]
-        found["expert"] = merged([found[name] for name in scoring])  # the means that compensation restores
-        shares = {name: relevance(inputs.full, stats) for name, stats in found.items()
-                  if name != "expert"}
+        expert.append(merged([found[name] for name in scoring]))
+        shares = {name: relevance(inputs.full, stats) for name, stats in found.items()}
         scores = {name: flap_scores(inputs.full, found[name], "fluctuation") for name in scoring}
         return combined(scores, combine), {"relevance": relevance_report(shares), "corpora": scoring}
 
@@ -148,7 +148,7 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Tensors | None, budge
 
     def refine(inputs: PruningInputs, result: PruneResult) -> None:
         if compensate:
-            compensated("expert", inputs, result, found["expert"], budget, options)
+            compensated("expert", inputs, result, expert[0], budget, options)
         result.masks.meta["relevance"] = result.log["relevance"]
 
     return prune_by_importance("expert", full, bias_reserve(budget, full) if compensate else budget, importance,
