@@ -44,7 +44,9 @@ from structprune.evaluation import evaluate
 from structprune.finetune import FinetuneConfig, finetune, mark_task
 from structprune.io import atomic_write_text
 from structprune.methods import l0
+from structprune.methods.options import CONTROLLERS
 from structprune.methods.result import PruneResult
+from structprune.report import save_figure
 
 HERE = Path(__file__).resolve().parent
 CSV = HERE / "results" / "l0.csv"
@@ -149,12 +151,21 @@ class Runner:
         model.load_state_dict(result.weights)
         summary = result.log["summary"]
         accuracy = self._accuracy(model.eval())
+        trace = result.log["sparsity_trace"]
+        hold = [abs(s - t) for s, t in zip(trace["sparsity"], trace["target"]) if t == trace["target"][-1]]
         extra = {"expected_sparsity_end": round(result.log["expected_sparsity_end"], 4),
+                 "rounded_sparsity": round(result.log["rounded_sparsity"], 4),
+                 "hold_steps": len(hold), "hold_gap_max": round(max(hold, default=float("nan")), 4),
                  "prune_steps": result.log["prune_steps"], "finetune_steps": result.log["finetune_steps"],
                  "kept_heads": " ".join(str(x["heads"]) for x in summary["layers"]),
                  "kept_ffn": " ".join(str(x["ffn"]) for x in summary["layers"]), "kept_hidden": summary["hidden"],
                  "settings": json.dumps(settings)} | (extra or {})
         return self.row(method, target, accuracy, seconds, summary, extra, key)
+
+
+def _controller(row: dict) -> str:
+    """The controller of an ``l0`` row (rows from before the setting existed ran the Lagrangian alone)."""
+    return json.loads(row["settings"]).get("controller", "lagrangian")
 
 
 def table(path: Path) -> str:
@@ -167,28 +178,72 @@ def table(path: Path) -> str:
         rows = list(csv.DictReader(f))
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["task"], r["train_size"], r["device"], r["method"], r["target"]), []).append(r)
+        controller = "" if r["method"] == "dense" else _controller(r)
+        groups.setdefault((r["task"], r["train_size"], r["device"], r["method"], r["target"], controller),
+                          []).append(r)
 
     def stats(values: list[float]) -> str:
         if len(values) == 1:
             return f"{values[0]:.1f}"
         return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
-    lines = [("| task | train | target | seeds | reached params / FLOPs | l0 accuracy | dense accuracy | gap | "
-              "wall time per run | device |"), "|---|---:|---:|---|---:|---:|---:|---:|---:|---|"]
-    for (task, size, device, method, target), cell in sorted(groups.items()):
+    lines = [("| task | train | target | controller | seeds | expected sparsity at the end of pruning | reached "
+              "params / FLOPs | l0 accuracy | dense accuracy | gap | wall time per run | device |"),
+             "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for (task, size, device, method, target, controller), cell in sorted(groups.items()):
         if method != "l0":
             continue  # dense rows are matched to the l0 rows of the same task, size, device and seeds
         seeds = sorted({r["seed"] for r in cell})
-        dense = [float(r["accuracy"]) for r in groups.get((task, size, device, "dense", "0"), []) if r["seed"] in seeds]
+        dense = [float(r["accuracy"]) for r in groups.get((task, size, device, "dense", "0", ""), [])
+                 if r["seed"] in seeds]
+        expected = " / ".join(f"{float(r['expected_sparsity_end']):.3f}" for r in cell if r.get("expected_sparsity_end"))
         acc = [float(r["accuracy"]) for r in cell]
         gap = f"{statistics.mean(acc) - statistics.mean(dense):+.1f}" if dense else "n/a"
         reached = (f"{statistics.mean(float(r['param_sparsity']) for r in cell):.1%} / "
                    f"{statistics.mean(float(r['flops_reduction']) for r in cell):.1%}")
         minutes = statistics.mean(float(r["seconds"]) for r in cell) / 60
-        lines.append(f"| {task} | {size} | {float(target):.0%} | {','.join(seeds)} | {reached} | {stats(acc)} | "
-                     f"{stats(dense) if dense else 'n/a'} | {gap} | {minutes:.1f} min | {device} |")
+        lines.append(f"| {task} | {size} | {float(target):.0%} | {controller} | {','.join(seeds)} | {expected or 'n/a'} | "
+                     f"{reached} | {stats(acc)} | {stats(dense) if dense else 'n/a'} | {gap} | {minutes:.1f} min | "
+                     f"{device} |")
     return "\n".join(lines)
+
+
+def plot_controller(path: Path, out: Path) -> Path:
+    """Expected vs target sparsity per pruning step of every ``l0`` cell of the CSV whose run log is still in
+    the cache: one panel per task and target, one line per controller and seed."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    with path.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["method"] == "l0"]
+    panels: dict[tuple[str, str], list[tuple[str, list[dict]]]] = {}
+    for r in rows:
+        log = (CACHE / f"{r['task']}-{r['train_size']}-s{r['seed']}-{r['device']}-l0-{r['settings_key']}"
+               / r["target"] / "prune" / "log.jsonl")
+        if log.is_file():
+            label = f"{_controller(r)} s{r['seed']}"
+            steps = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            panels.setdefault((r["task"], r["target"]), []).append((label, steps))
+    if not panels:
+        raise SystemExit(f"no run logs of {path}'s l0 cells under {CACHE}: run the cells first")
+    keys = sorted(panels)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for label, steps in panels[key]:
+            ax.plot([s["step"] for s in steps], [s["sparsity"] for s in steps], label=label)
+        first = panels[key][0][1]
+        ax.plot([s["step"] for s in first], [s["target"] for s in first], "--", color="gray", label="target")
+        ax.set_title(f"{key[0]}, target {float(key[1]):.0%}")
+        ax.set_xlabel("pruning step")
+        ax.set_ylabel("expected sparsity")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, out)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,19 +257,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-epochs", type=float, default=l0.L0Config.finetune_epochs)
     parser.add_argument("--gate-lr", type=float, default=l0.L0Config.gate_lr)
     parser.add_argument("--lambda-lr", type=float, default=l0.L0Config.lambda_lr)
+    parser.add_argument("--controller", default=l0.L0Config.controller, choices=CONTROLLERS)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=bench.CPU_THREADS, help="torch threads on CPU (default: 2)")
     parser.add_argument("--csv", default=str(CSV), help="results file (default: benchmarks/results/l0.csv)")
     parser.add_argument("--table", action="store_true", help="only print the table of the CSV")
+    parser.add_argument("--plot", type=Path, default=None, metavar="PNG",
+                        help="only draw expected vs target sparsity per step of the CSV's cells (from their run logs)")
     args = parser.parse_args(argv)
     if args.table:
         print(table(Path(args.csv)))
+        return 0
+    if args.plot is not None:
+        print(f"plot written to {plot_controller(Path(args.csv), args.plot)}")
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
     torch.set_num_threads(args.threads)
     config = l0.L0Config(prune_epochs=args.prune_epochs, finetune_epochs=args.finetune_epochs, gate_lr=args.gate_lr,
-                         lambda_lr=args.lambda_lr)
+                         lambda_lr=args.lambda_lr, controller=args.controller)
     targets = [float(t) for t in args.sparsities.split(",") if t]  # none: only the dense baselines
     for seed in (int(s) for s in args.seeds.split(",")):
         for name in args.tasks.split(","):

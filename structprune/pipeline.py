@@ -285,4 +285,5 @@ def _comparison(config: Run, train: TaskData, evaluation: TaskData, dense, prune
         notes=[f"Hidden dimensions kept: {pruned_structure.hidden_size} of {structure.hidden_size}.",
                "The dense model is exported and timed through the same path as the pruned one.",
                f"Method log (settings, losses, summary, timings): {log_file}."],
+        sparsity_trace=log.get("sparsity_trace"),
     )

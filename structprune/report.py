@@ -4,7 +4,8 @@
 model, and how) and writes three files into a folder:
 
 * ``results.json``: every number, machine and settings included, for scripts;
-* ``report.png``: accuracy, latency and kept units per layer, dense vs pruned;
+* ``report.png``: accuracy, latency and kept units per layer, dense vs pruned (and a learned method's
+  expected sparsity against its target, step by step);
 * ``report.md``: the setup, a side-by-side table and the plot, for people.
 
 Each file is written to a temporary name and renamed, so a report is never half-written.
@@ -57,6 +58,8 @@ class Comparison:
     machine: dict[str, str | int]
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    sparsity_trace: dict[str, list[float]] | None = None
+    """A learned method's pruning phase: per step, the ``target`` and the gates' expected ``sparsity``."""
 
     @property
     def ort_speedup(self) -> float:
@@ -97,12 +100,16 @@ def _markdown(c: Comparison) -> str:
     kept = ", ".join(f"{layer['heads']}/{layer['ffn']}" for layer in c.layers)
     notes = "".join(f"\n- {note}" for note in c.notes)
     stages = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in c.seconds.items())
+    trace = c.sparsity_trace
+    control = "" if trace is None else (
+        f"Expected sparsity of the gates at the end of pruning: {trace['sparsity'][-1]:.3f} (target "
+        f"{trace['target'][-1]:.3f}); the last panel of the plot follows it step by step.\n\n")
     timing = f"\n## Wall time\n\n{sum(c.seconds.values()):.0f} s in all: {stages}.\n" if c.seconds else ""
     return (
         f"# {c.title}\n\n## Setup\n\n{setup}\n\n## Results\n\n{_table(c)}\n\n"
         f"FLOPs-ideal speedup {c.flops_speedup:.2f}x; measured {c.ort_speedup:.2f}x (ONNX Runtime) and "
         f"{c.torch_speedup:.2f}x (torch eager). Parameter sparsity {c.param_sparsity:.1%}.\n\n"
-        f"Kept heads/neurons per layer (dense {c.dense_layer['heads']}/{c.dense_layer['ffn']}): {kept}.\n\n"
+        f"Kept heads/neurons per layer (dense {c.dense_layer['heads']}/{c.dense_layer['ffn']}): {kept}.\n\n{control}"
         f"![dense vs pruned]({PLOT_FILE})\n{timing}\n## Machine\n\n{machine}\n"
         + (f"\n## Notes\n{notes}\n" if notes else "")
     )
@@ -115,7 +122,8 @@ def _plot(c: Comparison, path: Path) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    trace = c.sparsity_trace
+    fig, axes = plt.subplots(1, 3 if trace is None else 4, figsize=(13 if trace is None else 17, 3.8))
     names, colors = ["dense", "pruned"], ["#4c72b0", "#dd8452"]
     acc, ort = axes[0], axes[1]
     acc.bar(names, [c.dense.accuracy, c.pruned.accuracy], color=colors)
@@ -137,6 +145,15 @@ def _plot(c: Comparison, path: Path) -> None:
     layers.set_ylabel("fraction kept")
     layers.set_title("kept units per layer")
     layers.legend()
+    if trace is not None:
+        steps = range(1, len(trace["target"]) + 1)
+        control = axes[3]
+        control.plot(steps, trace["target"], "--", color="gray", label="target")
+        control.plot(steps, trace["sparsity"], color="#c44e52", label="expected (gates)")
+        control.set_xlabel("pruning step")
+        control.set_ylabel("sparsity")
+        control.set_title("sparsity during pruning")
+        control.legend()
     fig.tight_layout()
     save_figure(fig, path)
 

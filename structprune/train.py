@@ -116,12 +116,17 @@ class Objective(nn.Module, abc.ABC):
     def forward(self, batch: Mapping[str, torch.Tensor], step: int, micro: int) -> tuple[torch.Tensor, dict]:
         """The loss of ``batch`` (a mean over its rows) and the values to show and log."""
 
+    def after_step(self, step: int) -> None:
+        """Called after each optimizer step, ``step`` the number of steps taken (e.g. to project parameters)."""
+
 
 @dataclass
 class TrainResult:
-    """Per-step losses (of this process's run, resumed steps included), wall time, best evaluation."""
+    """Per-step losses and logged values (of this process's run, resumed steps included), wall time, best
+    evaluation."""
 
     losses: list[float] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     start_step: int = 0
     best: dict | None = None
@@ -333,7 +338,7 @@ def _resume(checkpoints: _Checkpoints, objective: Objective, optimizer, schedule
         raise CheckpointError(f"{checkpoints.directory} was written by a run of {len(state['rng'])} process(es); "
                               f"resume it with that many, not {world}")
     _set_rng_state(state["rng"][rank])
-    result.losses, result.best = list(state["losses"]), state["best"]
+    result.losses, result.history, result.best = list(state["losses"]), list(state["history"]), state["best"]
     result.evaluations = list(state["evaluations"])
     result.start_step = int(state["step"])
     checkpoints.truncate_log(result.start_step)
@@ -404,8 +409,10 @@ def train(objective: Objective, data: Mapping[str, torch.Tensor], config: TrainC
             optimizer.step()
             scheduler.step()
             step += 1
+            objective.after_step(step)
             result.losses.append(loss_sum.item())
             values = {"loss": loss_sum.item()} | {k: v for k, v in values.items() if k != "loss"}
+            result.history.append(values)
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()})
             if step % config.log_every == 0 or step == config.steps:
@@ -416,7 +423,7 @@ def train(objective: Objective, data: Mapping[str, torch.Tensor], config: TrainC
             if step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
                 checkpoints.save({"objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
                                   "scheduler": scheduler.state_dict(), "rng": _rng_states(world), "step": step,
-                                  "losses": result.losses, "best": result.best, "evaluations": result.evaluations})
+                                  "losses": result.losses, "history": result.history, "best": result.best, "evaluations": result.evaluations})
     result.seconds = time.perf_counter() - start
     if config.keep_best and result.best is not None and result.best["step"] != step:
         objective.load_state_dict(checkpoints.load_best() if checkpoints.directory is not None

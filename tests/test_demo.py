@@ -68,6 +68,20 @@ def test_report_renders_every_number(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["ort_speedup"] == pytest.approx(1.6)
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+    assert "sparsity during pruning" not in report and "Expected sparsity" not in report
+
+
+def test_report_of_a_learned_method_follows_its_sparsity(tmp_path):
+    comparison = Comparison(
+        title="t", metric="accuracy", setup={"task": "x"},
+        dense=ModelResult(91.5, 91.25, 1000, 4000, 20.0, 30.0), pruned=ModelResult(90.0, 90.0, 500, 2000, 12.5, 15.0),
+        dense_layer={"heads": 4, "ffn": 8}, layers=[{"heads": 2, "ffn": 4}], machine={"cpu": "test"},
+        sparsity_trace={"target": [0.1, 0.3, 0.5, 0.5], "sparsity": [0.1, 0.3, 0.5, 0.4995]})
+    write_report(tmp_path, comparison)
+    report = (tmp_path / "report.md").read_text()
+    assert "Expected sparsity of the gates at the end of pruning: 0.499 (target 0.500)" in report
+    assert json.loads((tmp_path / "results.json").read_text())["sparsity_trace"]["target"][-1] == 0.5
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 TASK = TaskSpec(name="toy", kind="classification", label_names=("neg", "pos"), pair=False, metrics=("accuracy",),

@@ -34,7 +34,7 @@ first), as few as bring the masks within ``tolerance`` (bisection over the ranke
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -49,6 +49,8 @@ EPS = 1e-6
 SHIFT_LIMIT = 40.0
 """Largest ``log_alpha`` shift the extraction tries (it makes every keep probability 0 or 1)."""
 SHIFT_STEPS = 40
+PROJECT_STEPS = 30
+"""Bisection steps of :meth:`HardConcreteGates.project` (a shift within 1e-7 of the exact one)."""
 REPAIR_ORDER = ("neuron", "hidden", "head")
 """Granularities the final fine repair adjusts, finest first."""
 
@@ -92,9 +94,24 @@ class HardConcreteGates(nn.Module):
             out[name] = (s * (LIMIT_HIGH - LIMIT_LOW) + LIMIT_LOW).clamp(0.0, 1.0)
         return out
 
-    def expected_cost(self, spec: dict, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expected (parameters, FLOPs) of the model these gates would leave (see :func:`expected_cost`)."""
-        return expected_cost(self.structure, spec, self.keep_probabilities(), seq_len)
+    def expected_cost(self, spec: dict, seq_len: int, shift: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expected (parameters, FLOPs) of the model these gates would leave (see :func:`expected_cost`), with
+        ``shift`` added to every ``log_alpha``."""
+        probs = {name: _keep_probability(a + shift) for name, a in self.log_alpha.items()}
+        return expected_cost(self.structure, spec, probs, seq_len)
+
+    @torch.no_grad()
+    def project(self, reduction: Callable[[float], float], target: float) -> float:
+        """Add to every ``log_alpha`` the one shift that puts ``reduction(shift)`` (the expected reduction with
+        that shift, falling as it grows) on ``target`` (bisection); the shift."""
+        sparse, dense = -SHIFT_LIMIT, SHIFT_LIMIT
+        for _ in range(PROJECT_STEPS):
+            mid = (sparse + dense) / 2
+            sparse, dense = (mid, dense) if reduction(mid) >= target else (sparse, mid)
+        shift = (sparse + dense) / 2
+        for log_alpha in self.log_alpha.values():
+            log_alpha.add_(shift)
+        return shift
 
     @torch.no_grad()
     def rounded_masks(self, shift: float = 0.0) -> MaskSet:

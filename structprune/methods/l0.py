@@ -12,6 +12,14 @@ Starting from a model fine-tuned on the task (also the teacher, unless another i
    ``sparsity_warmup`` share of the phase (sparsity warm-up) and then held. The multipliers are
    trained by gradient ascent (AdamW, ``maximize``).
    Weights, gates and multipliers have separate learning rates.
+   **Controller.** The Lagrangian alone (``controller="lagrangian"``, CoFi's) lags the target, then
+   overshoots it and oscillates unless the phase is long. The default, ``hold``, keeps the Lagrangian
+   through the warm-up, where its multipliers price each unit by its cost, and from the end of the
+   warm-up ends every optimizer step by adding one shift to every gate logit, the one that puts the
+   expected sparsity exactly on the target (:meth:`HardConcreteGates.project`, bisection). The gates
+   thus train at the budget for the whole second part of the phase, whatever its length, and the
+   multipliers stop moving (the gap they learn from is zero) while their pressure stays. The log
+   keeps the expected sparsity and the target of every step (``sparsity_trace``).
 2. **Extraction**: deterministic 0/1 masks (the rule of
    :meth:`~structprune.methods.hardconcrete.HardConcreteGates.extract`), within ``tolerance`` of the target.
 3. **Fine-tuning** (``finetune_epochs``): the model is compacted with the masks frozen and trained
@@ -119,11 +127,22 @@ class DistillObjective(Objective):
         start = min(self.initial_sparsity, self.budget.target)
         return start + (self.budget.target - start) * step / self.warmup_steps
 
-    def expected_sparsity(self, gates: HardConcreteGates | None = None) -> torch.Tensor:
-        """Expected sparsity of the budget's kind under ``gates`` (default: this objective's gates)."""
+    def expected_sparsity(self, gates: HardConcreteGates | None = None, shift: float = 0.0) -> torch.Tensor:
+        """Expected sparsity of the budget's kind under ``gates`` (default: this objective's gates), every
+        ``log_alpha`` shifted by ``shift``."""
         gates = self.gates if gates is None else gates
-        params, flops = gates.expected_cost(self.student.spec, self.budget.seq_len)
+        params, flops = gates.expected_cost(self.student.spec, self.budget.seq_len, shift)
         return 1 - (params if self.budget.kind == "params" else flops) / self.dense_cost
+
+    def project(self, step: int, gates: HardConcreteGates | None = None) -> float:
+        """Shift ``gates`` (default: this objective's) onto the target of ``step``; the shift."""
+        gates = self.gates if gates is None else gates
+        return gates.project(lambda shift: float(self.expected_sparsity(gates, shift)), self.target(step))
+
+    def after_step(self, step: int) -> None:
+        """``hold`` controller: from the end of the warm-up, put the gates on the target after every step."""
+        if self.gates is not None and self.config.controller == "hold" and step >= self.warmup_steps:
+            self.project(step)
 
     def sample_gates(self, step: int, micro: int) -> dict[str, torch.Tensor] | None:
         """One draw of the gates for ``(step, micro)`` (noise seeded by ``(seed, step, micro)``), or ``None``."""
@@ -246,6 +265,11 @@ def learned_setup(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, 
                       config.steps(config.finetune_epochs, rows) if config.finetune_epochs else 0, fingerprint, data)
 
 
+def sparsity_trace(pruning: TrainResult) -> dict[str, list[float]]:
+    """Per step of a pruning phase: its target and the gates' expected sparsity in the step's forward."""
+    return {key: [values[key] for values in pruning.history] for key in ("target", "sparsity")}
+
+
 def finish(method: str, setup: LearnedSetup, objective: DistillObjective, pruning: TrainResult,
            config: L0Config, options: Mapping[str, object],
            directory: Path | None, fingerprint: Mapping, evaluate: Callable[[nn.Module], dict[str, float]] | None,
@@ -255,10 +279,12 @@ def finish(method: str, setup: LearnedSetup, objective: DistillObjective, prunin
     budget, structure, full, teacher = setup.budget, setup.structure, setup.full, setup.teacher
     with torch.no_grad():
         expected = float(objective.expected_sparsity())
+    rounded = objective.gates.rounded_masks().summary(structure, full.spec, seq_len=budget.seq_len)
     masks = objective.gates.extract(full.spec, budget.target, budget.kind, budget.seq_len, config.tolerance)
     summary = masks.summary(structure, full.spec, seq_len=budget.seq_len)
     log = {"method": method, "prune_steps": setup.prune_steps, "finetune_steps": setup.finetune_steps,
            "prune_seconds": pruning.seconds, "prune_losses": pruning.losses, "expected_sparsity_end": expected,
+           "rounded_sparsity": budget.achieved(rounded), "sparsity_trace": sparsity_trace(pruning),
            "lambdas": objective.lagrangian.lambdas.detach().cpu().tolist(), "summary": summary,
            "achieved": budget.achieved(summary), "evaluations": []}
 

@@ -104,6 +104,9 @@ def config_options(config: type, **flags: str) -> dict[str, Option]:
     return out
 
 
+CONTROLLERS = ("hold", "lagrangian")
+
+
 @dataclass(frozen=True)
 class L0Config:
     """Settings of the ``l0`` method (defaults: CoFi's design, step counts sized for ~1,000 examples).
@@ -117,6 +120,10 @@ class L0Config:
     prune_epochs: float = setting(10.0, "epochs of the pruning phase")
     finetune_epochs: float = setting(5.0, "epochs of fine-tuning the compact model")
     sparsity_warmup: float = setting(0.5, "share of the pruning phase over which the target rises", flag=False)
+    controller: str = setting("hold", "how the gates meet the target: hold (the Lagrangian through the warm-up, "
+                                      "then one shift of all gate logits after every step keeps the expected "
+                                      "sparsity on the target) or lagrangian (CoFi's multipliers alone)",
+                              choices=CONTROLLERS)
     batch_size: int = setting(32, "examples per step", flag=False)
     grad_accum: int = setting(1, "micro-batches per step")
     lr: float = setting(5e-5, "weights' learning rate")
@@ -143,6 +150,8 @@ class L0Config:
         if self.prune_epochs <= 0 or self.finetune_epochs < 0:
             raise ValueError(f"need prune_epochs > 0 and finetune_epochs >= 0, got {self.prune_epochs} and "
                              f"{self.finetune_epochs}")
+        if self.controller not in CONTROLLERS:
+            raise ValueError(f"controller must be one of {CONTROLLERS}, got {self.controller!r}")
         if not 0 <= self.sparsity_warmup <= 1:
             raise ValueError(f"sparsity_warmup is a share of the pruning phase, in [0, 1]; got {self.sparsity_warmup}")
         if min(self.lr, self.gate_lr, self.lambda_lr, self.temperature) <= 0:

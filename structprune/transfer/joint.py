@@ -59,6 +59,9 @@ class Joint:
         """``loss`` with the auxiliary gates' Lagrangian term: there is none."""
         return loss
 
+    def after_step(self, objective: TransferObjective, step: int) -> None:
+        """After each optimizer step: nothing (no auxiliary gates)."""
+
     def param_groups(self, objective: TransferObjective) -> list[dict]:
         """Optimiser groups of the coupling's own parameters: none."""
         return []

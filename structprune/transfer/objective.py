@@ -117,6 +117,10 @@ class TransferObjective(DistillObjective):
         trust in the source (:func:`~structprune.transfer.guard.update_trust`)."""
         return update_trust(self.cosine_stats, name, similarity, self.config.grad_accum)
 
+    def after_step(self, step: int) -> None:
+        super().after_step(step)
+        self.coupling.after_step(self, step)
+
     def param_groups(self) -> list[dict]:
         c = self.config
         heads = list(self.aux_heads.parameters())

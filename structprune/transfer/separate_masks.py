@@ -91,6 +91,11 @@ class SeparateMasks(Joint):
         values |= more
         return loss + penalty
 
+    def after_step(self, objective: TransferObjective, step: int) -> None:
+        """Under the ``hold`` controller, hold the auxiliary gates on the target of ``step`` too."""
+        if objective.config.controller == "hold" and step >= objective.warmup_steps:
+            objective.project(step, objective.aux_gates)
+
     def param_groups(self, objective: TransferObjective) -> list[dict]:
         """The auxiliary gates (constant ``gate_lr``) and multipliers (ascent at ``lambda_lr``), unclipped."""
         c = objective.config

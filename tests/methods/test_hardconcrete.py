@@ -67,6 +67,26 @@ def test_extraction_shifts_unpolarised_gates_onto_the_target(target):
     assert torch.equal(masks.masks["neuron"], gates.extract(spec, target, tolerance=0.005).masks["neuron"])
 
 
+@pytest.mark.parametrize("target", [0.2, 0.6])
+def test_projection_shifts_every_gate_onto_the_expected_target(target):
+    structure, spec = _model("bert")
+    gates = HardConcreteGates(structure, ("head", "neuron", "hidden"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for a in gates.log_alpha.values():
+            a.copy_(torch.randn(a.shape, generator=g) * 2)
+    before = {name: a.detach().clone() for name, a in gates.log_alpha.items()}
+    dense = count_params(structure, spec)
+
+    def reduction(shift: float) -> float:
+        return float(1 - gates.expected_cost(spec, 16, shift)[0] / dense)
+
+    shift = gates.project(reduction, target)
+    assert reduction(0.0) == pytest.approx(target, abs=1e-5)
+    for name, a in gates.log_alpha.items():  # one shift for all: the order of the gates is kept
+        assert torch.allclose(a.detach(), before[name] + shift, atol=1e-5)
+
+
 def test_flops_budget_extraction_counts_flops():
     structure, spec = _model("llama")
     gates = HardConcreteGates(structure, ("head", "neuron"), init_log_alpha=0.5)

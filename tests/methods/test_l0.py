@@ -1,4 +1,4 @@
-"""The ``l0`` method: the Lagrangian reaches the target, distillation, bad input, exact resume after a
+"""The ``l0`` method: both controllers reach the target, distillation, bad input, exact resume after a
 real kill, DDP with two gloo processes, and the ``prune --method l0`` / ``finetune`` commands."""
 
 from __future__ import annotations
@@ -57,15 +57,23 @@ FAST = l0.L0Config(prune_epochs=30, finetune_epochs=2, batch_size=16, gate_lr=0.
     (Budget(0.7), ("head", "neuron")),
     (Budget(0.4, "flops", seq_len=16), ("attn_layer", "head", "ffn_layer", "neuron")),
 ], ids=["params-0.5-all", "params-0.7-heads-neurons", "flops-0.4"])
-def test_lagrangian_drives_expected_sparsity_to_the_target(budget, granularities):
+@pytest.mark.parametrize("controller", ["hold", "lagrangian"])
+def test_controller_drives_expected_sparsity_to_the_target(budget, granularities, controller):
     model = tiny_bert()
-    config = dataclasses.replace(FAST, granularities=granularities)
+    config = dataclasses.replace(FAST, granularities=granularities, controller=controller)
     result = l0.prune(model, encoded_data(2, rows=64), budget, config=config)
-    # the controller did the work: the expected sparsity of the gates is at the target before extraction
-    assert abs(result.log["expected_sparsity_end"] - budget.target) < 0.03
+    trace = result.log["sparsity_trace"]
+    assert len(trace["target"]) == len(trace["sparsity"]) == result.log["prune_steps"]
+    assert trace["target"][-1] == budget.target and trace["target"][0] < budget.target  # warmed up, then held
+    assert result.log["lambdas"][1] > 0  # the quadratic multiplier only ever grows under ascent
+    if controller == "hold":  # the whole second half trains at the target: the gates are put there after each step
+        warmup = round(config.sparsity_warmup * result.log["prune_steps"])
+        gaps = [abs(s - t) for s, t in zip(trace["sparsity"][warmup:], trace["target"][warmup:])]
+        assert gaps and max(gaps) < 1e-4 and abs(result.log["expected_sparsity_end"] - budget.target) < 1e-4
+    else:
+        assert abs(result.log["expected_sparsity_end"] - budget.target) < 0.03
     assert abs(result.log["achieved"] - budget.target) <= 0.01
     assert set(result.masks.masks) == set(granularities)
-    assert result.log["lambdas"][1] > 0  # the quadratic multiplier only ever grows under ascent
     structure = ModelStructure.from_spec(from_hf(model).spec)
     pruned = compact(from_hf(model), result.masks)
     pruned.load_state_dict(result.weights)  # the weights are the fine-tuned compact model's
@@ -297,6 +305,9 @@ def test_cli_finetune_then_prune_l0_writes_everything(tmp_path):
         assert (folder / name).is_file(), name
     results = json.loads((folder / "results.json").read_text())
     assert abs(results["param_sparsity"] - 0.5) <= 0.01
+    assert results["sparsity_trace"]["sparsity"][-1] == pytest.approx(0.5, abs=1e-4)  # held on the budget
+    assert "Expected sparsity of the gates at the end of pruning: 0.500 (target 0.500)" in (
+        folder / "report.md").read_text()
     assert results["pruned"]["accuracy"] == pytest.approx(results["pruned"]["accuracy_onnx"])
     assert not (folder / "dense").exists()  # the given model was already fine-tuned on the task: it is the teacher
     assert from_pretrained(folder / "pruned").config.finetuned_task == "task"

@@ -162,3 +162,13 @@ def test_intermediate_dense_phases_serve_another_budget(tmp_path, monkeypatch):
     assert abs(second.log["achieved"] - 0.3) <= 0.01
     with pytest.raises(Exception, match="budget"):  # the pruning phase's checkpoint still belongs to its budget
         transfer.prune(tiny_bert(), DATA, 0.4, aux=aux, config=config, checkpoint_dir=tmp_path / "b")
+
+
+def test_hold_puts_target_and_auxiliary_gates_on_the_budget_after_the_warm_up():
+    objective, _, _ = separate_step("masks")
+    assert objective.config.controller == "hold"
+    objective.after_step(objective.warmup_steps - 1)  # still warming up: the Lagrangian alone drives the gates
+    assert abs(float(objective.expected_sparsity(objective.aux_gates)) - 0.5) > 0.05
+    objective.after_step(objective.warmup_steps)
+    for gates in (objective.gates, objective.aux_gates):
+        assert float(objective.expected_sparsity(gates)) == pytest.approx(0.5, abs=1e-4)
