@@ -17,6 +17,9 @@ from structprune.cli.common import (
 )
 from structprune.methods.options import positive_int
 
+LM_EVAL_WINDOWS = 32
+"""Text windows a quantized causal LM's perplexity is measured on, by default (scored one decode step at a time)."""
+
 
 def run_finetune(args: argparse.Namespace) -> None:
     from structprune.compaction import save
@@ -127,11 +130,20 @@ def run_export(args: argparse.Namespace) -> None:
     from structprune.loading import load_model, load_tokenizer
 
     check_output_dir(args.out, args.overwrite, inputs=(args.model,))
+    if args.task is not None and args.quantize is None:
+        raise CliError("--task scores a quantized export against its fp32 one; pass --quantize MODE with it (a plain "
+                       "export is checked against PyTorch already)")
+    if args.quantize == "int8-static" and args.task is None:
+        raise CliError("--quantize int8-static needs calibration examples: pass --task (a task name or file for a "
+                       "classifier, a perplexity task such as text:FILE for a causal LM), or use int8-dynamic")
     model = load_model(args.model)
-    tokenizer = load_tokenizer(args.model, model.spec["vocab_size"], required=False)
+    tokenizer = load_tokenizer(args.model, model.spec["vocab_size"], required=args.task is not None)
     causal = model.spec.get("task") == "causal_lm"
     if args.all_logits and not causal:
         raise CliError("--all-logits is for causal LMs; a classifier's graph returns its logits already")
+    if args.quantize is not None:
+        _quantized_export(args, model, tokenizer, causal)
+        return
     result = export(model, args.out, tokenizer, overwrite=args.overwrite, threads=args.threads,
                     all_logits=args.all_logits)
     checked = "prefill + 8 decode steps, tolerance 5e-4 x the largest |logit|" if causal else "tolerance 1e-4"
@@ -149,6 +161,73 @@ def run_export(args: argparse.Namespace) -> None:
             print("optimum's ORTModelForCausalLM can load it; structprune.ort_generation.generate serves it too")
         except OptimumIncompatibleError as err:
             print(f"note: {err}")
+
+
+def _quantization_data(args: argparse.Namespace, model, tokenizer, causal: bool) -> tuple:
+    """(calibration inputs or None, evaluation inputs, task or None, what was scored) for ``--task``."""
+    from structprune.data import encode
+    from structprune.loading import check_outputs
+
+    task = TaskArgs(args.task, "train", args.calib_examples if causal else None, args.data_dir,
+                    max_length=args.max_length)
+    static = args.quantize == "int8-static"
+    if task.is_lm != causal:
+        raise CliError(f"{args.model} is a {'causal LM' if causal else 'classifier'} but --task {args.task} is "
+                       f"{'a language-model' if task.is_lm else 'a classification'} task; pass a "
+                       f"{'perplexity task (wikitext2, text:FILE, ...)' if causal else 'task name or file'}")
+    if causal:
+        from structprune.data.lm import PERPLEXITY, get_lm_task, load_text
+        from structprune.likelihood import text_windows
+
+        lm = get_lm_task(args.task)
+        if lm.kind != PERPLEXITY:
+            raise CliError(f"{args.task} is a {lm.kind} task; a quantized causal LM is checked by perplexity: pass a "
+                           "perplexity task (wikitext2, text:FILE, ...)")
+        split = args.eval_split or lm.splits[0]
+        windows = text_windows(tokenizer, load_text(args.task, split, data_dir=args.data_dir), args.max_length,
+                               args.eval_examples or LM_EVAL_WINDOWS, seed=1)
+        where = f"{lm.name} {split}, {len(windows['input_ids'])} windows of {args.max_length} tokens"
+        return task.lm_calibration(tokenizer) if static else None, windows, None, where
+    held = task.held_out(args.eval_split or "dev")
+    check_outputs(args.model, model.spec["num_labels"], held.task.num_labels)
+    if args.eval_examples is not None and args.eval_examples < len(held):
+        held = held.subset(args.eval_examples, task.seed)
+    calibration = None
+    if static:
+        train = task.load()
+        calibration = encode(train.subset(min(args.calib_examples, len(train)), task.seed), tokenizer, args.max_length)
+    where = f"{held.task.name} {held.split} ({len(held)} examples)"
+    return calibration, encode(held, tokenizer, args.max_length), held.task, where
+
+
+def _quantized_export(args: argparse.Namespace, model, tokenizer, causal: bool) -> None:
+    import warnings
+
+    from structprune.export import ONNX_FILE
+    from structprune.quantize import FP16_ON_CPU, Fp16OnCpuWarning, export_quantized
+
+    calibration, evaluation, task, where = (_quantization_data(args, model, tokenizer, causal) if args.task
+                                            else (None, None, None, None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Fp16OnCpuWarning)  # said below, once
+        result = export_quantized(model, args.out, args.quantize, tokenizer, calibration, evaluation, task,
+                                  overwrite=args.overwrite, threads=args.threads, all_logits=args.all_logits)
+    mb = 1024**2
+    print(f"{args.quantize} ONNX model written to {result.directory / ONNX_FILE}: "
+          f"{result.quantized_bytes / mb:.2f} MiB (fp32 export {result.fp32_bytes / mb:.2f} MiB, "
+          f"x{result.quantized_bytes / result.fp32_bytes:.2f}); made "
+          "from an fp32 export that passed its parity check with PyTorch (not kept: export without --quantize for it)")
+    if result.metric is None:
+        print("no accuracy check was run: pass --task TASK (a task name or file; a perplexity task for a causal LM) "
+              "to score the fp32 and the quantized model on held-out examples")
+    elif causal:
+        print(f"perplexity on {where}: fp32 {result.fp32:.3f}, {args.quantize} {result.quantized:.3f} "
+              f"({result.change:+.3f}, {100 * result.change / result.fp32:+.2f}%)")
+    else:
+        print(f"{result.metric} on {where}: fp32 {result.fp32:.2f}, {args.quantize} {result.quantized:.2f} "
+              f"({result.change:+.2f} points)")
+    if args.quantize == "fp16":
+        print(f"note: {FP16_ON_CPU}")
 
 
 def register(sub) -> None:
@@ -203,7 +282,10 @@ def register(sub) -> None:
     p.add_argument("--threads", type=positive_int, default=THREADS, help=f"ONNX Runtime intra-op threads (default: {THREADS})")
     add_output_options(p, "table file (JSON) to write")
     p.set_defaults(run=run_latency_table)
+    _register_export(sub)
 
+
+def _register_export(sub) -> None:
     p = sub.add_parser("export", help="export a model to ONNX (with a PyTorch parity check)",
                        description="Export MODEL to an ONNX folder (model.onnx, config.json, tokenizer) that "
                                    "optimum's ORTModelForSequenceClassification reads; a causal LM with its key/value "
@@ -215,5 +297,28 @@ def register(sub) -> None:
                         "(what generation reads; faster prefill)")
     p.add_argument("--threads", type=positive_int, default=THREADS,
                    help=f"ONNX Runtime threads of the parity check (default: {THREADS})")
+    quant = p.add_argument_group("quantized export", "With --quantize, the fp32 export (checked against PyTorch) "
+                                 "is made in a temporary folder and quantized with ONNX Runtime's tools into --out; "
+                                 "with --task, both are scored on held-out examples (accuracy, or perplexity for a "
+                                 "causal LM) and the change is printed.")
+    quant.add_argument("--quantize", choices=("int8-dynamic", "int8-static", "fp16"), default=None,
+                       help="int8-dynamic: int8 weights, activations quantized at run time; int8-static: activation "
+                            "ranges calibrated on --task examples (needs --task); fp16: half-size weights, for GPUs "
+                            "(ONNX Runtime's CPU provider runs fp16 no faster than fp32)")
+    quant.add_argument("--task", default=None,
+                       help="a built-in task or a .csv/.tsv/.jsonl task file (classifiers), or a perplexity task "
+                            "such as wikitext2 or text:FILE (causal LMs): calibration and evaluation examples")
+    quant.add_argument("--eval-split", default=None,
+                       help="split scored (default: dev; perplexity tasks: the task's reported split); a task file's "
+                            "held-out 20%% is always used")
+    quant.add_argument("--calib-examples", type=positive_int, default=128,
+                       help="int8-static: training examples (causal LMs: windows of the calibration text) that fix "
+                            "the activation ranges (default: 128)")
+    quant.add_argument("--eval-examples", type=positive_int, default=None,
+                       help=f"score at most this many examples (default: all; causal LMs: {LM_EVAL_WINDOWS} windows)")
+    quant.add_argument("--max-length", type=positive_int, default=128,
+                       help="tokens per example or text window (default: 128)")
+    quant.add_argument("--data-dir", default=None,
+                       help="folder of the benchmark data sets (default: $STRUCTPRUNE_DATA_DIR, else ../shared/data)")
     add_output_options(p, "ONNX folder to write")
     p.set_defaults(run=run_export)
