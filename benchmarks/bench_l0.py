@@ -163,6 +163,10 @@ class Runner:
         return self.row(method, target, accuracy, seconds, summary, extra, key)
 
 
+COLORS = {"hold": "#c44e52", "lagrangian": "#dd8452", "projection": "#4c72b0", "priced": "#55a868"}
+"""Line colour of each controller in the plot (others: matplotlib's cycle)."""
+
+
 def _controller(row: dict) -> str:
     """The controller of an ``l0`` row (rows from before the setting existed ran the Lagrangian alone)."""
     return json.loads(row["settings"]).get("controller", "lagrangian")
@@ -231,10 +235,15 @@ def plot_controller(path: Path, out: Path) -> Path:
     if not panels:
         raise SystemExit(f"no run logs of {path}'s l0 cells under {CACHE}: run the cells first")
     keys = sorted(panels)
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
-    for ax, key in zip(axes[0], keys):
+    columns = min(3, len(keys))
+    rows = -(-len(keys) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat, keys):
         for label, steps in panels[key]:
-            ax.plot([s["step"] for s in steps], [s["sparsity"] for s in steps], label=label)
+            ax.plot([s["step"] for s in steps], [s["sparsity"] for s in steps], label=label,
+                    color=COLORS.get(label.split()[0]))
         first = panels[key][0][1]
         ax.plot([s["step"] for s in first], [s["target"] for s in first], "--", color="gray", label="target")
         ax.set_title(f"{key[0]}, target {float(key[1]):.0%}")

@@ -104,7 +104,7 @@ def config_options(config: type, **flags: str) -> dict[str, Option]:
     return out
 
 
-CONTROLLERS = ("hold", "lagrangian")
+CONTROLLERS = ("lagrangian", "hold")
 
 
 @dataclass(frozen=True)
@@ -120,10 +120,11 @@ class L0Config:
     prune_epochs: float = setting(10.0, "epochs of the pruning phase")
     finetune_epochs: float = setting(5.0, "epochs of fine-tuning the compact model")
     sparsity_warmup: float = setting(0.5, "share of the pruning phase over which the target rises", flag=False)
-    controller: str = setting("hold", "how the gates meet the target: hold (the Lagrangian through the warm-up, "
-                                      "then one shift of all gate logits after every step keeps the expected "
-                                      "sparsity on the target) or lagrangian (CoFi's multipliers alone)",
-                              choices=CONTROLLERS)
+    controller: str = setting("lagrangian", "how the gates meet the target: lagrangian (CoFi's multipliers; the "
+                                            "expected sparsity may end off the target, extraction then lands the "
+                                            "masks) or hold (the Lagrangian through the warm-up, then one shift of "
+                                            "all gate logits after every step keeps the expected sparsity exactly "
+                                            "on the target)", choices=CONTROLLERS)
     batch_size: int = setting(32, "examples per step", flag=False)
     grad_accum: int = setting(1, "micro-batches per step")
     lr: float = setting(5e-5, "weights' learning rate")

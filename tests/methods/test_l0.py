@@ -297,7 +297,7 @@ def test_cli_finetune_then_prune_l0_writes_everything(tmp_path):
     assert json.loads((tmp_path / "dense" / "config.json").read_text())["finetuned_task"] == "task"
     out = ok("prune", "--method", "l0", "--model", tmp_path / "dense", "--task", task, "--target-sparsity", 0.5,
              "--batch-size", 16, "--prune-epochs", 20, "--finetune-epochs", 1, "--gate-lr", 0.1, "--lambda-lr", 0.1,
-             "--seq-len", 16, "--max-length", 32, "--out", tmp_path / "l0")
+             "--controller", "hold", "--seq-len", 16, "--max-length", 32, "--out", tmp_path / "l0")
     assert "parameter sparsity" in out
     folder = tmp_path / "l0"
     for name in ("masks/masks.json", "pruned/config.json", "onnx-dense/model.onnx", "onnx-pruned/model.onnx",

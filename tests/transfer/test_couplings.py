@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -166,7 +168,7 @@ def test_intermediate_dense_phases_serve_another_budget(tmp_path, monkeypatch):
 
 def test_hold_puts_target_and_auxiliary_gates_on_the_budget_after_the_warm_up():
     objective, _, _ = separate_step("masks")
-    assert objective.config.controller == "hold"
+    objective.config = dataclasses.replace(objective.config, controller="hold")
     objective.after_step(objective.warmup_steps - 1)  # still warming up: the Lagrangian alone drives the gates
     assert abs(float(objective.expected_sparsity(objective.aux_gates)) - 0.5) > 0.05
     objective.after_step(objective.warmup_steps)
