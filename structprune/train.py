@@ -125,7 +125,6 @@ class TrainResult:
     """Per-step losses and logged values (of this process's run, resumed steps included), wall time, best
     evaluation."""
 
-    losses: list[float] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     start_step: int = 0
@@ -133,8 +132,12 @@ class TrainResult:
     evaluations: list[dict] = field(default_factory=list)
 
     @property
+    def losses(self) -> list[float]:
+        return [values["loss"] for values in self.history]
+
+    @property
     def steps(self) -> int:
-        return len(self.losses)
+        return len(self.history)
 
 
 def init_distributed() -> tuple[int, int]:
@@ -338,7 +341,7 @@ def _resume(checkpoints: _Checkpoints, objective: Objective, optimizer, schedule
         raise CheckpointError(f"{checkpoints.directory} was written by a run of {len(state['rng'])} process(es); "
                               f"resume it with that many, not {world}")
     _set_rng_state(state["rng"][rank])
-    result.losses, result.history, result.best = list(state["losses"]), list(state["history"]), state["best"]
+    result.history, result.best = list(state["history"]), state["best"]
     result.evaluations = list(state["evaluations"])
     result.start_step = int(state["step"])
     checkpoints.truncate_log(result.start_step)
@@ -410,7 +413,6 @@ def train(objective: Objective, data: Mapping[str, torch.Tensor], config: TrainC
             scheduler.step()
             step += 1
             objective.after_step(step)
-            result.losses.append(loss_sum.item())
             values = {"loss": loss_sum.item()} | {k: v for k, v in values.items() if k != "loss"}
             result.history.append(values)
             bar.update(1)
@@ -423,7 +425,7 @@ def train(objective: Objective, data: Mapping[str, torch.Tensor], config: TrainC
             if step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
                 checkpoints.save({"objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
                                   "scheduler": scheduler.state_dict(), "rng": _rng_states(world), "step": step,
-                                  "losses": result.losses, "history": result.history, "best": result.best, "evaluations": result.evaluations})
+                                  "history": result.history, "best": result.best, "evaluations": result.evaluations})
     result.seconds = time.perf_counter() - start
     if config.keep_best and result.best is not None and result.best["step"] != step:
         objective.load_state_dict(checkpoints.load_best() if checkpoints.directory is not None

@@ -28,13 +28,18 @@ from tests.conftest import hf457_python
 MAX_LENGTH = 16
 
 
+def _loaded(folder: Path):
+    """The model saved in ``folder`` and its tokenizer."""
+    model = load_model(str(folder))
+    return model, load_tokenizer(str(folder), model.spec["vocab_size"])
+
+
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory) -> dict:
     """A tiny random BERT, its fp32 export, and a TSV task encoded with its tokenizer."""
     root = tmp_path_factory.mktemp("quantize")
     folder = make_model(root / "model")
-    model = load_model(str(folder))
-    tokenizer = load_tokenizer(str(folder), model.spec["vocab_size"])
+    model, tokenizer = _loaded(folder)
     task = write_task(root / "task.tsv", rows=60)
     data = load_file(task, text_columns=["sentence"], label_column="label")
     export(model, root / "fp32", tokenizer)
@@ -157,8 +162,7 @@ def test_cli_quantized_export_of_a_classifier(bert, tmp_path):
 def causal(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("quantize-lm")
     folder = make_causal_folder(root / "model")
-    model = load_model(str(folder))
-    tokenizer = load_tokenizer(str(folder), model.spec["vocab_size"])
+    model, tokenizer = _loaded(folder)
     text = write_text(root / "text.txt")
     return {"folder": folder, "model": model, "tokenizer": tokenizer, "text": text,
             "windows": text_windows(tokenizer, text.read_text(), MAX_LENGTH, 6, seed=1)}

@@ -104,11 +104,7 @@ class HardConcreteGates(nn.Module):
     def project(self, reduction: Callable[[float], float], target: float) -> float:
         """Add to every ``log_alpha`` the one shift that puts ``reduction(shift)`` (the expected reduction with
         that shift, falling as it grows) on ``target`` (bisection); the shift."""
-        sparse, dense = -SHIFT_LIMIT, SHIFT_LIMIT
-        for _ in range(PROJECT_STEPS):
-            mid = (sparse + dense) / 2
-            sparse, dense = (mid, dense) if reduction(mid) >= target else (sparse, mid)
-        shift = (sparse + dense) / 2
+        shift = sum(_bisect_shift(reduction, target, PROJECT_STEPS)) / 2
         for log_alpha in self.log_alpha.values():
             log_alpha.add_(shift)
         return shift
@@ -141,12 +137,8 @@ class HardConcreteGates(nn.Module):
 
         if abs(achieved(0.0) - target) <= tolerance:
             return self.rounded_masks(0.0)
-        # The reduction falls as the shift grows (every group keeps more): bisect for the crossing.
-        sparse, dense = -SHIFT_LIMIT, SHIFT_LIMIT
-        for _ in range(SHIFT_STEPS):
-            mid = (sparse + dense) / 2
-            sparse, dense = (mid, dense) if achieved(mid) >= target else (sparse, mid)
-        best = min((sparse, dense), key=lambda shift: (abs(achieved(shift) - target), shift))
+        best = min(_bisect_shift(achieved, target, SHIFT_STEPS),
+                   key=lambda shift: (abs(achieved(shift) - target), shift))
         return self._fine_repair(self.rounded_masks(best), spec, target, kind, seq_len, tolerance)
 
     def _fine_repair(self, masks: MaskSet, spec: dict, target: float, kind: str, seq_len: int,
@@ -185,6 +177,16 @@ class HardConcreteGates(nn.Module):
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if reached(mid) else (mid + 1, hi)
         return flipped(lo)
+
+
+def _bisect_shift(reduction: Callable[[float], float], target: float, steps: int) -> tuple[float, float]:
+    """The two ends ``(at or above target, below target)`` of the log-alpha shift bracket around the crossing of
+    ``reduction``, which falls as the shift grows (every gate keeps more), after ``steps`` bisections."""
+    sparse, dense = -SHIFT_LIMIT, SHIFT_LIMIT
+    for _ in range(steps):
+        mid = (sparse + dense) / 2
+        sparse, dense = (mid, dense) if reduction(mid) >= target else (sparse, mid)
+    return sparse, dense
 
 
 def _achieved(masks: MaskSet, structure: ModelStructure, spec: dict, kind: str, seq_len: int) -> float:

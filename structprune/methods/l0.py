@@ -141,9 +141,12 @@ class DistillObjective(Objective):
         gates = self.gates if gates is None else gates
         return gates.project(lambda shift: float(self.expected_sparsity(gates, shift)), self.target(step))
 
+    def holds(self, step: int) -> bool:
+        """Whether the ``hold`` controller puts the gates on the target after step ``step`` (from the warm-up's end)."""
+        return self.config.controller == "hold" and step >= self.warmup_steps
+
     def after_step(self, step: int) -> None:
-        """``hold`` controller: from the end of the warm-up, put the gates on the target after every step."""
-        if self.gates is not None and self.config.controller == "hold" and step >= self.warmup_steps:
+        if self.gates is not None and self.holds(step):
             self.project(step)
 
     def sample_gates(self, step: int, micro: int) -> dict[str, torch.Tensor] | None:

@@ -93,7 +93,7 @@ class SeparateMasks(Joint):
 
     def after_step(self, objective: TransferObjective, step: int) -> None:
         """Under the ``hold`` controller, hold the auxiliary gates on the target of ``step`` too."""
-        if objective.config.controller == "hold" and step >= objective.warmup_steps:
+        if objective.holds(step):
             objective.project(step, objective.aux_gates)
 
     def param_groups(self, objective: TransferObjective) -> list[dict]:
