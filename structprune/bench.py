@@ -13,7 +13,11 @@ The rules:
   process to the first cores;
 * the dense baseline runs through the same path as the pruned model (``compact()`` with
   all-ones masks, the same exporter and session options), and the FLOPs-ideal speedup comes from
-  :func:`structprune.costs.flops_ideal_speedup`.
+  :func:`structprune.costs.flops_ideal_speedup`;
+* torch on CUDA is timed with CUDA events (:func:`cuda_stats`: rounds of :func:`time_cuda`, the
+  contenders alternating), optionally replaying a captured CUDA graph (:func:`cuda_graph`); ONNX
+  Runtime on CUDA with :func:`time_interleaved`, since its ``run`` returns host arrays and so
+  waits for the device (the input and output copies are part of the call).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import io
 import os
 import platform
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -38,6 +42,9 @@ from structprune.io import atomic_write_text
 
 CPU_THREADS = 2
 """Thread count of every CPU latency figure (torch intra-op threads, ORT intra-op threads)."""
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""The dtypes torch models are timed in, by their command-line names."""
 
 TIMING = {"warmup": 1, "repeats": 3, "min_time": 1.5, "max_repeats": 300, "turn_time": 0.5, "settle": 0.1}
 """The timing protocol of every latency figure (arguments of :func:`time_interleaved`): one warm-up
@@ -120,8 +127,8 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], warmup: int = 1, r
     return {name: LatencyStats.from_seconds(values) for name, values in samples.items()}
 
 
-def time_cuda(fns: Mapping[str, Callable[[], object]], rounds: int = 3, warmup_ms: float = 25.0,
-              rep_ms: float = 100.0) -> dict[str, float]:
+def time_cuda(fns: Mapping[Hashable, Callable[[], object]], rounds: int = 3, warmup_ms: float = 25.0,
+              rep_ms: float = 100.0) -> dict[Hashable, float]:
     """Median milliseconds per call of CUDA callables, timed with CUDA events.
 
     Each round times every function with ``triton.testing.do_bench`` (its median over
@@ -132,11 +139,46 @@ def time_cuda(fns: Mapping[str, Callable[[], object]], rounds: int = 3, warmup_m
 
     if not fns:
         raise ValueError("time_cuda needs at least one function to time")
-    samples: dict[str, list[float]] = {name: [] for name in fns}
+    samples: dict[Hashable, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             samples[name].append(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
     return {name: float(np.median(values)) for name, values in samples.items()}
+
+
+def cuda_stats(calls: Mapping[Hashable, Callable[[], object]], rounds: int = 5) -> dict[Hashable, LatencyStats]:
+    """Per-call latency of CUDA callables: ``rounds`` rounds of :func:`time_cuda` (CUDA events, the callables
+    alternating), summarised over the rounds' medians."""
+    samples: dict[Hashable, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, ms in time_cuda(calls, rounds=1).items():
+            samples[name].append(ms / 1e3)
+    return {name: LatencyStats.from_seconds(values) for name, values in samples.items()}
+
+
+def cuda_graph(fn: Callable[[], object], warmup: int = 3) -> Callable[[], object]:
+    """``fn`` captured in a :class:`torch.cuda.CUDAGraph`; a call replays it and returns the captured output.
+
+    ``fn`` must only launch CUDA work on fixed shapes, without host synchronisation (a forward on inputs
+    already on the device). It runs ``warmup`` times on a side stream first, as capture requires (lazy
+    initialisation, cuBLAS workspaces, ``torch.compile``'s compilation). The output, in the graph's memory
+    pool, is overwritten by every replay.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = fn()
+
+    def replay() -> object:
+        graph.replay()
+        return output
+
+    return replay
 
 
 def time_callable(fn: Callable[[], object], warmup: int = 1, repeats: int = 5, min_time: float = 0.0,
@@ -231,16 +273,22 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
+def _version(*packages: str) -> str:
+    """The version of the first of ``packages`` (distributions of one module) that is installed."""
+    for package in packages:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            return metadata.version(package)
+    return "not installed"
 
 
-def machine_info() -> dict[str, str | int]:
-    """Where and with what a measurement ran, for every CSV row and table header."""
+def machine_info(device: str | None = None) -> dict[str, str | int]:
+    """Where and with what a measurement ran, for every CSV row and table header.
+
+    ``device``: where it ran. The GPU fields (``gpu``: the device name, ``cuda``: torch's CUDA version) are
+    filled for ``"cuda"`` and empty for ``"cpu"``; for ``None``, whenever torch sees a GPU.
+    """
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    cuda = torch.cuda.is_available() if device is None else device == "cuda"
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count() or 0,
@@ -248,10 +296,11 @@ def machine_info() -> dict[str, str | int]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "",
+        "gpu": torch.cuda.get_device_name() if cuda else "",
+        "cuda": (torch.version.cuda or "") if cuda else "",
         "triton": _version("triton"),
         "transformers": _version("transformers"),
-        "onnxruntime": _version("onnxruntime"),
+        "onnxruntime": _version("onnxruntime", "onnxruntime-gpu"),
         "onnx": _version("onnx"),
         "numpy": np.__version__,
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -369,7 +418,8 @@ def load_warning(cores: float | None, max_cores: float = 0.2) -> str | None:
             "noisy, measure again on a quiet machine")
 
 
-def csv_rows(stats: Mapping[str, LatencyStats], settings: Mapping[str, object]) -> list[dict[str, object]]:
-    """One CSV row per timed model: machine, ``settings`` and its statistics."""
-    machine = machine_info()
+def csv_rows(stats: Mapping[str, LatencyStats], settings: Mapping[str, object],
+             device: str | None = None) -> list[dict[str, object]]:
+    """One CSV row per timed model: machine (:func:`machine_info` of ``device``), ``settings`` and its statistics."""
+    machine = machine_info(device)
     return [machine | dict(settings) | {"model": name} | dataclasses.asdict(s) for name, s in stats.items()]

@@ -16,12 +16,12 @@ Both backends go through the code that generates: the model's forward with a tra
 ``DynamicCache`` (torch, under ``inference_mode``) and :func:`structprune.ort_generation.step` (ONNX
 Runtime). Dense and pruned models (and backends) are timed in alternating turns
 (:func:`structprune.bench.time_interleaved`) with the threads of :data:`structprune.bench.CPU_THREADS`;
-on CUDA with CUDA events (:func:`structprune.bench.time_cuda`).
+on CUDA with CUDA events (:func:`structprune.bench.cuda_stats`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,7 +34,6 @@ from structprune.arch.structure import ModelStructure
 from structprune.costs import decode_ideal_speedup, prefill_ideal_speedup
 
 PHASES = ("prefill", "decode")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -159,16 +158,6 @@ def phase_call(runner: Runner, phase: Phase, vocab: int, seed: int = 0) -> Calla
     return runner.decode(token_ids(vocab, 1, phase.tokens, seed), token_ids(vocab, phase.batch, 1, seed + 1))
 
 
-def cuda_stats(calls: Mapping[Hashable, Callable[[], object]], rounds: int = 5) -> dict[Hashable, bench.LatencyStats]:
-    """Per-call latency of CUDA callables: ``rounds`` rounds of :func:`structprune.bench.time_cuda`
-    (CUDA events, the callables alternating), summarised over the rounds' medians."""
-    samples: dict[Hashable, list[float]] = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, ms in bench.time_cuda(calls, rounds=1).items():
-            samples[name].append(ms / 1e3)
-    return {name: bench.LatencyStats.from_seconds(values) for name, values in samples.items()}
-
-
 @dataclass(frozen=True)
 class PhaseResult:
     """Dense and pruned latency of one phase on one backend, beside the ideal speedup."""
@@ -206,7 +195,7 @@ def measure_phase(runners: Mapping[tuple[str, str], Runner], phase: Phase, vocab
                   timer: Callable[[dict], dict]) -> list[PhaseResult]:
     """Time ``phase`` on every ``(backend, "dense" | "pruned")`` runner in one interleaved block; one result
     per backend. ``timer`` maps the calls to their :class:`~structprune.bench.LatencyStats` (e.g.
-    ``lambda calls: bench.time_interleaved(calls, **bench.TIMING)``, or :func:`cuda_stats`)."""
+    ``lambda calls: bench.time_interleaved(calls, **bench.TIMING)``, or :func:`structprune.bench.cuda_stats`)."""
     backends = list(dict.fromkeys(backend for backend, _ in runners))
     missing = [(b, v) for b in backends for v in ("dense", "pruned") if (b, v) not in runners]
     if missing:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import time
@@ -152,6 +153,69 @@ def test_machine_info_keys():
         assert key in info and info[key] not in ("", None)
     assert info["torch"] == torch.__version__
     assert info["date_utc"].endswith("Z")
+
+
+def test_machine_info_names_the_gpu_only_when_cuda_is_in_use(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *device: "Fake GPU 80GB")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    assert bench.machine_info("cuda")["gpu"] == "Fake GPU 80GB" and bench.machine_info("cuda")["cuda"] == "12.8"
+    assert bench.machine_info()["gpu"] == "Fake GPU 80GB"  # no device named: whatever torch sees
+    on_cpu = bench.machine_info("cpu")  # a CPU run on a GPU machine
+    assert on_cpu["gpu"] == on_cpu["cuda"] == "" and on_cpu["cpu"]
+    rows = bench.csv_rows({"dense": bench.LatencyStats(1.0, 1.0, 1.0, 1.0, 3)}, {"device": "cpu"}, "cpu")
+    assert rows[0]["gpu"] == "" and rows[0]["median_ms"] == 1.0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.machine_info()["gpu"] == bench.machine_info()["cuda"] == ""
+
+
+def test_cuda_graph_warms_up_on_a_side_stream_captures_once_and_replays(monkeypatch):
+    events = []
+
+    @contextlib.contextmanager
+    def scope(enter: str, leave: str, *_):
+        events.append(enter)
+        yield
+        events.append(leave)
+
+    stream = SimpleNamespace(wait_stream=lambda other: events.append("wait"))
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: scope("side stream", "main stream"))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: SimpleNamespace(replay=lambda: events.append("replay")))
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: scope("capture", "captured"))
+
+    def forward() -> int:
+        events.append("forward")
+        return events.count("forward")
+
+    replay = bench.cuda_graph(forward, warmup=2)
+    assert events == ["wait", "side stream", "forward", "forward", "main stream", "wait", "capture", "forward",
+                      "captured"]
+    assert replay() == 3 and replay() == 3  # the captured call's output; forward itself never runs again
+    assert events[-2:] == ["replay", "replay"] and events.count("forward") == 3
+
+
+def test_an_ort_session_on_cuda_needs_the_cuda_provider(monkeypatch, tmp_path):
+    from structprune.export import check_provider, session
+
+    cpu_only = ["AzureExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr("onnxruntime.get_available_providers", lambda: cpu_only)
+    with pytest.raises(ValueError, match=r"has only \['AzureExecutionProvider', 'CPUExecutionProvider'\]; install "
+                                         "onnxruntime-gpu") as err:
+        session(tmp_path / "nowhere", device="cuda")  # the provider is checked before the file
+    assert "CUDAExecutionProvider" in str(err.value) and "pip uninstall" in str(err.value)
+    check_provider("cpu")
+    with pytest.raises(ValueError, match="'tpu' is not one of cpu, cuda"):
+        check_provider("tpu")
+
+    # the provider is there but cannot start (no CUDA libraries): ONNX Runtime falls back to the CPU
+    monkeypatch.setattr("onnxruntime.get_available_providers", lambda: ["CUDAExecutionProvider", *cpu_only])
+    fell_back = SimpleNamespace(get_providers=lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr("onnxruntime.InferenceSession", lambda *args, **kwargs: fell_back)
+    (tmp_path / "model.onnx").write_bytes(b"")
+    with pytest.raises(ValueError, match="could not start CUDAExecutionProvider"):
+        session(tmp_path, device="cuda")
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")

@@ -204,7 +204,6 @@ def test_bench_on_cuda_without_a_gpu_says_what_to_do(folders, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--backend", "ort", "--device", "cuda"], "add --backend torch"),
     (["--backend", "torch", "--compile"], "add --device cuda"),
     (["--backend", "ort", "--dtype", "bf16"], "fixed when it is exported"),
     (["--backend", "torch", "--seq", "16"], "--seq is for classifiers"),
@@ -212,6 +211,22 @@ def test_bench_on_cuda_without_a_gpu_says_what_to_do(folders, capsys):
 ])
 def test_bench_refuses_settings_that_cannot_run(folders, capsys, args, message):
     err = _error(capsys, "--dense", folders["dense"], "--pruned", folders["pruned"], *args)
+    assert message in err
+
+
+@pytest.mark.parametrize("backend, flag, message", [
+    ("ort", None, "--backend ort --device cuda times classifiers only"),
+    ("torch", "--cuda-graphs", "--cuda-graphs times classifiers only"),
+])
+def test_bench_refuses_classifier_only_cuda_settings_for_causal_lms(folders, capsys, monkeypatch, backend, flag,
+                                                                     message):
+    # a GPU and ONNX Runtime's CUDA provider, as far as the checks before them can tell; nothing runs on them
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr("onnxruntime.get_available_providers", lambda: providers)
+    names = ("onnx-dense", "onnx-pruned") if backend == "ort" else ("dense", "pruned")
+    err = _error(capsys, "--dense", folders[names[0]], "--pruned", folders[names[1]], "--backend", backend,
+                 "--device", "cuda", *([flag] if flag else []))
     assert message in err
 
 

@@ -221,3 +221,18 @@ def test_optimum_loads_quantized_folders(bert, causal, tmp_path):
     for mode in MODES:
         expected = session(tmp_path / f"cls-{mode}", threads=1).run(None, inputs)[0]
         assert np.abs(np.load(tmp_path / f"cls-{mode}.npy") - expected).max() <= 1e-5
+
+
+def test_cpu_sessions_keep_layer_norm_and_add_apart_in_int8_graphs(bert, tmp_path, monkeypatch):
+    """ORT would fuse an int8 graph's Add + LayerNormalization into SkipLayerNormalization when it loads it (its CPU
+    kernel measured ~8x slower, and it does not shrink with pruning); CPU sessions skip that rewrite."""
+    int8 = quantize(bert["fp32"], tmp_path / "int8", "int8-dynamic").directory
+
+    def optimized_ops(name: str) -> dict[str, int]:
+        session(int8, threads=1, extra_options={"optimized_model_filepath": str(tmp_path / name)})
+        return node_counts(tmp_path / name)
+
+    ops = optimized_ops("kept.onnx")
+    assert ops.get("LayerNormalization", 0) > 0 and "SkipLayerNormalization" not in ops
+    monkeypatch.setattr(export_module, "CPU_DISABLED_OPTIMIZERS", ())
+    assert optimized_ops("fused.onnx").get("SkipLayerNormalization", 0) > 0  # what the switch prevents

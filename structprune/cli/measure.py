@@ -20,16 +20,21 @@ def run_bench(args: argparse.Namespace) -> None:
     from structprune.compaction import empty_model
 
     _check_device(args)
+    if args.backend == "torch":
+        args.dtype = args.dtype or "fp32"  # ort: the graphs' own, read beside the sessions
     pruned = empty_model(Path(args.pruned))
     if pruned.spec.get("task") == "causal_lm":
+        _check_causal_lm(args)
         _bench_causal_lm(args, pruned.spec)
         return
-    lm_only = [flag for flag, given in (("--prompt", args.prompt), ("--context", args.context),
-                                        ("--device cuda", args.device == "cuda"), ("--dtype", args.dtype != "fp32"),
-                                        ("--compile", args.compile)) if given]
+    lm_only = [flag for flag, given in (("--prompt", args.prompt), ("--context", args.context)) if given]
     if lm_only or (args.batch is not None and len(args.batch) > 1):
         raise CliError(f"{', '.join(lm_only) or 'several --batch values'}: only for causal LMs; "
                        f"{args.pruned} is a classifier (time it with one --batch and --seq)")
+    if args.backend == "torch" and args.device == "cpu" and args.dtype == "fp16":
+        raise CliError("--dtype fp16 on the CPU: CPUs have no fp16 arithmetic for torch to use, so the time would "
+                       "be of conversions, not of the model; time fp16 with --device cuda, and bf16 or fp32 on the "
+                       "CPU")
     _bench_classifier(args, args.batch[0] if args.batch else 8, args.seq or 128)
 
 
@@ -38,17 +43,84 @@ def _check_device(args: argparse.Namespace) -> None:
     if args.device == "cuda":
         import torch
 
-        if args.backend != "torch":
-            raise CliError("--device cuda times torch only; add --backend torch (ONNX Runtime is timed on the CPU)")
         if not torch.cuda.is_available():
             raise CliError("--device cuda needs a CUDA GPU, and torch sees none (torch.cuda.is_available() is False); "
                            "run on a machine with an NVIDIA GPU and a CUDA build of torch, or use --device cpu")
-    if args.compile and args.device != "cuda":
-        raise CliError("--compile is timed on CUDA only; add --device cuda (CPU figures are eager torch and ONNX "
-                       "Runtime)")
-    if args.backend == "ort" and args.dtype != "fp32":
-        raise CliError(f"--dtype {args.dtype}: an ONNX graph's dtype is fixed when it is exported (fp32); "
-                       "use --backend torch to time other dtypes")
+        if args.backend == "ort":
+            from structprune.export import check_provider
+
+            try:
+                check_provider("cuda")
+            except ValueError as err:
+                raise CliError(f"--backend ort --device cuda: {err}") from None
+    torch_only = [flag for flag, given in (("--compile", args.compile), ("--cuda-graphs", args.cuda_graphs)) if given]
+    if torch_only and args.backend == "ort":
+        raise CliError(f"{', '.join(torch_only)}: torch only (ONNX Runtime runs the graph as exported); drop it or "
+                       "use --backend torch")
+    if torch_only and args.device != "cuda":
+        raise CliError(f"{', '.join(torch_only)}: timed on CUDA only; add --device cuda (CPU figures are eager torch "
+                       "and ONNX Runtime)")
+    if args.backend == "ort" and args.dtype == "bf16":
+        raise CliError("--dtype bf16: an ONNX graph's dtype is fixed when it is exported (fp32, or fp16 with "
+                       "`structprune export --quantize fp16`); use --backend torch to time bf16")
+
+
+def _check_causal_lm(args: argparse.Namespace) -> None:
+    """Refuse the settings classifiers take but causal LMs do not (their config is read, no weights)."""
+    if args.backend == "ort" and args.device == "cuda":
+        raise CliError(f"--backend ort --device cuda times classifiers only; {args.pruned} is a causal LM, whose "
+                       "decode steps feed the key/value cache to ONNX Runtime as host arrays, so a CUDA time would be "
+                       "of the copies: time causal LMs on CUDA with --backend torch")
+    if args.cuda_graphs:
+        raise CliError(f"--cuda-graphs times classifiers only; {args.pruned} is a causal LM, whose key/value cache "
+                       "changes between decode steps, which a captured graph cannot replay: drop --cuda-graphs")
+
+
+def _graph_dtype(folder: Path) -> str:
+    """``fp16`` for an export whose float weights are mostly fp16 (``structprune export --quantize fp16``), else
+    ``fp32`` (int8 exports too: their scales are fp32)."""
+    import onnx
+
+    from structprune.export import ONNX_FILE
+
+    graph = onnx.load(str(folder / ONNX_FILE), load_external_data=False).graph
+    kinds = [t.data_type for t in graph.initializer]
+    return "fp16" if kinds.count(onnx.TensorProto.FLOAT16) > kinds.count(onnx.TensorProto.FLOAT) else "fp32"
+
+
+def _ort_sessions(args: argparse.Namespace) -> dict:
+    """ONNX Runtime sessions of --dense and --pruned on --device; sets ``args.dtype`` to their graphs' dtype,
+    which a given --dtype must match."""
+    from structprune.export import session
+
+    paths = {"dense": Path(args.dense), "pruned": Path(args.pruned)}
+    sessions = {name: session(path, threads=args.threads, device=args.device) for name, path in paths.items()}
+    dtypes = {name: _graph_dtype(path) for name, path in paths.items()}  # the sessions said the files are sound
+    if dtypes["dense"] != dtypes["pruned"]:
+        raise CliError(f"{args.dense} is an {dtypes['dense']} graph and {args.pruned} an {dtypes['pruned']} one; "
+                       "compare graphs of one dtype (export both with the same --quantize)")
+    if args.dtype not in (None, dtypes["pruned"]):
+        raise CliError(f"--dtype {args.dtype}: {args.pruned} is an {dtypes['pruned']} graph, and an ONNX graph's "
+                       "dtype is fixed when it is exported (fp16 with `structprune export --quantize fp16`); drop "
+                       "--dtype, or use --backend torch to time other dtypes")
+    args.dtype = dtypes["pruned"]
+    return sessions
+
+
+def _torch_calls(args: argparse.Namespace, models: dict, inputs: dict) -> dict:
+    """Each classifier's timed forward on --device and --dtype: eager or ``torch.compile``-d, and with
+    --cuda-graphs the replay of a CUDA graph captured from it."""
+    import torch
+
+    from structprune import bench
+
+    inputs = {name: tensor.to(args.device) for name, tensor in inputs.items()}
+    calls = {}
+    for name, model in models.items():
+        model = model.to(device=args.device, dtype=bench.DTYPES[args.dtype])
+        call = bench.torch_forward(torch.compile(model) if args.compile else model, inputs)
+        calls[name] = bench.cuda_graph(call) if args.cuda_graphs else call
+    return calls
 
 
 def _bench_classifier(args: argparse.Namespace, batch: int, seq: int) -> None:
@@ -56,7 +128,7 @@ def _bench_classifier(args: argparse.Namespace, batch: int, seq: int) -> None:
     from structprune.arch import ModelStructure
     from structprune.compaction import empty_model
     from structprune.costs import flops_ideal_speedup
-    from structprune.export import example_inputs, session
+    from structprune.export import example_inputs
     from structprune.loading import load_model
 
     paths = {"dense": Path(args.dense), "pruned": Path(args.pruned)}
@@ -69,42 +141,49 @@ def _bench_classifier(args: argparse.Namespace, batch: int, seq: int) -> None:
         raise CliError(f"--seq {seq} exceeds the {max_positions} positions the model has")
     inputs = example_inputs(models["dense"], batch, seq, padded=False)
     if args.backend == "ort":
-        calls = {name: bench.ort_forward(session(path, threads=args.threads), inputs) for name, path in paths.items()}
+        calls = {name: bench.ort_forward(s, inputs) for name, s in _ort_sessions(args).items()}
     else:
-        calls = {name: bench.torch_forward(m, inputs) for name, m in models.items()}
-    print(f"timing {args.backend}: dense and pruned in interleaved turns", file=sys.stderr, flush=True)
+        calls = _torch_calls(args, models, inputs)
+    cuda_events = args.backend == "torch" and args.device == "cuda"
+    mode = "".join(f", {flag}" for flag, given in (("compiled", args.compile), ("CUDA graphs", args.cuda_graphs))
+                   if given)
+    print(f"timing {args.backend} on {args.device} ({args.dtype}{mode}): dense and pruned in interleaved turns",
+          file=sys.stderr, flush=True)
     with bench.torch_threads(args.threads), bench.OtherCpuLoad() as load:
-        stats = bench.time_interleaved(calls, **(bench.TIMING | {"warmup": args.warmup, "repeats": args.repeats}))
+        if cuda_events:
+            stats = bench.cuda_stats(calls)
+        else:
+            stats = bench.time_interleaved(calls, **(bench.TIMING | {"warmup": args.warmup, "repeats": args.repeats}))
     structures = {name: ModelStructure.from_spec(m.spec) for name, m in models.items()}
     ideal = flops_ideal_speedup(structures["dense"], structures["pruned"], models["dense"].spec, seq)
-    print(bench.speedup_table(stats, ideal, f"backend {args.backend}, batch {batch}, sequence {seq}, "
-                                            f"{args.threads} threads, median of {stats['dense'].n} timed calls in "
-                                            f"interleaved turns after {args.warmup} warm-up calls"))
+    how = (f"median of {stats['dense'].n} rounds of CUDA-event timing (each a median after warm-up)" if cuda_events
+           else f"median of {stats['dense'].n} timed calls in interleaved turns after {args.warmup} warm-up calls")
+    print(bench.speedup_table(stats, ideal, f"backend {args.backend} on {args.device} ({args.dtype}{mode}), batch "
+                                            f"{batch}, sequence {seq}, {args.threads} threads, {how}"))
     warning = bench.load_warning(load.cores)
     if warning:
         print(warning)
     if args.csv:
-        settings = {"backend": args.backend, "batch": batch, "seq": seq, "threads": args.threads,
-                    "dense": args.dense, "pruned": args.pruned, "flops_ideal_speedup": ideal,
+        settings = {"backend": args.backend, "device": args.device, "dtype": args.dtype, "compile": args.compile,
+                    "cuda_graphs": args.cuda_graphs, "timer": "cuda-events" if cuda_events else "wall-clock",
+                    "batch": batch, "seq": seq, "threads": args.threads, "dense": args.dense, "pruned": args.pruned,
+                    "flops_ideal_speedup": ideal,
                     "measured_speedup": stats["dense"].median_ms / stats["pruned"].median_ms,
                     "other_cores_busy": load.cores}
-        bench.append_csv(args.csv, bench.csv_rows(stats, settings))
+        bench.append_csv(args.csv, bench.csv_rows(stats, settings, args.device))
         print(f"rows appended to {args.csv}")
 
 
 def _lm_runners(args: argparse.Namespace) -> dict:
     """The dense and pruned causal LMs on the chosen backend, device and dtype."""
-    from structprune import decode_bench
-    from structprune.export import session
+    from structprune import bench, decode_bench
     from structprune.loading import load_model
 
-    paths = {"dense": args.dense, "pruned": args.pruned}
     if args.backend == "ort":
-        return {(args.backend, name): decode_bench.OrtLM(session(path, threads=args.threads))
-                for name, path in paths.items()}
-    dtype = decode_bench.DTYPES[args.dtype]
+        return {(args.backend, name): decode_bench.OrtLM(s) for name, s in _ort_sessions(args).items()}
+    dtype = bench.DTYPES[args.dtype]
     return {(args.backend, name): decode_bench.TorchLM(load_model(path, causal=True), args.device, dtype, args.compile)
-            for name, path in paths.items()}
+            for name, path in (("dense", args.dense), ("pruned", args.pruned))}
 
 
 def _bench_causal_lm(args: argparse.Namespace, spec: dict) -> None:
@@ -133,7 +212,7 @@ def _bench_causal_lm(args: argparse.Namespace, spec: dict) -> None:
 
     def timer(calls: dict) -> dict:
         if args.device == "cuda":
-            return decode_bench.cuda_stats(calls)
+            return bench.cuda_stats(calls)
         return bench.time_interleaved(calls, **timing)
 
     print(f"timing {args.backend} on {args.device} ({args.dtype}): dense and pruned in interleaved turns",
@@ -143,8 +222,9 @@ def _bench_causal_lm(args: argparse.Namespace, spec: dict) -> None:
         for phase in phases:
             ideal = phase.ideal_speedup(structures["dense"], structures["pruned"], dense_spec)
             results += decode_bench.measure_phase(runners, phase, dense_spec["vocab_size"], ideal, timer)
-    print(f"causal LM, backend {args.backend}, device {args.device}, {args.dtype}, {args.threads} threads; "
-          "medians of interleaved turns")
+    how = "medians of CUDA-event rounds" if args.device == "cuda" else "medians of interleaved turns"
+    print(f"causal LM, backend {args.backend}, device {args.device}, {args.dtype}{', compiled' * args.compile}, "
+          f"{args.threads} threads; {how}")
     print(decode_bench.results_table(results))
     warning = bench.load_warning(max((r.other_cores or 0.0) for r in results))
     if warning:
@@ -152,7 +232,7 @@ def _bench_causal_lm(args: argparse.Namespace, spec: dict) -> None:
     if args.csv:
         settings = {"dense": args.dense, "pruned": args.pruned, "device": args.device, "dtype": args.dtype,
                     "compile": args.compile, "threads": args.threads}
-        machine = bench.machine_info()
+        machine = bench.machine_info(args.device)
         bench.append_csv(args.csv, [machine | settings | r.row() for r in results])
         print(f"rows appended to {args.csv}")
 
@@ -218,13 +298,16 @@ def register(sub) -> None:
                                    "(median after warm-up) and print the measured and the ideal speedup. Causal LMs "
                                    "are timed per phase: prefill (time to first token) at --prompt lengths against "
                                    "the FLOPs-ideal speedup, and one decoding step at each --batch with --context "
-                                   "tokens already cached against the bytes-ideal speedup.")
+                                   "tokens already cached against the bytes-ideal speedup. On --device cuda, torch "
+                                   "is timed with CUDA events (rounds of triton's do_bench, dense and pruned "
+                                   "alternating; --warmup and --repeats are for the wall clock) and ONNX Runtime "
+                                   "with the wall clock (its run returns host arrays, so it waits for the GPU).")
     p.add_argument("--dense", required=True,
                    help="dense model: an ONNX folder from `structprune export` (--backend ort) or a model folder "
                         "(--backend torch)")
     p.add_argument("--pruned", required=True, help="pruned model, of the same kind as --dense")
     p.add_argument("--backend", choices=("ort", "torch"), default="ort",
-                   help="ort: ONNX Runtime on `structprune export` folders; torch: eager PyTorch under "
+                   help="ort: ONNX Runtime on `structprune export` folders; torch: PyTorch (eager, or --compile) under "
                         "inference_mode on model folders (default: ort)")
     p.add_argument("--batch", type=positive_int, nargs="+", default=None,
                    help="examples per call: one value for a classifier (default: 8); causal LMs: decoding batch "
@@ -236,11 +319,17 @@ def register(sub) -> None:
     p.add_argument("--context", type=positive_int, default=None,
                    help="causal LMs: tokens already in the key/value cache at each timed decoding step (default: 512)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="causal LMs, --backend torch: where to run; cuda times with CUDA events (default: cpu)")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
-                   help="causal LMs, --backend torch: weights and cache dtype (default: fp32)")
+                   help="where to run (default: cpu); cuda: torch on any model, ONNX Runtime on classifiers with "
+                        "its CUDAExecutionProvider (needs onnxruntime-gpu)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="torch: weights, activations and cache dtype (default: fp32; classifiers on the CPU: fp32 "
+                        "or bf16, which is fast only on CPUs with bf16 instructions); ort: the graphs' own dtype, "
+                        "fp16 for `structprune export --quantize fp16` folders (default: theirs)")
     p.add_argument("--compile", action="store_true",
-                   help="causal LMs on --device cuda: time torch.compile-d models instead of eager")
+                   help="--backend torch on --device cuda: time torch.compile-d models instead of eager")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="classifiers, --backend torch on --device cuda: capture the forward in a CUDA graph and "
+                        "time its replay (with --compile: of the compiled forward)")
     p.add_argument("--threads", type=positive_int, default=THREADS,
                    help=f"intra-op threads of both backends (default: {THREADS})")
     p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed calls per model first (default: 3)")
