@@ -24,10 +24,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from structprune.cli import demo, measure, models, prune
+from structprune.cli import demo, doctor, measure, models, prune
 from structprune.cli.common import CliError
 
-COMMANDS = (prune, models, measure, demo)
+COMMANDS = (prune, models, measure, doctor, demo)
 
 USER_ERRORS = ("ValueError", "OSError", "FloatingPointError", "DemoError", "AccuracyFloorError",
                "ExportParityError", "VaderDownloadError", "MissingPackageError")

@@ -145,7 +145,7 @@ def test_prune_and_eval_on_a_real_task(work):
 def test_every_option_is_explained():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices  # the subcommand parsers
-    assert set(commands) == {"prune", "compact", "export", "bench", "eval", "demo", "finetune", "latency-table",
+    assert set(commands) == {"prune", "compact", "export", "bench", "doctor", "eval", "demo", "finetune", "latency-table",
                              "transfer-search"}
     for name, sub in commands.items():
         for action in sub._actions:
