@@ -23,7 +23,8 @@ Starting from a model fine-tuned on the task (also the teacher, unless another i
    lands exactly but scored lower at 70-90%, so it is not the default; BENCHMARKS.md.) The log keeps
    the expected sparsity and the target of every step (``sparsity_trace``).
 2. **Extraction**: deterministic 0/1 masks (the rule of
-   :meth:`~structprune.methods.hardconcrete.HardConcreteGates.extract`), within ``tolerance`` of the target.
+   :meth:`~structprune.methods.hardconcrete.HardConcreteGates.extract`), within ``tolerance`` of the target,
+   every kept FFN width and the hidden size multiples of ``multiple_of``.
 3. **Fine-tuning** (``finetune_epochs``): the model is compacted with the masks frozen and trained
    on the same loss without the Lagrangian term.
 
@@ -62,7 +63,7 @@ from structprune.methods.distill import (
     prediction_loss,
     teacher_layers,
 )
-from structprune.methods.hardconcrete import HardConcreteGates, max_sparsity
+from structprune.methods.hardconcrete import HardConcreteGates, check_multiple_of, max_sparsity
 from structprune.methods.options import L0Config
 from structprune.methods.result import PruneResult
 from structprune.methods.setup import dense_model
@@ -234,15 +235,16 @@ class LearnedSetup:
 def learned_setup(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Tensor],
                   budget: Budget | float, config: L0Config,
                   teacher: StructpruneForSequenceClassification | None) -> LearnedSetup:
-    """Check the budget (reachable with ``config.granularities``), the teacher and the labels before any
-    training, and lay out the phases; the fingerprint identifies the run for checkpoints."""
+    """Check the budget (reachable with ``config.granularities``), ``config.multiple_of``, the teacher and the
+    labels before any training, and lay out the phases; the fingerprint identifies the run for checkpoints."""
     budget = as_budget(budget)
     if budget.kind not in ("params", "flops"):
         raise ValueError(f"the l0 method takes a params or flops budget, not {budget.kind!r}: its sparsity "
                          "expectation is exact for counted parameters and FLOPs only")
     full = dense_model(model)
     structure = ModelStructure.from_spec(full.spec)
-    limit = max_sparsity(structure, full.spec, config.granularities, budget.kind, budget.seq_len)
+    check_multiple_of(structure, config.multiple_of)
+    limit = max_sparsity(structure, full.spec, config.granularities, budget.kind, budget.seq_len, config.multiple_of)
     if budget.target > limit - config.tolerance:
         raise ValueError(f"a {budget.kind} sparsity of {budget.target:.3f} cannot be reached by gating only "
                          f"{', '.join(config.granularities)}: removing all of them gives at most {limit:.3f}. "
@@ -284,12 +286,15 @@ def finish(method: str, setup: LearnedSetup, objective: DistillObjective, prunin
     budget, structure, full, teacher = setup.budget, setup.structure, setup.full, setup.teacher
     with torch.no_grad():
         expected = float(objective.expected_sparsity())
-    rounded = objective.gates.rounded_masks().summary(structure, full.spec, seq_len=budget.seq_len)
-    masks = objective.gates.extract(full.spec, budget.target, budget.kind, budget.seq_len, config.tolerance)
+    rounded = objective.gates.rounded_masks(multiple_of=config.multiple_of).summary(structure, full.spec,
+                                                                                   seq_len=budget.seq_len)
+    masks = objective.gates.extract(full.spec, budget.target, budget.kind, budget.seq_len, config.tolerance,
+                                    config.multiple_of)
     summary = masks.summary(structure, full.spec, seq_len=budget.seq_len)
     log = {"method": method, "prune_steps": setup.prune_steps, "finetune_steps": setup.finetune_steps,
            "prune_seconds": pruning.seconds, "prune_losses": pruning.losses, "expected_sparsity_end": expected,
-           "rounded_sparsity": budget.achieved(rounded), "sparsity_trace": sparsity_trace(pruning),
+           "rounded_sparsity": budget.achieved(rounded), "multiple_of": config.multiple_of,
+           "sparsity_trace": sparsity_trace(pruning),
            "lambdas": objective.lagrangian.lambdas.detach().cpu().tolist(), "summary": summary,
            "achieved": budget.achieved(summary), "evaluations": []}
 

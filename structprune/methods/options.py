@@ -139,6 +139,8 @@ class L0Config:
     layer_weight: float = setting(0.5, "weight of layer-wise hidden-state distillation")
     temperature: float = setting(2.0, "prediction distillation temperature")
     tolerance: float = setting(0.005, "how far mask extraction may land from the target", flag=False)
+    multiple_of: int = setting(1, "extracted FFN widths and hidden size are multiples of this (--multiple-of)",
+                               flag=False)
     seed: int = setting(0, "seed of gate noise, shuffling and dropout", flag=False)
     checkpoint_every: int | None = setting(50, "steps between checkpoints", flag=False)
     max_steps: int | None = setting(None, "cap on the steps of each phase (smoke tests)", type=positive_int)
@@ -157,6 +159,8 @@ class L0Config:
             raise ValueError(f"sparsity_warmup is a share of the pruning phase, in [0, 1]; got {self.sparsity_warmup}")
         if min(self.lr, self.gate_lr, self.lambda_lr, self.temperature) <= 0:
             raise ValueError("lr, gate_lr, lambda_lr and temperature must be > 0")
+        if isinstance(self.multiple_of, bool) or not isinstance(self.multiple_of, int) or self.multiple_of < 1:
+            raise ValueError(f"multiple_of must be a whole number >= 1, got {self.multiple_of!r}")
         if min(self.task_weight, self.pred_weight, self.layer_weight) < 0 or not (
                 self.task_weight or self.pred_weight or self.layer_weight):
             raise ValueError("loss weights must be >= 0 and not all 0")
@@ -192,8 +196,8 @@ TUNE_EXAMPLES = Option("--tune-examples", "fisher: calibration examples mask tun
 BF16 = Option("--bf16", "fisher: bf16 autocast for the gradient and tuning passes (default: where the hardware "
                         "runs bf16 natively: CUDA, or a CPU with AVX512-BF16 / AMX)", boolean=True)
 
-MULTIPLE_OF = Option("--multiple-of", "attribution, expert, fisher, flap, magnitude, taylor: keep every FFN width a "
-                                     "multiple of N "
+MULTIPLE_OF = Option("--multiple-of", "attribution, expert, fisher, flap, l0, magnitude, taylor, transfer: keep "
+                                     "every FFN width a multiple of N, and with l0 and transfer the hidden size too "
                                      "(hardware-aligned shapes, e.g. 64; default: 1)", positive_int)
 
 ATTRIBUTION: Mapping[str, Option] = {"steps": STEPS, "objective": OBJECTIVE, "scope": SCOPE, "batch_size": BATCH_SIZE,
@@ -204,7 +208,8 @@ FISHER: Mapping[str, Option] = {"objective": OBJECTIVE, "max_examples": CALIB_EX
                                 "seed": SEED, "multiple_of": MULTIPLE_OF}
 HEAD_IMPORTANCE: Mapping[str, Option] = {"objective": OBJECTIVE, "batch_size": BATCH_SIZE,
                                          "max_examples": CALIB_EXAMPLES, "seed": SEED}
-L0: Mapping[str, Option] = {**config_options(L0Config), "batch_size": BATCH_SIZE, "seed": SEED}
+L0: Mapping[str, Option] = {**config_options(L0Config), "batch_size": BATCH_SIZE, "seed": SEED,
+                            "multiple_of": MULTIPLE_OF}
 
 
 def l0_settings(options: Mapping[str, object]) -> L0Config:

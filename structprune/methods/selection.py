@@ -30,7 +30,8 @@ per-layer target is rescaled to the layers' share of the total).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -99,11 +100,17 @@ class _Selection:
             self.neuron[i, list(js)] = 0
 
 
+def aligned_chunks(order: Sequence[int], multiple_of: int) -> list[tuple[int, ...]]:
+    """``order`` cut into consecutive chunks of ``multiple_of``, the first taking the remainder: removing chunks
+    from the front leaves a multiple of ``multiple_of`` after each."""
+    first = len(order) % multiple_of or multiple_of
+    bounds = [0, *range(first, len(order) + 1, multiple_of)]
+    return [tuple(order[start:end]) for start, end in itertools.pairwise(bounds)]
+
+
 def _neuron_chunks(score: torch.Tensor, width: int, multiple_of: int) -> list[tuple[int, ...]]:
     """A layer's neurons, least important first, in chunks of ``multiple_of`` (the first takes the remainder)."""
-    order = torch.argsort(score[:width], stable=True).tolist()
-    first = width % multiple_of or multiple_of
-    return [tuple(order[:first])] + [tuple(order[k:k + multiple_of]) for k in range(first, width, multiple_of)]
+    return aligned_chunks(torch.argsort(score[:width], stable=True).tolist(), multiple_of)
 
 
 def max_reduction(structure: ModelStructure, spec: dict, budget: Budget, min_heads: int = 1,

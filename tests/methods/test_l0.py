@@ -1,5 +1,5 @@
-"""The ``l0`` method: both controllers reach the target, distillation, bad input, exact resume after a
-real kill, DDP with two gloo processes, and the ``prune --method l0`` / ``finetune`` commands."""
+"""The ``l0`` method: both controllers reach the target, distillation, bad input, aligned widths (``multiple_of``),
+exact resume after a real kill, DDP with two gloo processes, and the ``prune --method l0`` / ``finetune`` commands."""
 
 from __future__ import annotations
 
@@ -119,6 +119,31 @@ def test_unreachable_target_is_refused_before_training():
     start = time.perf_counter()
     with pytest.raises(ValueError, match=r"cannot be reached by gating only head: removing all of them gives at most"):
         l0.prune(tiny_bert(), encoded_data(2), 0.9, config=l0.L0Config(granularities=("head",)))
+    assert time.perf_counter() - start < 5
+
+
+def test_multiple_of_aligns_the_extracted_masks_and_the_compact_model():
+    model = tiny_bert()  # FFN 64, hidden 32
+    result = l0.prune(model, encoded_data(2, rows=64), 0.5, config=FAST, max_steps=10, multiple_of=4)
+    summary = result.log["summary"]
+    widths = [layer["ffn"] for layer in summary["layers"]]
+    assert all(width % 4 == 0 for width in widths) and summary["hidden"] % 4 == 0, (widths, summary["hidden"])
+    assert summary["hidden"] < 32 and any(0 < width < 64 for width in widths)  # pruned, not just left whole
+    assert abs(result.log["achieved"] - 0.5) <= 0.01
+    assert result.log["multiple_of"] == 4 and result.masks.meta["options"]["multiple_of"] == 4
+    small = compact(from_hf(model), result.masks)
+    small.load_state_dict(result.weights)
+    structure = ModelStructure.from_spec(small.spec)
+    assert [layer.ffn for layer in structure.layers] == widths and structure.hidden_size == summary["hidden"]
+
+
+def test_bad_multiple_of_is_refused_before_training():
+    with pytest.raises(ValueError, match="multiple_of must be a whole number >= 1, got 0"):
+        l0.L0Config(multiple_of=0)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"multiple_of must be a whole number between 1 and 32 \(the widest FFN has "
+                                         r"64 neurons, the hidden size is 32\), got 48"):
+        l0.prune(tiny_bert(), encoded_data(2), 0.5, config=FAST, multiple_of=48)
     assert time.perf_counter() - start < 5
 
 

@@ -10,7 +10,7 @@ from structprune.budget import Budget
 from structprune.compaction import compact
 from structprune.masked_model import MaskedModel
 from structprune.methods import get_method
-from structprune.methods.selection import select_units
+from structprune.methods.selection import aligned_chunks, select_units
 from tests.conftest import make_causal
 
 
@@ -54,3 +54,9 @@ def test_multiple_of_wider_than_every_layer_is_refused():
     structure = ModelStructure.from_spec(full.spec)
     with pytest.raises(ValueError, match="multiple_of must be between 1 and the widest FFN"):
         select_units(structure, full.spec, _scores(structure), Budget(0.3), multiple_of=41)
+
+
+def test_aligned_chunks_put_the_remainder_first():
+    assert aligned_chunks(list(range(10)), 4) == [(0, 1), (2, 3, 4, 5), (6, 7, 8, 9)]
+    assert aligned_chunks([5, 3, 1, 0], 2) == [(5, 3), (1, 0)]
+    assert aligned_chunks([7, 8], 1) == [(7,), (8,)] and aligned_chunks([], 4) == []

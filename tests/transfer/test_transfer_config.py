@@ -1,5 +1,5 @@
-"""Settings and input of the ``transfer`` method: the schedule factor's formula, and the settings and inputs refused
-before any training."""
+"""Settings and input of the ``transfer`` method: the schedule factor's formula, the settings and inputs refused
+before any training, and ``multiple_of`` reaching the target side's extraction."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import pytest
 
 from structprune import transfer
 from structprune.methods.l0 import L0Config
+from structprune.methods.options import MULTIPLE_OF
 from structprune.transfer import TransferConfig
+from structprune.transfer.config import OPTIONS, config_from_options
 from tests.methods.test_l0 import tiny_bert
-from tests.transfer.transfer_support import DATA, toy_aux
+from tests.transfer.transfer_support import DATA, SHORT, toy_aux
 
 
 @pytest.mark.parametrize("schedule,expected", [
@@ -62,3 +64,15 @@ def test_bad_settings_and_inputs_are_refused():
                        config=TransferConfig(l0=L0Config(granularities=("head",))))
     with pytest.raises(ValueError, match="teacher has 3 outputs but the student has 2"):
         transfer.prune(tiny_bert(), DATA, 0.5, aux=[toy_aux()], teacher=tiny_bert(num_labels=3))
+
+
+def test_multiple_of_reaches_the_target_side_extraction():
+    assert OPTIONS["multiple_of"] is MULTIPLE_OF  # one --multiple-of flag for every method
+    assert config_from_options({"multiple_of": 4}).l0.multiple_of == 4
+    result = transfer.prune(tiny_bert(), DATA, 0.5, aux=[toy_aux()], config=TransferConfig(l0=SHORT, coupling="joint"),
+                            multiple_of=4)
+    summary = result.log["summary"]
+    widths = [layer["ffn"] for layer in summary["layers"]]
+    assert all(width % 4 == 0 for width in widths) and summary["hidden"] % 4 == 0, (widths, summary["hidden"])
+    assert summary["hidden"] < 32 and any(0 < width < 64 for width in widths)  # pruned, not just left whole
+    assert (result.log["multiple_of"], result.masks.meta["options"]["l0"]["multiple_of"]) == (4, 4)
