@@ -64,6 +64,8 @@ class DemoConfig:
     latency: pipeline.Latency = pipeline.Latency(batch=8, seq=64)
     dense_floor: float | None = DENSE_ACCURACY_FLOOR
     pruned_floor: float | None = PRUNED_ACCURACY_FLOOR
+    quantize: str | None = "int8-dynamic"
+    """The report's pruned + int8 row: the pruned export quantized with this mode (``None``: no row)."""
 
     def quick_variant(self) -> DemoConfig:
         """A smoke test: 32 training and 32 test examples, 3 steps of batch 8 per phase, no floors."""
@@ -105,7 +107,7 @@ def demo_run(config: DemoConfig, quick: bool = False) -> pipeline.Run:
         Budget(config.target_sparsity, seq_len=config.latency.seq), "fisher",
         {"max_examples": config.calib_examples, "seed": config.seed}, dense_config=dense, recovery=recovery,
         floors=pipeline.Floors(config.dense_floor, config.pruned_floor), max_length=config.max_length,
-        latency=config.latency, seed=config.seed, describe_pruning=describe,
+        latency=config.latency, seed=config.seed, describe_pruning=describe, quantize=config.quantize,
         title=f"structprune demo: {MODEL_NAME} on {TASK}" + (" (quick smoke test)" if quick else ""))
 
 

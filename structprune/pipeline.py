@@ -12,7 +12,9 @@ compare and report, into one folder.
 4. both models are evaluated (PyTorch and ONNX Runtime), exported through the same path and timed side by
    side (:func:`measure_latency`), and ``out`` receives ``masks/``, ``pruned/`` (and ``dense/`` when the
    teacher was trained here), ``onnx-dense/``, ``onnx-pruned/``, ``{method}-log.json`` and the report
-   (:mod:`structprune.report`). ``out`` appears only when everything succeeded.
+   (:mod:`structprune.report`). ``out`` appears only when everything succeeded;
+5. with ``Run.quantize``, the pruned export is also quantized (``onnx-pruned-{mode}/``), scored and timed with the
+   other ONNX models: the report's pruned + int8 row.
 """
 
 from __future__ import annotations
@@ -39,9 +41,12 @@ from structprune.io import atomic_dir, atomic_write_text, check_output_dir
 from structprune.methods import get_method, is_learned
 from structprune.methods.distill import check_teacher
 from structprune.modeling_structprune import StructpruneForSequenceClassification
-from structprune.report import Comparison, ModelResult, write_report
+from structprune.quantize import quantize
+from structprune.report import Comparison, ModelResult, QuantizedResult, write_report
 
 LOG_FILE = "{method}-log.json"
+QUANTIZED = "pruned-quantized"
+CALIBRATION_EXAMPLES = 256
 
 
 class AccuracyFloorError(RuntimeError):
@@ -96,25 +101,29 @@ class Stopwatch:
         return dict(self.seconds)
 
 
-def measure_latency(dense_onnx: Path, pruned_onnx: Path, dense: StructpruneForSequenceClassification,
+def measure_latency(onnx: Mapping[str, Path], dense: StructpruneForSequenceClassification,
                     pruned: StructpruneForSequenceClassification, latency: Latency,
                     seed: int = 0) -> dict[str, float | None]:
-    """Median latency (ms) of both models on ONNX Runtime and torch eager, interleaved per backend.
+    """Median latency (ms) of the ONNX folders ``onnx`` (by name: ``dense``, ``pruned``, ...) on ONNX Runtime and of
+    both models on torch eager, interleaved per backend; keys ``ort_{name}`` and ``torch_{dense,pruned}``.
 
     ``other_cores`` is how many cores other processes kept busy meanwhile (``None``: unknown).
     """
     inputs = example_inputs(dense, latency.batch, latency.seq, seed=seed, padded=False)
     timing = dict(latency.timing)
-    sessions = {name: session(path, threads=latency.threads) for name, path in
-                (("dense", dense_onnx), ("pruned", pruned_onnx))}
+    sessions = {name: session(path, threads=latency.threads) for name, path in onnx.items()}
     with bench.OtherCpuLoad() as load:
         ort = bench.time_interleaved({name: bench.ort_forward(s, inputs) for name, s in sessions.items()}, **timing)
         with bench.torch_threads(latency.threads):
             eager = bench.time_interleaved({"dense": bench.torch_forward(dense, inputs),
                                             "pruned": bench.torch_forward(pruned, inputs)}, **timing)
     medians = {f"{backend}_{name}": stats[name].median_ms for backend, stats in (("ort", ort), ("torch", eager))
-               for name in ("dense", "pruned")}
+               for name in stats}
     return medians | {"other_cores": load.cores}
+
+
+def _first(encoded: Mapping[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    return {k: v[:n] for k, v in encoded.items()}
 
 
 def _check_floor(model: str, value: float, floor: float | None, metric: str) -> None:
@@ -160,6 +169,9 @@ class Run:
     """Further report entries (e.g. the auxiliary sources)."""
     log: Mapping[str, object] = field(default_factory=dict)
     """Further entries of the method's log (e.g. how many auxiliary examples were removed as duplicates)."""
+    quantize: str | None = None
+    """Also quantize the pruned export with this mode of :data:`structprune.quantize.MODES` (``int8-static``
+    calibrates on up to :data:`CALIBRATION_EXAMPLES` training examples), score and time it (``None``: no)."""
 
 
 def _finetune_text(c: FinetuneConfig) -> str:
@@ -227,14 +239,18 @@ def run(model: StructpruneForSequenceClassification, tokenizer, train: TaskData,
             save(dense, tmp / "dense", tokenizer)
         result.masks.save(tmp / "masks", ModelStructure.from_spec(dense.spec), dense.spec)
         save(pruned, tmp / "pruned", tokenizer)
+        onnx = {name: tmp / f"onnx-{name}" for name in ("dense", "pruned")}
         for name, m in (("dense", reference), ("pruned", pruned)):
-            export(m, tmp / f"onnx-{name}", tokenizer, threads=config.latency.threads)
-        clock.start("evaluate ONNX", f"scoring both ONNX Runtime models on {evaluation.split}")
-        onnx_acc = {name: evaluate(session(tmp / f"onnx-{name}", config.latency.threads), eval_enc,
-                                   task)[task.main_metric] for name in ("dense", "pruned")}
-        clock.start("latency", "timing dense and pruned side by side (ONNX Runtime, then torch eager)")
-        latency = measure_latency(tmp / "onnx-dense", tmp / "onnx-pruned", reference, pruned, config.latency,
-                                  config.seed)
+            export(m, onnx[name], tokenizer, threads=config.latency.threads)
+        if config.quantize is not None:
+            clock.start("quantize", f"quantizing the pruned export ({config.quantize})")
+            onnx[QUANTIZED] = quantize(onnx["pruned"], tmp / f"onnx-pruned-{config.quantize}", config.quantize,
+                                       calibration=_first(train_enc, CALIBRATION_EXAMPLES)).directory
+        clock.start("evaluate ONNX", f"scoring the ONNX Runtime models on {evaluation.split}")
+        onnx_acc = {name: evaluate(session(path, config.latency.threads), eval_enc, task)[task.main_metric]
+                    for name, path in onnx.items()}
+        clock.start("latency", "timing the models side by side (ONNX Runtime, then torch eager)")
+        latency = measure_latency(onnx, reference, pruned, config.latency, config.seed)
         seconds = clock.stop()
         log_file = LOG_FILE.format(method=method)
         atomic_write_text(tmp / log_file, json.dumps(dict(result.log) | {"seconds": seconds}, indent=2,
@@ -278,6 +294,8 @@ def _comparison(config: Run, train: TaskData, evaluation: TaskData, dense, prune
         pruned=ModelResult(accuracy[1], onnx_acc["pruned"], count_params(pruned_structure, pruned.spec),
                            count_flops(pruned_structure, pruned.spec, seq), latency["ort_pruned"],
                            latency["torch_pruned"]),
+        quantized=None if config.quantize is None else QuantizedResult(
+            config.quantize, onnx_acc[QUANTIZED], latency[f"ort_{QUANTIZED}"]),
         dense_layer={"heads": structure.max_heads, "ffn": structure.max_ffn},
         layers=[{"heads": layer.heads, "ffn": layer.ffn} for layer in pruned_structure.layers],
         machine={k: v for k, v in bench.machine_info().items() if v not in ("", None)},

@@ -39,6 +39,15 @@ class ModelResult:
 
 
 @dataclass(frozen=True)
+class QuantizedResult:
+    """The pruned model's quantized ONNX export: its mode, task metric (percent) and latency (ms, median)."""
+
+    mode: str
+    accuracy_onnx: float
+    ort_ms: float
+
+
+@dataclass(frozen=True)
 class Comparison:
     """A dense model and its pruned form, measured side by side in one run.
 
@@ -60,6 +69,7 @@ class Comparison:
     notes: list[str] = field(default_factory=list)
     sparsity_trace: dict[str, list[float]] | None = None
     """A learned method's pruning phase: per step, the ``target`` and the gates' expected ``sparsity``."""
+    quantized: QuantizedResult | None = None
 
     @property
     def ort_speedup(self) -> float:
@@ -91,6 +101,12 @@ def _table(c: Comparison) -> str:
         ("latency, ONNX Runtime (ms)", f"{d.ort_ms:.2f}", f"{p.ort_ms:.2f}", f"{c.ort_speedup:.2f}x faster"),
         ("latency, torch eager (ms)", f"{d.torch_ms:.2f}", f"{p.torch_ms:.2f}", f"{c.torch_speedup:.2f}x faster"),
     ]
+    q = c.quantized
+    if q is not None:
+        rows += [(f"{c.metric}, pruned + {q.mode} (ONNX Runtime, %)", "", f"{q.accuracy_onnx:.2f}",
+                  f"{q.accuracy_onnx - d.accuracy_onnx:+.2f} pts ({q.accuracy_onnx - p.accuracy_onnx:+.2f} vs fp32)"),
+                 (f"latency, pruned + {q.mode}, ONNX Runtime (ms)", "", f"{q.ort_ms:.2f}",
+                  f"{d.ort_ms / q.ort_ms:.2f}x faster")]
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
@@ -124,16 +140,20 @@ def _plot(c: Comparison, path: Path) -> None:
 
     trace = c.sparsity_trace
     fig, axes = plt.subplots(1, 3 if trace is None else 4, figsize=(13 if trace is None else 17, 3.8))
-    names, colors = ["dense", "pruned"], ["#4c72b0", "#dd8452"]
+    names, colors = ["dense", "pruned"], ["#4c72b0", "#dd8452", "#55a868"]
+    accuracy, latency = [c.dense.accuracy, c.pruned.accuracy], [c.dense.ort_ms, c.pruned.ort_ms]
+    if c.quantized is not None:  # ONNX Runtime's accuracy: the quantized model has no PyTorch form
+        names, accuracy, latency = (names + [f"pruned {c.quantized.mode}"], accuracy + [c.quantized.accuracy_onnx],
+                                    latency + [c.quantized.ort_ms])
     acc, ort = axes[0], axes[1]
-    acc.bar(names, [c.dense.accuracy, c.pruned.accuracy], color=colors)
+    acc.bar(names, accuracy, color=colors[:len(names)])
     acc.set_ylabel(f"{c.metric} (%)")
-    acc.set_ylim(max(0.0, min(c.dense.accuracy, c.pruned.accuracy) - 15), 100)
+    acc.set_ylim(max(0.0, min(accuracy) - 15), 100)
     acc.set_title("held-out accuracy")
-    ort.bar(names, [c.dense.ort_ms, c.pruned.ort_ms], color=colors)
+    ort.bar(names, latency, color=colors[:len(names)])
     ort.set_ylabel("median latency (ms)")
     ort.set_title(f"ONNX Runtime: {c.ort_speedup:.2f}x (FLOPs ideal {c.flops_speedup:.2f}x)")
-    for ax, values in ((acc, [c.dense.accuracy, c.pruned.accuracy]), (ort, [c.dense.ort_ms, c.pruned.ort_ms])):
+    for ax, values in ((acc, accuracy), (ort, latency)):
         for x, value in enumerate(values):
             ax.annotate(f"{value:.1f}", (x, value), ha="center", va="bottom")
     layers = axes[2]

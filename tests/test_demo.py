@@ -17,7 +17,7 @@ from structprune.data import TaskSpec
 from structprune.data.encoding import trim_padding
 from structprune.evaluation import evaluate, predict
 from structprune.finetune import FinetuneConfig, finetune
-from structprune.report import Comparison, ModelResult, write_report
+from structprune.report import Comparison, ModelResult, QuantizedResult, write_report
 
 NUMBER = re.compile(r"\d+\.\d+")
 
@@ -28,16 +28,19 @@ def test_quick_demo_writes_a_report_with_numbers(tmp_path):
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     for name in ("report.md", "report.png", "results.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
-    for folder in ("dense", "pruned", "masks", "onnx-dense", "onnx-pruned"):
+    for folder in ("dense", "pruned", "masks", "onnx-dense", "onnx-pruned", "onnx-pruned-int8-dynamic"):
         assert (out / folder).is_dir()
     results = json.loads((out / "results.json").read_text())
     for model in ("dense", "pruned"):
         assert 0 <= results[model]["accuracy"] <= 100
         assert results[model]["ort_ms"] > 0 and results[model]["torch_ms"] > 0
+    int8 = results["quantized"]
+    assert int8["mode"] == "int8-dynamic" and 0 <= int8["accuracy_onnx"] <= 100 and int8["ort_ms"] > 0
     assert results["pruned"]["params"] < results["dense"]["params"]
     assert 0.49 <= results["param_sparsity"] <= 0.51
     report = (out / "report.md").read_text()
     assert "| latency, ONNX Runtime (ms) |" in report and "report.png" in report
+    assert "| latency, pruned + int8-dynamic, ONNX Runtime (ms) |" in report
     assert len(NUMBER.findall(report)) >= 12
     # a second run into the same folder is refused before any work
     assert main(["demo", "--quick", "--out", str(out)]) == 1
@@ -69,6 +72,20 @@ def test_report_renders_every_number(tmp_path):
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
     assert "sparsity during pruning" not in report and "Expected sparsity" not in report
+    assert "int8" not in report
+
+
+def test_report_has_the_quantized_row(tmp_path):
+    comparison = Comparison(
+        title="t", metric="accuracy", setup={"task": "x"},
+        dense=ModelResult(91.5, 91.25, 1000, 4000, 20.0, 30.0), pruned=ModelResult(90.0, 90.0, 500, 2000, 12.5, 15.0),
+        dense_layer={"heads": 4, "ffn": 8}, layers=[{"heads": 2, "ffn": 4}], machine={"cpu": "test"},
+        quantized=QuantizedResult("int8-dynamic", 89.5, 5.0))
+    write_report(tmp_path, comparison)
+    report = (tmp_path / "report.md").read_text()
+    assert "| accuracy, pruned + int8-dynamic (ONNX Runtime, %) |  | 89.50 | -1.75 pts (-0.50 vs fp32) |" in report
+    assert "| latency, pruned + int8-dynamic, ONNX Runtime (ms) |  | 5.00 | 4.00x faster |" in report
+    assert json.loads((tmp_path / "results.json").read_text())["quantized"]["ort_ms"] == 5.0
 
 
 def test_report_of_a_learned_method_follows_its_sparsity(tmp_path):
