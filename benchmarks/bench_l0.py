@@ -44,7 +44,7 @@ from structprune.evaluation import evaluate
 from structprune.finetune import FinetuneConfig, finetune, mark_task
 from structprune.io import atomic_write_text
 from structprune.methods import l0
-from structprune.methods.options import CONTROLLERS
+from structprune.methods.options import CONTROLLERS, WARMUP
 from structprune.methods.result import PruneResult
 from structprune.report import save_figure
 
@@ -168,8 +168,12 @@ COLORS = {"hold": "#c44e52", "lagrangian": "#dd8452", "projection": "#4c72b0", "
 
 
 def _controller(row: dict) -> str:
-    """The controller of an ``l0`` row (rows from before the setting existed ran the Lagrangian alone)."""
-    return json.loads(row["settings"]).get("controller", "lagrangian")
+    """The controller of an ``l0`` row (rows from before the setting existed ran the Lagrangian alone), with the
+    target's warm-up share when it is not the controller's default (rows from before that default ran 0.5)."""
+    settings = json.loads(row["settings"])
+    name = settings.get("controller", "lagrangian")
+    warmup = settings.get("sparsity_warmup", 0.5)
+    return name if warmup in (None, WARMUP.get(name, 0.5)) else f"{name}, warm-up {warmup:g}"
 
 
 def table(path: Path) -> str:
@@ -243,7 +247,7 @@ def plot_controller(path: Path, out: Path) -> Path:
     for ax, key in zip(axes.flat, keys):
         for label, steps in panels[key]:
             ax.plot([s["step"] for s in steps], [s["sparsity"] for s in steps], label=label,
-                    color=COLORS.get(label.split()[0]))
+                    color=COLORS.get(label.split()[0].rstrip(",")))
         first = panels[key][0][1]
         ax.plot([s["step"] for s in first], [s["target"] for s in first], "--", color="gray", label="target")
         ax.set_title(f"{key[0]}, target {float(key[1]):.0%}")
@@ -267,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gate-lr", type=float, default=l0.L0Config.gate_lr)
     parser.add_argument("--lambda-lr", type=float, default=l0.L0Config.lambda_lr)
     parser.add_argument("--controller", default=l0.L0Config.controller, choices=CONTROLLERS)
+    parser.add_argument("--sparsity-warmup", type=float, default=None,
+                        help="share of the pruning phase over which the target rises (default: the controller's, "
+                             f"{WARMUP})")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=bench.CPU_THREADS, help="torch threads on CPU (default: 2)")
     parser.add_argument("--csv", default=str(CSV), help="results file (default: benchmarks/results/l0.csv)")
@@ -284,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda: no CUDA device is available here")
     torch.set_num_threads(args.threads)
     config = l0.L0Config(prune_epochs=args.prune_epochs, finetune_epochs=args.finetune_epochs, gate_lr=args.gate_lr,
-                         lambda_lr=args.lambda_lr, controller=args.controller)
+                         lambda_lr=args.lambda_lr, controller=args.controller, sparsity_warmup=args.sparsity_warmup)
     targets = [float(t) for t in args.sparsities.split(",") if t]  # none: only the dense baselines
     for seed in (int(s) for s in args.seeds.split(",")):
         for name in args.tasks.split(","):

@@ -9,19 +9,19 @@ Starting from a model fine-tuned on the task (also the teacher, unless another i
    + lambda_1 * (s - t) + lambda_2 * (s - t)^2``, where ``s`` is the expected sparsity of the
    budget's kind (parameters or FLOPs, exact expectation of the compaction's counts) and ``t`` the
    target, raised linearly from the gates' initial expected sparsity over the first
-   ``sparsity_warmup`` share of the phase (sparsity warm-up) and then held. The multipliers are
+   ``sparsity_warmup`` share of the phase (sparsity warm-up; by default 0.8 under ``hold``, CoFi's 0.5 under
+   ``lagrangian``) and then held. The multipliers are
    trained by gradient ascent (AdamW, ``maximize``).
    Weights, gates and multipliers have separate learning rates.
-   **Controller.** The Lagrangian alone (``controller="lagrangian"``, the default, CoFi's) lags the
-   target through the warm-up, then overshoots it unless the phase is long, so extraction may land
-   the masks away from the sparsity the model trained at. ``hold`` keeps the Lagrangian through the
-   warm-up, where its multipliers price each unit by its cost, and from the end of the warm-up ends
-   every optimizer step by adding one shift to every gate logit, the one that puts the expected
-   sparsity exactly on the target (:meth:`HardConcreteGates.project`, bisection): the gates train at
-   the budget for the whole second part of the phase, whatever its length, and the multipliers stop
-   moving (the gap they learn from is zero) while their pressure stays. (Measured on MiniLM, ``hold``
-   lands exactly but scored lower at 70-90%, so it is not the default; BENCHMARKS.md.) The log keeps
-   the expected sparsity and the target of every step (``sparsity_trace``).
+   **Controller.** The Lagrangian alone (``controller="lagrangian"``, CoFi's) lags the target through
+   the warm-up, then overshoots it unless the phase is long, so extraction may land the masks away from
+   the sparsity the model trained at. ``hold`` (the default) keeps the Lagrangian through the warm-up,
+   where its multipliers price each unit by its cost, and from the end of the warm-up ends every
+   optimizer step by adding one shift to every gate logit, the one that puts the expected sparsity
+   exactly on the target (:meth:`HardConcreteGates.project`, bisection): the gates train at the budget
+   for the last part of the phase, whatever its length, and the multipliers stop moving (the gap they
+   learn from is zero) while their pressure stays. The log keeps the expected sparsity and the target
+   of every step (``sparsity_trace``).
 2. **Extraction**: deterministic 0/1 masks (the rule of
    :meth:`~structprune.methods.hardconcrete.HardConcreteGates.extract`), within ``tolerance`` of the target,
    every kept FFN width and the hidden size multiples of ``multiple_of``.
@@ -229,7 +229,7 @@ class LearnedSetup:
 
     def warmup_steps(self, config: L0Config, steps: int | None = None) -> int:
         """Sparsity warm-up steps of a pruning phase of ``steps`` steps (default: the pruning phase)."""
-        return round(config.sparsity_warmup * (self.prune_steps if steps is None else steps))
+        return round(config.warmup_share * (self.prune_steps if steps is None else steps))
 
 
 def learned_setup(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Tensor],

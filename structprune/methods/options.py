@@ -80,9 +80,11 @@ def comma_list(text: str) -> tuple[str, ...]:
 
 
 def setting(default: object, help: str, flag: bool = True, type: Callable[[str], object] | None = None,
-            choices: tuple[str, ...] | None = None) -> object:
-    """A config dataclass field with its help text (and, unless ``flag`` is false, its command-line flag)."""
-    return field(default=default, metadata={"help": help, "flag": flag, "type": type, "choices": choices})
+            choices: tuple[str, ...] | None = None, shown: str | None = None) -> object:
+    """A config dataclass field with its help text (and, unless ``flag`` is false, its command-line flag);
+    ``shown``: the default as the help states it, where the value alone does not say it."""
+    return field(default=default, metadata={"help": help, "flag": flag, "type": type, "choices": choices,
+                                            "shown": shown})
 
 
 def config_options(config: type, **flags: str) -> dict[str, Option]:
@@ -100,11 +102,13 @@ def config_options(config: type, **flags: str) -> dict[str, Option]:
                                 else None)
         kind = positive_int if kind is int else kind
         out[f.name] = Option(flags.get(f.name, "--" + f.name.replace("_", "-")),
-                             f"{meta['help']} (default: {default})", kind, meta["choices"])
+                             f"{meta['help']} (default: {meta.get('shown') or default})", kind, meta["choices"])
     return out
 
 
-CONTROLLERS = ("lagrangian", "hold")
+CONTROLLERS = ("hold", "lagrangian")
+WARMUP = {"hold": 0.8, "lagrangian": 0.5}
+"""Each controller's default sparsity warm-up share: ``hold`` measured best at 0.8 (BENCHMARKS.md); 0.5 is CoFi's."""
 
 
 @dataclass(frozen=True)
@@ -119,12 +123,13 @@ class L0Config:
     granularities: tuple[str, ...] = setting(UNIT_NAMES, "units to gate, comma-separated", type=comma_list)
     prune_epochs: float = setting(10.0, "epochs of the pruning phase")
     finetune_epochs: float = setting(5.0, "epochs of fine-tuning the compact model")
-    sparsity_warmup: float = setting(0.5, "share of the pruning phase over which the target rises", flag=False)
-    controller: str = setting("lagrangian", "how the gates meet the target: lagrangian (CoFi's multipliers; the "
-                                            "expected sparsity may end off the target, extraction then lands the "
-                                            "masks) or hold (the Lagrangian through the warm-up, then one shift of "
-                                            "all gate logits after every step keeps the expected sparsity exactly "
-                                            "on the target)", choices=CONTROLLERS)
+    sparsity_warmup: float | None = setting(None, "share of the pruning phase over which the target rises",
+                                            type=float, shown="0.8 with hold, 0.5 with lagrangian")
+    controller: str = setting("hold", "how the gates meet the target: hold (the Lagrangian through the warm-up, "
+                                      "then one shift of all gate logits after every step keeps the expected "
+                                      "sparsity exactly on the target) or lagrangian (CoFi's multipliers alone; the "
+                                      "expected sparsity may end off the target, extraction then lands the masks)",
+                              choices=CONTROLLERS)
     batch_size: int = setting(32, "examples per step", flag=False)
     grad_accum: int = setting(1, "micro-batches per step")
     lr: float = setting(5e-5, "weights' learning rate")
@@ -155,7 +160,7 @@ class L0Config:
                              f"{self.finetune_epochs}")
         if self.controller not in CONTROLLERS:
             raise ValueError(f"controller must be one of {CONTROLLERS}, got {self.controller!r}")
-        if not 0 <= self.sparsity_warmup <= 1:
+        if not 0 <= self.warmup_share <= 1:
             raise ValueError(f"sparsity_warmup is a share of the pruning phase, in [0, 1]; got {self.sparsity_warmup}")
         if min(self.lr, self.gate_lr, self.lambda_lr, self.temperature) <= 0:
             raise ValueError("lr, gate_lr, lambda_lr and temperature must be > 0")
@@ -164,6 +169,11 @@ class L0Config:
         if min(self.task_weight, self.pred_weight, self.layer_weight) < 0 or not (
                 self.task_weight or self.pred_weight or self.layer_weight):
             raise ValueError("loss weights must be >= 0 and not all 0")
+
+    @property
+    def warmup_share(self) -> float:
+        """The sparsity warm-up's share of the pruning phase: ``sparsity_warmup``, else the controller's default."""
+        return WARMUP[self.controller] if self.sparsity_warmup is None else self.sparsity_warmup
 
     def steps(self, epochs: float, rows: int) -> int:
         steps = math.ceil(epochs * math.ceil(rows / self.batch_size))

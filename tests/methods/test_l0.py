@@ -66,8 +66,8 @@ def test_controller_drives_expected_sparsity_to_the_target(budget, granularities
     assert len(trace["target"]) == len(trace["sparsity"]) == result.log["prune_steps"]
     assert trace["target"][-1] == budget.target and trace["target"][0] < budget.target  # warmed up, then held
     assert result.log["lambdas"][1] > 0  # the quadratic multiplier only ever grows under ascent
-    if controller == "hold":  # the whole second half trains at the target: the gates are put there after each step
-        warmup = round(config.sparsity_warmup * result.log["prune_steps"])
+    if controller == "hold":  # the end of the phase trains at the target: the gates are put there after each step
+        warmup = round(config.warmup_share * result.log["prune_steps"])
         gaps = [abs(s - t) for s, t in zip(trace["sparsity"][warmup:], trace["target"][warmup:])]
         assert gaps and max(gaps) < 1e-4 and abs(result.log["expected_sparsity_end"] - budget.target) < 1e-4
     else:
