@@ -41,7 +41,7 @@ from structprune.quantize import quantize
 from structprune.report import save_figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_compaction import Quiet, timed_block  # noqa: E402
+from bench_compaction import Quiet, timed_block
 
 HERE = Path(__file__).resolve().parent
 CACHE, RESULTS = HERE / "cache" / "deploy", HERE / "results"

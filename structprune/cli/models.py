@@ -8,6 +8,7 @@ import dataclasses
 from pathlib import Path
 
 from structprune.cli.common import (
+    QUANTIZE_MODES,
     THREADS,
     CliError,
     TaskArgs,
@@ -301,7 +302,7 @@ def _register_export(sub) -> None:
                                  "is made in a temporary folder and quantized with ONNX Runtime's tools into --out; "
                                  "with --task, both are scored on held-out examples (accuracy, or perplexity for a "
                                  "causal LM) and the change is printed.")
-    quant.add_argument("--quantize", choices=("int8-dynamic", "int8-static", "fp16"), default=None,
+    quant.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
                        help="int8-dynamic: int8 weights, activations quantized at run time; int8-static: activation "
                             "ranges calibrated on --task examples (needs --task); fp16: half-size weights, for GPUs "
                             "(ONNX Runtime's CPU provider runs fp16 no faster than fp32)")

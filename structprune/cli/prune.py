@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from structprune.cli.common import (
+    QUANTIZE_MODES,
     CliError,
     TaskArgs,
     add_output_options,
@@ -132,7 +133,7 @@ def _run_pipeline(args: argparse.Namespace, task: TaskArgs, options: dict) -> No
     checkpoints = Path(args.checkpoint_dir or f"{Path(args.out).absolute()}-checkpoints")
     run = pipeline.Run(budget, args.method, options, teacher=teacher, max_length=task.max_length,
                        checkpoint_dir=checkpoints, seed=task.seed, latency=pipeline.Latency(seq=args.seq_len),
-                       setup=task.describe_held_out() | setup, log=log)
+                       setup=task.describe_held_out() | setup, log=log, quantize=args.quantize)
     comparison = pipeline.run(model, tokenizer, train, evaluation, args.out, run, model_name=args.model,
                               overwrite=args.overwrite)
     print(f"written to {args.out}: masks/, pruned/, onnx-dense/, onnx-pruned/, report.md "
@@ -153,6 +154,9 @@ def run_prune(args: argparse.Namespace) -> None:
         scorers = [name for name in list_methods() if not METHODS[name].learned]
         raise CliError(f"{args.method} trains classifiers; prune a causal LM with a training-free method: "
                        f"{', '.join(scorers)}")
+    if args.quantize and not entry.learned:
+        raise CliError(f"--quantize is for l0 and transfer, which export and report; {args.method} writes masks: "
+                       "compact them, then `structprune export PRUNED --out DIR --quantize MODE --task TASK`")
     if entry.learned:
         _run_pipeline(args, task, options)
     else:
@@ -222,6 +226,9 @@ def register(sub) -> None:
     learned.add_argument("--eval-split", default="dev", help="split the report scores (default: dev)")
     learned.add_argument("--checkpoint-dir", default=None,
                          help="where to checkpoint, and resume from (default: OUT-checkpoints beside --out)")
+    learned.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
+                         help="also quantize the pruned export (onnx-pruned-MODE/; int8-static calibrates on training "
+                              "examples), score and time it: the report's pruned + int8 row (default: none)")
     _add_method_options(p, list_methods(), {"--seed"})
     p.set_defaults(run=run_prune)
 
