@@ -28,7 +28,7 @@ import dataclasses
 import json
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -277,19 +277,6 @@ def _check_pair(models: dict, names: dict[str, Path], seq: int) -> None:
             raise ValueError(f"--seq {seq} exceeds the {limit} positions of {names[name]}; use --seq {limit} or less")
 
 
-def _caller(model, batch: int, seq: int) -> Callable[[object], Callable[[], object]]:
-    """session -> the timed call: a classifier's forward, or a causal LM's prefill, of ``batch`` x ``seq`` tokens."""
-    from structprune.export import example_inputs
-
-    if model.spec.get("task") == "causal_lm":
-        from structprune.decode_bench import OrtLM, token_ids
-
-        ids = token_ids(model.spec["vocab_size"], batch, seq)
-        return lambda sess: OrtLM(sess).prefill(ids)
-    inputs = example_inputs(model, batch, seq, padded=False)
-    return lambda sess: bench.ort_forward(sess, inputs)
-
-
 def _ideal(structures: dict, spec: dict, seq: int, causal: bool) -> float:
     from structprune.costs import flops_ideal_speedup, prefill_ideal_speedup
 
@@ -310,6 +297,7 @@ def examine(dense: str | Path, pruned: str | Path, batch: int = 8, seq: int = 12
     from structprune.arch import ModelStructure
     from structprune.compaction import empty_model
     from structprune.export import session
+    from structprune.latency import session_call
 
     if min(batch, seq, threads, profile_calls, suggest_batch or 1) < 1:
         raise ValueError("batch, seq, threads, profile calls and the suggested batch must be >= 1")
@@ -320,11 +308,12 @@ def examine(dense: str | Path, pruned: str | Path, batch: int = 8, seq: int = 12
         models = {name: empty_model(path) for name, path in paths.items()}
         _check_pair(models, names, seq)
         causal = models["dense"].spec.get("task") == "causal_lm"
-        make_call = _caller(models["dense"], batch, seq)
+        phase = "prefill" if causal else "forward"
+        make_call = session_call(models["dense"], phase, batch, seq)
         sessions = {name: session(path, threads) for name, path in paths.items()}
         calls = {name: make_call(s) for name, s in sessions.items()}
         if suggest_batch:
-            larger = _caller(models["dense"], suggest_batch, seq)
+            larger = session_call(models["dense"], phase, suggest_batch, seq)
             calls |= {f"{name} batch {suggest_batch}": larger(s) for name, s in sessions.items()}
         print("timing dense and pruned in interleaved turns, then profiling each", file=sys.stderr, flush=True)
         with bench.OtherCpuLoad() as load:
@@ -348,7 +337,7 @@ def examine(dense: str | Path, pruned: str | Path, batch: int = 8, seq: int = 12
     shapes = {name: {"hidden_size": spec["hidden_size"], "head_dim": spec["head_dim"],
                      "layers": [{k: layer[k] for k in ("heads", "kv_heads", "ffn")} for layer in spec["layers"]]}
               for name, spec in specs.items()}
-    return Diagnosis(str(dense), str(pruned), "prefill" if causal else "forward", settings, bench.machine_info(),
+    return Diagnosis(str(dense), str(pruned), phase, settings, bench.machine_info(),
                      latency, shapes, {name: alignment_flags(spec) for name, spec in specs.items()}, profiles,
                      measurements, diagnose(measurements))
 

@@ -81,14 +81,14 @@ def _check_length(model, phase: str, batch: int, seq_len: int) -> None:
                          "has; measure a shorter sequence")
 
 
-def _caller(model, phase: str, batch: int, seq_len: int, threads: int) -> Callable[[Path], Callable[[], object]]:
-    """``folder -> timed call`` of an exported model: a forward of ``batch`` x ``seq_len`` (classifiers),
-    or the phase's call as :mod:`structprune.decode_bench` times it (causal LMs)."""
+def session_call(model, phase: str, batch: int, seq_len: int) -> Callable[[object], Callable[[], object]]:
+    """``ONNX Runtime session -> timed call`` of an export of ``model``: a forward of ``batch`` x ``seq_len``
+    (``phase="forward"``, classifiers), or the phase's call as :mod:`structprune.decode_bench` times it (causal LMs)."""
     if phase == "forward":
         inputs = example_inputs(model, batch, seq_len, padded=False)
-        return lambda folder: bench.ort_forward(session(folder, threads=threads), inputs)
+        return lambda sess: bench.ort_forward(sess, inputs)
     shape, vocab = Phase(phase, batch, seq_len), model.spec["vocab_size"]
-    return lambda folder: phase_call(OrtLM(session(folder, threads=threads)), shape, vocab)
+    return lambda sess: phase_call(OrtLM(sess), shape, vocab)
 
 
 def measure_table(model: StructpruneForSequenceClassification | StructpruneForCausalLM, batch: int = 8,
@@ -109,7 +109,7 @@ def measure_table(model: StructpruneForSequenceClassification | StructpruneForCa
     H, F, L = structure.max_heads, structure.max_ffn, structure.num_layers
     widths = sorted({round(F * i / ffn_points) for i in range(ffn_points + 1)})
     configs = {("attn", h): (h, 0) for h in range(H + 1)} | {("ffn", w): (0, w) for w in widths if w > 0}
-    call = _caller(model, phase, batch, seq_len, threads)
+    call = session_call(model, phase, batch, seq_len)
     calls = {}
     with tempfile.TemporaryDirectory(prefix="structprune-latency-") as tmp:
         for n, (key, (heads, width)) in enumerate(configs.items()):
@@ -117,7 +117,7 @@ def measure_table(model: StructpruneForSequenceClassification | StructpruneForCa
                 print(f"latency table: exporting {n + 1}/{len(configs)} ({key[0]} {key[1]})", flush=True)
             folder = Path(tmp) / f"{key[0]}-{key[1]}"
             export(compact(model, _masks(structure, heads, width)), folder, threads=threads)
-            calls[key] = call(folder)
+            calls[key] = call(session(folder, threads=threads))
         stats = bench.time_interleaved(calls, **(timing or bench.TIMING))
     base = stats[("attn", 0)].median_ms
     attn = _running_max([max(0.0, (stats[("attn", h)].median_ms - base) / L) for h in range(H + 1)])
