@@ -232,7 +232,9 @@ def _shares(out: str, column: int) -> list[float]:
     return [float(re.findall(r"([\d.]+)%", row)[column]) for row in rows]
 
 
-def test_the_command_reports_overhead_at_a_tiny_shape(tiny, tmp_path, monkeypatch):
+def test_the_command_reports_a_tiny_shape_end_to_end(tiny, tmp_path, monkeypatch):
+    """The report's structure and its numbers' consistency; which cause real timings of a tiny model name varies
+    with the machine's load (the causes themselves are tested on constructed measurements above)."""
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
@@ -242,13 +244,14 @@ def test_the_command_reports_overhead_at_a_tiny_shape(tiny, tmp_path, monkeypatc
     assert code == 0, err
     assert "exporting" in err and not list(scratch.iterdir())  # the model folder's export is gone
     for section in ("settings: forward pass of batch 1 x 8 tokens", "latency (median", "time by operator group",
-                    "operators (", "layer shapes", "fixed costs", "best expected speedup", "verdict (overhead)"):
+                    "operators (", "layer shapes", "fixed costs", "best expected speedup", "verdict ("):
         assert section in out
     for column in (0, 1):
         assert sum(_shares(out, column)) == pytest.approx(100.0, abs=0.3)
     result = json.loads(out_json.read_text())
     v, m = result["verdict"], result["measurements"]
-    assert v["cause"] == "overhead" and "At batch 4 the measured speedup is" in v["text"]
+    assert f"verdict ({v['cause']})" in out and v["cause"] in ("none", "overhead", "normalisation", "unexplained")
+    assert v["cause"] != "overhead" or "At batch 4 the measured speedup is" in v["text"]
     assert v["measured"] == pytest.approx(result["latency"]["dense"]["median_ms"]
                                           / result["latency"]["pruned"]["median_ms"])
     assert v["ideal"] > 1.9 and 0 < v["fixed_share"] <= 1 and 1 <= v["best"] <= v["ideal"]
