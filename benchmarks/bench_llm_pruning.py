@@ -2,9 +2,13 @@
 speed and cost of every pruned model, side by side.
 
 Grid: the variants of :data:`VARIANTS` (default ``magnitude, taylor, flap, shortgpt``) at parameter sparsities
-0.2, 0.35 and 0.5 (``Budget(x)``: that fraction of the attention and FFN parameters removed). Every (variant,
-sparsity) is pruned in a fresh subprocess of this script, which compacts the result and saves it; its wall time of
-the method call (``prune_seconds``) and the process's peak resident memory (``peak_rss_mb``) are its cost.
+0.2, 0.35 and 0.5 (``Budget(x)``: that fraction of the attention and FFN parameters removed) and, with
+``--speedups``, at decode speedups (``1.5``: a latency budget removing ``1 - 1/1.5`` of the decode latency that a
+measured table predicts: ``structprune.latency.measure_table`` of the dense model, decode phase, batch 1,
+``--tokens`` cached, on this machine; ``--latency-table FILE`` keeps it across runs, measured into FILE when
+missing). The speedup each model then *measures* is reported beside the target. Every (variant, target) is pruned in a fresh subprocess of this script, which compacts the result and saves it; its wall time of
+the method call (``prune_seconds``, tuning included for ``sprint``, whose steps are ``tuning_steps``) and the
+process's peak resident memory (``peak_rss_mb``) are its cost.
 
 * calibration: ``--calib-windows`` (64) windows of ``--calib-length`` (512) tokens of the WikiText-2 *validation*
   text (:func:`structprune.likelihood.text_windows`, seed 0), saved once: every method reads the same tensors
@@ -33,6 +37,8 @@ Usage::
 
     python benchmarks/bench_llm_pruning.py                    # the full grid (12 pruned models + dense)
     python benchmarks/bench_llm_pruning.py --methods flap --sparsities 0.5 --resume
+    python benchmarks/bench_llm_pruning.py --methods shortgpt,sprint --sparsities "" --speedups 1.5 \
+        --latency-table benchmarks/cache/smollm2-decode-table.json --resume
     python benchmarks/bench_llm_pruning.py --quick            # smoke run, ~1 minute, temp folder
 
 Run time of the full default grid on 2 idle cores: about 70 minutes. This is an estimate, not a measured full run:
@@ -74,6 +80,7 @@ from structprune.costs import count_params
 from structprune.data.lm import load_items, load_text
 from structprune.decode_bench import OrtLM, Phase
 from structprune.export import export, session
+from structprune.latency import measure_table
 from structprune.likelihood import multiple_choice, perplexity, text_windows
 from structprune.loading import load_model, load_tokenizer
 from structprune.maskset import MaskSet
@@ -88,8 +95,10 @@ VARIANTS = {
     "shortgpt": ("block_influence", {"granularity": "layer"}),
     "shortgpt-sublayer": ("block_influence", {"granularity": "sublayer"}),
     "fisher": ("fisher", {"grad_batch_size": 8}),
-    # 4 calibration windows (one loss pass per remaining sublayer a round), 2 probes of 4 steps, 8 steps kept
-    "sprint": ("sprint", {"max_examples": 4, "candidates": 2, "probe_steps": 4, "tune_steps": 8}),
+    # 2 calibration windows; each round: the loss of the 8 sublayers of least influence per latency saved, 2 probes
+    # of 2 steps, 4 steps kept (a step of 2 x 512 tokens takes seconds on 2 cores)
+    "sprint": ("sprint", {"max_examples": 2, "batch_size": 2, "shortlist": 8, "candidates": 2, "probe_steps": 2,
+                          "tune_steps": 4}),
 }
 """Label -> (method, options). The batch sizes keep a backward pass over 512-token windows within a few GB."""
 DEFAULT_VARIANTS, DEFAULT_SPARSITIES = ("magnitude", "taylor", "flap", "shortgpt"), (0.2, 0.35, 0.5)
@@ -100,7 +109,25 @@ QUICK = {"calib_windows": 8, "calib_length": 64, "ppl_windows": 4, "ppl_length":
 SETTINGS = ("model", "text", "calib_windows", "calib_length", "ppl_windows", "ppl_length", "items", "item_seed",
             "tasks", "tokens", "threads")
 """The CSV columns that must match for ``--resume`` to count a row as done."""
-SETUP, CALIBRATION = "setup.json", "calibration.pt"
+SETUP, CALIBRATION, TABLE = "setup.json", "calibration.pt", "decode-table.json"
+
+
+def budget_of(target: str, table: str) -> Budget:
+    """``"0.35"``: 35% of the parameters; ``"1.5x"``: a decode speedup of 1.5 as the latency ``table`` predicts."""
+    if target.endswith("x"):
+        return Budget(1 - 1 / float(target[:-1]), kind="latency", latency_table=table)
+    return Budget(float(target))
+
+
+def target_columns(target: str) -> dict:
+    """The CSV's ``target_sparsity`` / ``target_speedup`` of a target (the other one empty)."""
+    speed = target.endswith("x")
+    return {"target_sparsity": "" if speed else float(target), "target_speedup": float(target[:-1]) if speed else ""}
+
+
+def target_of(row: dict) -> str:
+    """The target a CSV row was pruned to, as :func:`budget_of` reads it."""
+    return f"{row['target_speedup']}x" if row.get("target_speedup") else row["target_sparsity"]
 
 
 def quick_model(folder: Path, out: Path) -> Path:
@@ -122,7 +149,7 @@ def sample(items: list, count: int, seed: int = 0) -> list:
     return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), min(count, len(items))))]
 
 
-def prune_one(label: str, sparsity: float, workdir: Path) -> dict:
+def prune_one(label: str, target: str, workdir: Path) -> dict:
     """The subprocess: prune, compact and save one variant; its cost (method wall time, the process's peak RSS)."""
     setup = json.loads((workdir / SETUP).read_text())
     torch.set_num_threads(setup["threads"])
@@ -130,28 +157,32 @@ def prune_one(label: str, sparsity: float, workdir: Path) -> dict:
     tokenizer = load_tokenizer(setup["model"], model.spec["vocab_size"])
     calibration = torch.load(workdir / CALIBRATION, weights_only=True)
     method, options = VARIANTS[label]
+    budget = budget_of(target, setup["table"])
     start = time.perf_counter()
-    result = get_method(method)(model, calibration, Budget(sparsity), **options)
+    result = get_method(method)(model, calibration, budget, **options)
     seconds = time.perf_counter() - start
     if result.weights is not None:  # sprint tunes the weights along with the masks
         model.load_state_dict(result.weights)
-    save(compact(model, result.masks).eval(), Path(setup["models"]) / f"{label}-{sparsity}", tokenizer)
-    return {"prune_seconds": round(seconds, 2), "achieved_sparsity": round(float(result.log["achieved"]), 4),
+    save(compact(model, result.masks).eval(), Path(setup["models"]) / f"{label}-{target}", tokenizer)
+    predicted = 1 / (1 - result.log["achieved"]) if budget.kind == "latency" else ""
+    return {"prune_seconds": round(seconds, 2), "tuning_steps": result.log.get("tuning_steps", 0),
+            "achieved_sparsity": round(float(result.log["summary"]["param_sparsity"]), 4),
+            "predicted_decode_speedup": predicted and round(predicted, 4),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
-def run_child(label: str, sparsity: float, workdir: Path) -> dict:
+def run_child(label: str, target: str, workdir: Path) -> dict:
     """:func:`prune_one` in a fresh process (its stderr goes to ours); the JSON line it printed last."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--_one", label, str(sparsity), str(workdir)]
+    command = [sys.executable, str(Path(__file__).resolve()), "--_one", label, target, str(workdir)]
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"pruning {label} at sparsity {sparsity} failed (exit {done.returncode}); see its error "
-                           "above")
+        raise RuntimeError(f"pruning {label} at {target} failed (exit {done.returncode}); see its error above")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def prepare(args: argparse.Namespace, workdir: Path, models: Path) -> dict:
-    """The model folder, tokenizer, evaluation data and the saved calibration tensors the subprocesses read."""
+def prepare(args: argparse.Namespace, workdir: Path, models: Path, timing: dict) -> dict:
+    """The model folder, tokenizer, evaluation data, the saved calibration tensors the subprocesses read and, for
+    speed targets, the decode latency table."""
     from structprune.gguf import gguf_folder, smollm2_gguf
 
     folder = gguf_folder(smollm2_gguf())
@@ -162,10 +193,16 @@ def prepare(args: argparse.Namespace, workdir: Path, models: Path) -> dict:
     calibration = text_windows(tokenizer, load_text(args.text, "validation", data_dir=args.data_dir),
                                args.calib_length, args.calib_windows, seed=0)
     torch.save(calibration, workdir / CALIBRATION)
-    (workdir / SETUP).write_text(json.dumps({"model": str(folder), "models": str(models), "threads": args.threads}))
+    table = args.latency_table or workdir / TABLE
+    (workdir / SETUP).write_text(json.dumps({"model": str(folder), "models": str(models), "threads": args.threads,
+                                             "table": str(table)}))
     items = {task: sample(load_items(task, data_dir=args.data_dir), args.items, args.item_seed) for task in args.tasks}
     text = load_text(args.text, "test", data_dir=args.data_dir)
     dense = compact(dense, MaskSet.ones(ModelStructure.from_spec(dense.spec))).eval()
+    if args.speedups and not table.is_file():
+        print(f"measuring the decode latency table into {table}", flush=True)
+        measure_table(dense, batch=1, seq_len=args.tokens, threads=args.threads, timing=timing, progress=False,
+                      phase="decode").save(table)
     return {"dense": dense, "tokenizer": tokenizer, "text": text, "items": items}
 
 
@@ -207,17 +244,17 @@ def speed(dense: dict, model, directory: Path, args: argparse.Namespace, timing:
     return row
 
 
-def run(args: argparse.Namespace, base: dict, timing: dict, todo: list[tuple[str, float]],
+def run(args: argparse.Namespace, base: dict, timing: dict, todo: list[tuple[str, str]],
         dense_needed: bool) -> None:
     """Evaluate the dense model (when needed) and every pair of ``todo``, appending a CSV row as each finishes."""
     with tempfile.TemporaryDirectory(prefix="structprune-llm-pruning-") as tmp:
         workdir = Path(tmp)
         models = args.keep or workdir / "models"
-        data = prepare(args, workdir, models)
+        data = prepare(args, workdir, models, timing)
         if dense_needed:
             print("dense: evaluating", flush=True)
             row = base | {"label": "dense", "method": "", "options": "", "target_sparsity": 0.0,
-                          "achieved_sparsity": 0.0} | quality(data["dense"], data, args) | {
+                          "target_speedup": "", "achieved_sparsity": 0.0} | quality(data["dense"], data, args) | {
                 "prefill_speedup": 1.0, "decode_speedup": 1.0}
             bench.append_csv(args.out, [row])
             print(table_line(row), flush=True)
@@ -226,15 +263,15 @@ def run(args: argparse.Namespace, base: dict, timing: dict, todo: list[tuple[str
         exported = export(data["dense"], workdir / "onnx-dense", threads=args.threads)
         dense = {"spec": data["dense"].spec, "structure": ModelStructure.from_spec(data["dense"].spec),
                  "runner": OrtLM(session(exported.directory, threads=args.threads))}
-        for label, sparsity in todo:
-            print(f"{label} at {sparsity}: pruning in a subprocess", flush=True)
-            cost = run_child(label, sparsity, workdir)
-            folder = models / f"{label}-{sparsity}"
+        for label, target in todo:
+            print(f"{label} at {target}: pruning in a subprocess", flush=True)
+            cost = run_child(label, target, workdir)
+            folder = models / f"{label}-{target}"
             model = load_model(str(folder), causal=True)
             method, options = VARIANTS[label]
-            row = base | {"label": label, "method": method, "options": json.dumps(options, sort_keys=True),
-                          "target_sparsity": sparsity} | cost | quality(model, data, args)
-            row |= speed(dense, model, workdir / f"onnx-{label}-{sparsity}", args, timing)
+            row = base | {"label": label, "method": method, "options": json.dumps(options, sort_keys=True)} | \
+                target_columns(target) | cost | quality(model, data, args)
+            row |= speed(dense, model, workdir / f"onnx-{label}-{target}", args, timing)
             del model
             if args.keep is None:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -243,13 +280,13 @@ def run(args: argparse.Namespace, base: dict, timing: dict, todo: list[tuple[str
 
 
 def matching_rows(path: Path, settings: dict, run_id: str | None = None) -> list[dict]:
-    """The CSV rows of these settings (of run ``run_id`` only, when given), the latest per (label, sparsity)."""
+    """The CSV rows of these settings (of run ``run_id`` only, when given), the latest per (label, target)."""
     if not path.is_file():
         return []
     with path.open(newline="") as f:
         rows = [r for r in csv.DictReader(f) if all(r.get(k) == str(v) for k, v in settings.items())
                 and run_id in (None, r.get("run_id"))]
-    return list({(r["label"], r["target_sparsity"]): r for r in rows}.values())
+    return list({(r["label"], target_of(r)): r for r in rows}.values())
 
 
 def _num(row: dict, key: str) -> float | None:
@@ -257,7 +294,8 @@ def _num(row: dict, key: str) -> float | None:
     return None if value in (None, "") else float(value)
 
 
-COLUMNS = (("label", 18, None, "s"), ("target", 6, "target_sparsity", ".2f"), ("achvd", 6, "achieved_sparsity", ".3f"),
+COLUMNS = (("label", 18, None, "s"), ("target", 6, "target_sparsity", ".2f"), ("speed", 5, "target_speedup", ".2f"),
+           ("achvd", 6, "achieved_sparsity", ".3f"),
            ("ppl", 9, "perplexity", ".2f"), *((t[:6], 6, f"{t}_{m}", ".1f") for t, m in TASK_METRICS.items()),
            ("avg", 5, "zero_shot_avg", ".1f"), ("pref x", 6, "prefill_speedup", ".2f"),
            ("dec x", 6, "decode_speedup", ".2f"), ("prune s", 7, "prune_seconds", ".1f"),
@@ -290,12 +328,13 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                           (axes[1], "zero_shot_avg", "zero-shot average (%)")):
         for label in labels:
             mine = sorted((r for r in rows if r["label"] == label and _num(r, key) is not None),
-                          key=lambda r: float(r["target_sparsity"]))
+                          key=lambda r: _num(r, "decode_speedup"))
             xs, ys = [_num(r, "decode_speedup") for r in mine], [_num(r, key) for r in mine]
             ax.plot(xs, ys, "o-", label=label)
             for r, x, y in zip(mine, xs, ys):
-                ax.annotate(f"{float(r['target_sparsity']):.0%}", (x, y), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")
+                speed = _num(r, "target_speedup")
+                ax.annotate(f"{speed:g}x" if speed else f"{float(r['target_sparsity']):.0%}", (x, y), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
         for r in dense:
             if _num(r, key) is not None:
                 ax.plot([1.0], [_num(r, key)], "k*", markersize=11, label="dense")
@@ -324,6 +363,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         key = name.replace("-", "_")
         parser.add_argument(f"--{name}", type=int, default=None, help=f"{help_} (default {FULL[key]}; "
                                                                       f"--quick {QUICK[key]})")
+    parser.add_argument("--speedups", default="", help="comma list of decode speedups to prune to, by the measured "
+                        "latency table (e.g. 1.25,1.5,2)")
+    parser.add_argument("--latency-table", type=Path, default=None, help="decode latency table for --speedups: read "
+                        "when the file exists, else measured into it (default: measured into the run's temp folder)")
     parser.add_argument("--item-seed", type=int, default=0, help="seed of the zero-shot item sample")
     parser.add_argument("--text", default="wikitext2", choices=("wikitext2", "gensim-news"),
                         help="calibration (validation split) and perplexity (test split) text")
@@ -346,11 +389,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     args.methods = [m for m in args.methods.split(",") if m]
     args.sparsities = [float(s) for s in args.sparsities.split(",") if s]
+    args.speedups = [float(s) for s in args.speedups.split(",") if s]
     args.tasks = [t for t in args.tasks.split(",") if t]
     if unknown := [m for m in args.methods if m not in VARIANTS] + [t for t in args.tasks if t not in TASK_METRICS]:
         parser.error(f"unknown --methods / --tasks {unknown}; methods: {list(VARIANTS)}, tasks: {list(TASK_METRICS)}")
     if not all(0 < s < 1 for s in args.sparsities) or min(args.threads, *(getattr(args, k) for k in FULL)) < 1:
         parser.error("--sparsities must lie in (0, 1); --threads and the counts and lengths must be >= 1")
+    if not all(s > 1 for s in args.speedups):
+        parser.error(f"--speedups must be above 1 (1.5: 1.5x faster decoding), got {args.speedups}")
     args.max_wait = (0.0 if args.quick else 60.0) if args.max_wait is None else args.max_wait
     args.retries = (0 if args.quick else 2) if args.retries is None else args.retries
     folder = Path(tempfile.gettempdir()) / "structprune-bench-quick" if args.quick else RESULTS
@@ -366,8 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     hf_logging.disable_progress_bar()  # "Loading weights" bars of every model load, in every process
     if args._one:
-        label, sparsity, workdir = args._one
-        print(json.dumps(prune_one(label, float(sparsity), Path(workdir))), flush=True)
+        label, target, workdir = args._one
+        print(json.dumps(prune_one(label, target, Path(workdir))), flush=True)
         return 0
     pinned = bench.pin_cpus(args.threads) if not args.no_pin else ()
     info, timing = bench.machine_info(), timing_for(args.quick)
@@ -379,8 +425,9 @@ def main(argv: list[str] | None = None) -> int:
                 "ppl_windows": args.ppl_windows, "ppl_length": args.ppl_length, "items": args.items,
                 "item_seed": args.item_seed, "tasks": " ".join(args.tasks), "tokens": args.tokens,
                 "threads": args.threads}
-    done = {(r["label"], r["target_sparsity"]) for r in matching_rows(args.out, settings)} if args.resume else set()
-    todo = [(m, s) for m in args.methods for s in args.sparsities if (m, str(s)) not in done]
+    done = {(r["label"], target_of(r)) for r in matching_rows(args.out, settings)} if args.resume else set()
+    targets = [str(s) for s in args.sparsities] + [f"{s}x" for s in args.speedups]
+    todo = [(m, t) for m in args.methods for t in targets if (m, t) not in done]
     print(f"machine: {info['cpu']}, {info['cores']} cores, pinned to {pinned or 'nothing'}, {args.threads} threads; "
           f"{len(todo)} pruned models to measure{f' ({len(done)} rows done)' if done else ''}", flush=True)
     print(table_line(), flush=True)

@@ -78,3 +78,19 @@ def test_quick_run_rows_and_no_leftovers(tmp_path, monkeypatch, smollm2_folder, 
     assert bench_llm_pruning.main([*argv, "--resume"]) == 0  # every pair is done: nothing measured, nothing added
     assert len(_rows(out / "llm_pruning.csv")) == 3
     assert _left_behind(scratch) == []
+
+
+def test_quick_run_to_a_decode_speedup_uses_a_measured_table(tmp_path, smollm2_folder, data_dir):
+    out, table = tmp_path / "out", tmp_path / "table.json"
+    argv = ["--quick", "--no-pin", "--methods", "shortgpt", "--sparsities", "", "--speedups", "1.05",
+            "--latency-table", str(table), "--data-dir", str(data_dir), "--out", str(out / "llm_pruning.csv"),
+            "--plot", str(out / "llm_pruning.png")]
+    assert bench_llm_pruning.main(argv) == 0
+    dense, row = _rows(out / "llm_pruning.csv")
+    assert dense["target_speedup"] == "" and (row["label"], row["target_sparsity"], row["target_speedup"]) == (
+        "shortgpt", "", "1.05")
+    assert float(row["predicted_decode_speedup"]) >= 1.05 and float(row["decode_speedup"]) > 0
+    assert float(row["achieved_sparsity"]) > 0 and row["tuning_steps"] == "0"
+    assert table.is_file()  # measured once, kept for the next run
+    with pytest.raises(SystemExit):
+        bench_llm_pruning.parse_args(["--speedups", "0.8"])

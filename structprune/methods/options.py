@@ -249,7 +249,11 @@ CANDIDATES = Option("--candidates", "sprint: sublayers probed by a short tuning 
 PROBE_STEPS = Option("--probe-steps", "sprint: tuning steps of each probe, 0 to rank by sensitivity alone (default: 8)",
                      non_negative_int)
 TUNE_STEPS = Option("--tune-steps", "sprint: tuning steps kept after each removal (default: 16)", non_negative_int)
+SHORTLIST = Option("--shortlist", "sprint: sublayers whose calibration loss is measured each round, those of lowest "
+                                   "block influence per latency saved; 0: every sublayer (default: 12)",
+                   non_negative_int)
 SPRINT: Mapping[str, Option] = {"candidates": CANDIDATES, "probe_steps": PROBE_STEPS, "tune_steps": TUNE_STEPS,
+                                "shortlist": SHORTLIST,
                                 "lr": L0["lr"], "batch_size": BATCH_SIZE, "max_examples": CALIB_EXAMPLES, "seed": SEED}
 FLAP: Mapping[str, Option] = {"metric": METRIC, "compensate": COMPENSATE, "batch_size": BATCH_SIZE,
                               "max_examples": CALIB_EXAMPLES, "seed": SEED, "multiple_of": MULTIPLE_OF}

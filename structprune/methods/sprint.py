@@ -8,7 +8,10 @@ Each round, with the sublayers removed so far gone and the weights tuned so far:
    (``structprune latency-table --phase decode``: the target runtime's own numbers) under a latency budget, else
    parameters or FLOPs.
 2. **Sensitivity.** The calibration loss (next-token cross-entropy on the calibration windows) with the sublayer
-   removed; candidates rank by loss increase per unit of latency saved.
+   removed; candidates rank by loss increase per unit of latency saved. With ``shortlist`` set, only that many
+   sublayers are evaluated: those of lowest block influence (ShortGPT's ``1 - cos``, one forward pass over the
+   model as it stands) per latency saved; a loss evaluation is a forward pass per sublayer, so the shortlist
+   divides a round's sensitivity cost by ``2L / shortlist``.
 3. **Tunability.** The ``candidates`` best-ranked are each removed in turn and the model is tuned for
    ``probe_steps`` steps (distillation from the dense model, :mod:`structprune.recovery`); the weights are restored
    afterwards. The one whose *tuned* loss increase per latency saved is lowest goes: a sublayer whose loss the rest
@@ -32,7 +35,7 @@ from transformers import PreTrainedModel
 from structprune.budget import Budget
 from structprune.masked_model import MaskedModel
 from structprune.maskset import MaskSet
-from structprune.methods.block_influence import BLOCKS, resolved_without, sublayer_masks
+from structprune.methods.block_influence import BLOCKS, influences, resolved_without, sublayer_masks
 from structprune.methods.calibration import calibration_batches
 from structprune.methods.result import PruneResult, result_from_masks
 from structprune.methods.setup import prepare_pruning
@@ -80,17 +83,26 @@ class _Search:
         recover(self.student, self.teacher, self.windows, steps, self.lr, self.batch_size, self.seed, progress=False)
         self.steps += steps
 
-    def round(self, removed: set[Unit], base: float, candidates: int, probe_steps: int) -> dict:
+    def shortlisted(self, removed: set[Unit], saved: dict[Unit, float], shortlist: int | None) -> list[Unit]:
+        """The ``shortlist`` sublayers of lowest block influence per latency saved (all of them when ``None``)."""
+        if shortlist is None or shortlist >= len(saved):
+            return list(saved)
+        scores = influences(self.student.model, self.batches, sublayer_masks(removed, self.L))
+        return sorted(saved, key=lambda u: (float(scores[u[0]][u[1]]) / saved[u], u[1], u[0]))[:shortlist]
+
+    def round(self, removed: set[Unit], base: float, candidates: int, probe_steps: int,
+              shortlist: int | None) -> dict:
         """Choose and remove one sublayer (see the module doc); what was weighed, for the log."""
         before = self.reduction(removed)
-        ranked = []
-        for unit in ((name, i) for i in range(self.L) for name in BLOCKS if (name, i) not in removed):
-            saved = self.reduction(removed | {unit}) - before
-            if saved > 0:
-                loss = self.loss(removed | {unit})
-                ranked.append(((loss - base) / saved, unit, loss, saved))
-        if len(ranked) <= 1:
+        saved = {unit: self.reduction(removed | {unit}) - before
+                 for unit in ((name, i) for i in range(self.L) for name in BLOCKS if (name, i) not in removed)}
+        saved = {unit: s for unit, s in saved.items() if s > 0}
+        if len(saved) <= 1:
             raise ValueError("sprint: the budget would remove every sublayer of the model; choose a smaller target")
+        ranked = []
+        for unit in self.shortlisted(removed, saved, shortlist):
+            loss = self.loss(removed | {unit})
+            ranked.append(((loss - base) / saved[unit], unit, loss, saved[unit]))
         ranked.sort(key=lambda r: (r[0], r[1][1], r[1][0]))
         snapshot = {name: t.clone() for name, t in self.student.model.state_dict().items()}
         probes = []
@@ -106,8 +118,9 @@ class _Search:
 
 
 def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Tensor], budget: Budget | float, *,
-          candidates: int = 3, probe_steps: int = 8, tune_steps: int = 16, lr: float = 5e-5, batch_size: int = 4,
-          max_examples: int | None = 8, seed: int = 0, progress: bool = False) -> PruneResult:
+          candidates: int = 3, probe_steps: int = 8, tune_steps: int = 16, shortlist: int | None = 12,
+          lr: float = 5e-5, batch_size: int = 4, max_examples: int | None = 8, seed: int = 0,
+          progress: bool = False) -> PruneResult:
     """Masks removing whole sublayers by latency and tunability, and the weights tuned along the way.
 
     Args:
@@ -116,6 +129,8 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
         budget: what to remove; a latency budget with a decode-phase table ranks by measured decode latency.
         candidates: sublayers probed by tuning each round; probe_steps: tuning steps of each probe (0: rank by
             sensitivity alone); tune_steps: tuning steps kept after each removal; lr: their peak learning rate.
+        shortlist: sublayers whose loss is measured each round, by block influence per latency saved (``None``
+            or 0: every remaining sublayer).
         batch_size, max_examples, seed: the calibration windows (drawn with ``seed``) and the tuning batches.
         progress: print one line per round.
     """
@@ -123,6 +138,9 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
                                                                                            "tune_steps + 1")):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"sprint: {what} must be a positive integer, got {value!r}")
+    if shortlist is not None and (isinstance(shortlist, bool) or not isinstance(shortlist, int) or shortlist < 0):
+        raise ValueError(f"sprint: shortlist must be a non-negative integer (0: every sublayer), got {shortlist!r}")
+    shortlist = shortlist or None
     if task_data is None or len(task_data.get("input_ids", ())) == 0:
         raise ValueError("sprint needs calibration data: encoded windows with at least one example")
     inputs = prepare_pruning(model, budget, min_heads=0, min_neurons=0)
@@ -139,7 +157,7 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
     removed: set[Unit] = set()
     history, base = [], search.loss(removed)
     while search.reduction(removed) < inputs.budget.target:
-        step = search.round(removed, base, candidates, probe_steps)
+        step = search.round(removed, base, candidates, probe_steps, shortlist)
         search.tune(removed, tune_steps)
         base = search.loss(removed)
         history.append(step | {"tuned_loss": base, "reduction": search.reduction(removed)})
@@ -147,7 +165,8 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
             print(f"[sprint] removed {step['removed']}: loss {step['loss']:.3f}, probed {step['probe_loss']:.3f}, "
                   f"after tuning {base:.3f}; {inputs.budget.kind} reduction {history[-1]['reduction']:.3f}",
                   flush=True)
-    options = {"candidates": candidates, "probe_steps": probe_steps, "tune_steps": tune_steps, "lr": lr,
+    options = {"candidates": candidates, "probe_steps": probe_steps, "tune_steps": tune_steps,
+               "shortlist": shortlist, "lr": lr,
                "batch_size": batch_size, "max_examples": max_examples, "seed": seed}
     log = {"removed": history, "tuning_steps": search.steps, "seconds": time.perf_counter() - start,
            "calibration_windows": len(windows["input_ids"])}

@@ -12,7 +12,7 @@ from structprune.compaction import compact
 from structprune.masked_model import MaskedModel
 from structprune.maskset import MaskSet
 from structprune.methods import get_method
-from structprune.methods.block_influence import sublayer_masks
+from structprune.methods.block_influence import influences, sublayer_masks
 from structprune.methods.sprint import calibration_loss
 from tests.conftest import make_causal
 
@@ -72,3 +72,22 @@ def test_bad_settings_are_refused():
         get_method("sprint")(hf, data, Budget(0.99), probe_steps=0, tune_steps=0)
     with pytest.raises(ValueError, match="calibration data"):
         get_method("sprint")(hf, None, Budget(0.2))
+
+
+def test_a_shortlist_measures_the_loss_of_the_lowest_influence_per_latency_saved_only():
+    hf = make_causal("llama")
+    data = _data(hf.config.vocab_size)
+    every = get_method("sprint")(hf, data, Budget(0.3), probe_steps=0, tune_steps=0, shortlist=0)
+    wide = get_method("sprint")(hf, data, Budget(0.3), probe_steps=0, tune_steps=0, shortlist=100)
+    assert every.log["removed"] == wide.log["removed"]
+    one = get_method("sprint")(hf, data, Budget(0.3), probe_steps=0, tune_steps=0, shortlist=1)
+    full = from_hf(hf)
+    structure = MaskedModel(full).structure
+    costs = Budget(0.3).cost_model(structure, full.spec)
+    scores = influences(full, [data], sublayer_masks(set(), structure.num_layers))
+    saved = {(name, i): costs.reduction(MaskSet(sublayer_masks({(name, i)}, structure.num_layers)).resolve(structure))
+             for name in ("attn_layer", "ffn_layer") for i in range(structure.num_layers)}
+    first = min(saved, key=lambda u: (float(scores[u[0]][u[1]]) / saved[u], u[1], u[0]))
+    assert one.log["removed"][0]["removed"] == f"{first[0]}[{first[1]}]"
+    with pytest.raises(ValueError, match="shortlist"):
+        get_method("sprint")(hf, data, Budget(0.3), shortlist=-1)
