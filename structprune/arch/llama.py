@@ -31,7 +31,8 @@ def _sliding_layers(config) -> tuple[int | None, list[bool]]:
 
 
 def _tied(hf_model: PreTrainedModel) -> bool:
-    return hf_model.lm_head.weight.data_ptr() == hf_model.model.embed_tokens.weight.data_ptr()
+    head, embedding = hf_model.lm_head.weight, hf_model.model.embed_tokens.weight
+    return head is embedding or (head.device.type != "meta" and head.data_ptr() == embedding.data_ptr())
 
 
 def _head(hf_model: PreTrainedModel) -> dict:

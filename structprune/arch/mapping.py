@@ -10,10 +10,11 @@ ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "ge
 
 
 def module_state(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
-    """``weight`` (and ``bias`` when present) of a linear, embedding or norm under ``prefix``."""
-    out = {f"{prefix}.weight": module.weight.detach()}
+    """``weight`` (and ``bias`` when present) of a linear, embedding or norm under ``prefix``: the parameters
+    themselves, so that a mapping can be read off a ``meta`` model by identity (:mod:`structprune.streaming`)."""
+    out = {f"{prefix}.weight": module.weight}
     if getattr(module, "bias", None) is not None:
-        out[f"{prefix}.bias"] = module.bias.detach()
+        out[f"{prefix}.bias"] = module.bias
     return out
 
 

@@ -75,8 +75,12 @@ def _write_masks(args: argparse.Namespace, task: TaskArgs, options: dict) -> Non
 
     budget = _budget(args)
     check_output_dir(args.out, args.overwrite, inputs=_inputs(args))
+    if args.stream:
+        from structprune.streaming import streamed_model
+
+        model = streamed_model(args.model, causal=task.is_lm)
     if task.is_lm:
-        model = load_model(args.model, causal=True)
+        model = model if args.stream else load_model(args.model, causal=True)
         tokenizer = load_tokenizer(args.model, model.spec["vocab_size"])
         encoded = task.lm_calibration(tokenizer)
         options = _method_inputs(args.method, options, task, encoded, tokenizer)[0]
@@ -84,7 +88,7 @@ def _write_masks(args: argparse.Namespace, task: TaskArgs, options: dict) -> Non
         meta = {"task": task.task, "max_length": task.max_length, "seed": task.seed}
     else:
         data = task.load()
-        model = load_model(args.model, data.task.num_labels, causal=False)
+        model = model if args.stream else load_model(args.model, data.task.num_labels, causal=False)
         tokenizer = load_tokenizer(args.model, model.spec["vocab_size"])
         encoded = encode(data, tokenizer, task.max_length)
         what, meta = f"{len(data)} {data.task.name} examples", {"task": data.task.name,
@@ -157,6 +161,9 @@ def run_prune(args: argparse.Namespace) -> None:
     if args.quantize and not entry.learned:
         raise CliError(f"--quantize is for l0 and transfer, which export and report; {args.method} writes masks: "
                        "compact them, then `structprune export PRUNED --out DIR --quantize MODE --task TASK`")
+    if args.stream and not entry.streams:
+        raise CliError(f"--stream: {args.method} needs the whole model in memory; the methods that score a model "
+                       f"streamed from its files are {', '.join(n for n in list_methods() if METHODS[n].streams)}")
     if entry.learned:
         _run_pipeline(args, task, options)
     else:
@@ -217,6 +224,10 @@ def register(sub) -> None:
     _add_budget_options(p, ("params", "flops", "latency"))
     p.add_argument("--latency-table", default=None,
                    help="latency table of MODEL (`structprune latency-table`), for --budget-kind latency")
+    p.add_argument("--stream", action="store_true",
+                   help="score MODEL (a local folder with safetensors weights) one layer at a time from its files, "
+                        "never holding it whole in memory: for models larger than RAM (block_influence, expert, "
+                        "flap)")
     add_output_options(p, "masks folder to write (methods that train weights: the output folder of masks, compact "
                           "model, ONNX exports and report)")
     learned = p.add_argument_group("methods that train weights (l0, transfer)")

@@ -41,6 +41,8 @@ class Method:
     settings: str | None = None
     """``module:attribute`` of a function that checks the options together (builds the method's config), so
     that bad settings fail before any work."""
+    streams: bool = False
+    """Scores a model streamed from its files, one layer resident at a time (:mod:`structprune.streaming`)."""
 
 
 def _resolve(reference: str):
@@ -52,7 +54,8 @@ _OPTIONS = "structprune.methods.options:"
 
 METHODS: Mapping[str, Method] = {
     "block_influence": Method("structprune.methods.block_influence", "remove layers or sublayers of least block "
-                              "influence, ShortGPT (training-free, forward passes only)", _OPTIONS + "BLOCK_INFLUENCE"),
+                              "influence, ShortGPT (training-free, forward passes only)", _OPTIONS + "BLOCK_INFLUENCE",
+                              streams=True),
     "attribution": Method("structprune.methods.attribution", "integrated-gradients attribution of gates "
                           "(training-free)", _OPTIONS + "ATTRIBUTION"),
     "fisher": Method("structprune.methods.fisher", "Fisher mask search and mask tuning, Kwon et al. 2022 "
@@ -60,9 +63,9 @@ METHODS: Mapping[str, Method] = {
     "expert": Method("structprune.methods.expert", "customised expert: units relevant to language, domain and task "
                      "corpora by output change, Cus-Prun (training-free, forward passes only)", _OPTIONS + "EXPERT",
                      inputs="structprune.methods.expert:expert_inputs",
-                     settings="structprune.methods.expert:check_options"),
+                     settings="structprune.methods.expert:check_options", streams=True),
     "flap": Method("structprune.methods.flap", "fluctuation of output-projection inputs with bias compensation, FLAP "
-                   "(training-free, forward passes only)", _OPTIONS + "FLAP"),
+                   "(training-free, forward passes only)", _OPTIONS + "FLAP", streams=True),
     "head_importance": Method("structprune.methods.head_importance", "iterative head importance, Michel et al. "
                               "2019 (training-free)", _OPTIONS + "HEAD_IMPORTANCE"),
     "l0": Method("structprune.methods.l0", "learned hard-concrete masks with distillation, CoFiPruning",

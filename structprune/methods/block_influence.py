@@ -11,7 +11,8 @@ may overshoot the target (the result reports what was reached). Ranked by influe
 cheapest first: on SmolLM2 at 20% of the parameters that removed 20 attention sublayers and 2 FFNs. ``iterative=True`` scores the remaining blocks again after each
 removal, on the model without the blocks removed so far (one calibration pass per removal).
 
-Scoring is forward passes only: no gradient, so it runs on models whose backward pass would not fit. The
+Scoring is forward passes only, layer by layer: no gradient, so it runs on models whose backward pass would not
+fit, and on models streamed from their files (:mod:`structprune.streaming`). The
 metric was made for pre-norm decoders (Llama family), where the stream between blocks is the residual itself;
 on post-LN encoders it reads the normalised stream.
 """
@@ -29,6 +30,7 @@ from structprune.budget import Budget
 from structprune.masked_model import MaskedModel
 from structprune.maskset import MaskSet
 from structprune.methods.calibration import calibration_batches
+from structprune.methods.channel_stats import layer_by_layer
 from structprune.methods.result import PruneResult, result_from_masks
 from structprune.methods.setup import prepare_pruning
 from structprune.modeling_structprune import StructprunePreTrainedModel
@@ -41,27 +43,26 @@ BLOCKS = ("attn_layer", "ffn_layer")
 def influences(model: StructprunePreTrainedModel, batches: list[dict[str, torch.Tensor]],
                gates: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``attn_layer [L]`` and ``ffn_layer [L]``: each sublayer's ``1 - cos(stream in, stream out)`` over real
-    tokens, and ``layer [L]`` for whole layers, with the sublayers whose gate is 0 removed."""
+    tokens, and ``layer [L]`` for whole layers, with the sublayers whose gate is 0 removed. Runs layer by layer
+    (:func:`~structprune.methods.channel_stats.layer_by_layer`), so a streamed model is scored too."""
     L = len(model.layers)
     sums = {name: torch.zeros(L, dtype=torch.float64) for name in (*BLOCKS, "layer")}
-    tokens = 0
-    for batch in batches:
-        ids, mask = batch["input_ids"], batch.get("attention_mask")
-        x, ctx, rope = model.layer_inputs(ids, mask)
-        real = (torch.ones_like(ids) if mask is None else mask).bool()
-        tokens += int(real.sum())
+    tokens = sum(int(b["attention_mask"].sum()) if b.get("attention_mask") is not None else b["input_ids"].numel()
+                 for b in batches)
 
+    def run(i, layer, x, ctx, rope, real):
         def change(a: torch.Tensor, b: torch.Tensor) -> float:
             return float((1 - F.cosine_similarity(a.float(), b.float(), dim=-1))[real].sum())
 
-        for i, layer in enumerate(model.layers):
-            g = {name: gates[name][i] for name in BLOCKS}
-            mid = layer.attention_block(x, ctx, rope, g)
-            out = layer.ffn_block(mid, g)
-            sums["attn_layer"][i] += change(x, mid)
-            sums["ffn_layer"][i] += change(mid, out)
-            sums["layer"][i] += change(x, out)
-            x = out
+        g = {name: gates[name][i] for name in BLOCKS}
+        mid = layer.attention_block(x, ctx, rope, g)
+        out = layer.ffn_block(mid, g)
+        sums["attn_layer"][i] += change(x, mid)
+        sums["ffn_layer"][i] += change(mid, out)
+        sums["layer"][i] += change(x, out)
+        return out
+
+    layer_by_layer(model, batches, run)
     return {name: (s / max(tokens, 1)).float() for name, s in sums.items()}
 
 
@@ -107,9 +108,8 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
     full, structure, budget = inputs.full, inputs.structure, inputs.budget
     if task_data is None or len(task_data.get("input_ids", ())) == 0:
         raise ValueError("block_influence needs calibration data: encoded tensors with at least one example")
-    device = full.embeddings.word.weight.device
     batches = calibration_batches({k: v for k, v in task_data.items() if k in ("input_ids", "attention_mask")},
-                                  batch_size, max_examples, seed, device)
+                                  batch_size, max_examples, seed)  # layer_by_layer moves them to the model
     was_training = full.training
     full.eval()
     costs = budget.cost_model(structure, full.spec)

@@ -10,7 +10,9 @@ columns over the real tokens of calibration text:
 
 :func:`layer_by_layer` runs every calibration batch through one layer before moving on, carrying the residual
 streams forward (SparseGPT's and Wanda's schedule): only the layer being run needs to sit on ``device``; the
-others stay where they are (e.g. the CPU), so a model whose layers do not all fit on the accelerator can be scored.
+others stay where they are (e.g. the CPU), so a model whose layers do not all fit on the accelerator can be scored,
+or in their files (:mod:`structprune.streaming`), so a model larger than memory can. What the scores need of the
+output projections' weights (their columns' squared norms) is taken during the layer's turn.
 """
 
 from __future__ import annotations
@@ -22,15 +24,10 @@ import torch
 from torch import nn
 
 from structprune.modeling_structprune import Layer, StructprunePreTrainedModel
+from structprune.streaming import resident, source_of
 
 RunLayer = Callable[[int, Layer, torch.Tensor, object, object, torch.Tensor], torch.Tensor]
 """``(i, layer, x [B, S, D], ctx, rope, real [B, S]) -> x after layer i``."""
-
-
-def _move_outside_layers(model: StructprunePreTrainedModel, device: torch.device) -> None:
-    for name, child in model.named_children():
-        if name != "layers":
-            child.to(device)
 
 
 @torch.no_grad()
@@ -38,26 +35,23 @@ def layer_by_layer(model: StructprunePreTrainedModel, batches: Sequence[dict[str
                    device: torch.device | str | None = None) -> list[torch.Tensor]:
     """The residual stream after the last layer for each batch, computed layer by layer with ``run``.
 
-    Every layer is moved to ``device`` (default: where the embeddings are) for its turn and back afterwards;
-    the streams of all batches stay on ``device``.
+    Each layer comes to ``device`` (default: where the embeddings are; the CPU for a streamed model) for its turn
+    and goes back afterwards; a model streamed from its files (:mod:`structprune.streaming`) loads it for the turn
+    and drops it. The streams of all batches stay on ``device``.
     """
     home = model.embeddings.word.weight.device
-    device = home if device is None else torch.device(device)
-    _move_outside_layers(model, device)
-    try:
-        streams = []
+    device = torch.device("cpu" if home.type == "meta" else home) if device is None else torch.device(device)
+    streams = []
+    with resident(model, "embeddings", model.embeddings, device):
         for batch in batches:
             ids, mask = batch["input_ids"].to(device), batch.get("attention_mask")
             mask = None if mask is None else mask.to(device)
             x, ctx, rope = model.layer_inputs(ids, mask)
             streams.append([x, ctx, rope, (torch.ones_like(ids) if mask is None else mask).bool()])
-        for i, layer in enumerate(model.layers):
-            layer.to(device)
+    for i, layer in enumerate(model.layers):
+        with resident(model, f"layers.{i}", layer, device):
             for stream in streams:
                 stream[0] = run(i, layer, *stream)
-            layer.to(home)
-    finally:
-        _move_outside_layers(model, home)
     return [stream[0] for stream in streams]
 
 
@@ -104,11 +98,28 @@ class LayerStats:
     """``[H]`` summed over tokens: ``||W_o[:, h] x_h||^2``, each head's whole contribution to the output."""
     ffn: ChannelStats | None
     """The down-projection inputs ``[F]``."""
+    o_columns: torch.Tensor | None = None
+    """``[H * head_dim]``: the squared norm of each o-proj weight column."""
+    down_columns: torch.Tensor | None = None
+    """``[F]``: the squared norm of each down-projection weight column."""
 
 
-def neuron_change(layer: Layer, stats: LayerStats) -> torch.Tensor:
+def column_norms(linear: nn.Linear) -> torch.Tensor:
+    """``[in_features]``: the squared norm of each weight column (float64, CPU)."""
+    return linear.weight.detach().double().pow(2).sum(0).cpu()
+
+
+def neuron_change(stats: LayerStats) -> torch.Tensor:
     """``[F]``: each neuron's contribution to the layer output, ``||W_down[:, j]||^2 x_j^2`` summed over tokens."""
-    return stats.ffn.sumsq * layer.ffn.down.weight.detach().double().pow(2).sum(0).cpu()
+    return stats.ffn.sumsq * stats.down_columns
+
+
+def projection_weight(model: StructprunePreTrainedModel, i: int, name: str) -> torch.Tensor:
+    """Layer ``i``'s ``attn.o`` or ``ffn.down`` weight (float64, CPU), from the model or a streamed model's files."""
+    source = source_of(model)
+    if source is not None:
+        return source.tensor(f"layers.{i}.{name}.weight").double()
+    return model.layers[i].get_submodule(name).weight.detach().double().cpu()
 
 
 def merged(runs: Sequence[list[LayerStats]]) -> list[LayerStats]:
@@ -122,7 +133,8 @@ def merged(runs: Sequence[list[LayerStats]]) -> list[LayerStats]:
         return ChannelStats(sum(p.count for p in parts), sum(p.sum for p in parts), sum(p.sumsq for p in parts))
 
     return [LayerStats(total([s.attn for s in layer]), total([s.head_change for s in layer]),
-                       total([s.ffn for s in layer])) for layer in zip(*runs)]
+                       total([s.ffn for s in layer]), layer[0].o_columns, layer[0].down_columns)
+            for layer in zip(*runs)]
 
 
 def _record(module: nn.Module, real: torch.Tensor, out: list, heads: int | None) -> torch.utils.hooks.RemovableHandle:
@@ -146,12 +158,13 @@ def channel_stats(model: StructprunePreTrainedModel, batches: Sequence[dict[str,
     found: list[LayerStats] = []
 
     def run(i, layer, x, ctx, rope, real):
-        while len(found) <= i:
-            attn, ffn = model.layers[len(found)].attn, model.layers[len(found)].ffn
+        if len(found) == i:  # the layer's first batch
+            attn, ffn = layer.attn, layer.ffn
             found.append(LayerStats(
                 None if attn is None else ChannelStats.zeros(attn.o.in_features),
                 None if attn is None or not head_change else torch.zeros(attn.heads, dtype=torch.float64),
-                None if ffn is None else ChannelStats.zeros(ffn.down.in_features)))
+                None if ffn is None else ChannelStats.zeros(ffn.down.in_features),
+                None if attn is None else column_norms(attn.o), None if ffn is None else column_norms(ffn.down)))
         stats, handles = found[i], []
         if layer.attn is not None:
             box = [stats.attn, stats.head_change]

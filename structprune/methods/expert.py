@@ -65,7 +65,7 @@ def relevance(model: StructprunePreTrainedModel, stats: list[LayerStats]) -> dic
         if layer.attn is not None:
             head[i, :layer.attn.heads] = layer_stats.head_change
         if layer.ffn is not None:
-            neuron[i, :layer.ffn.down.in_features] = neuron_change(layer, layer_stats)
+            neuron[i, :layer.ffn.down.in_features] = neuron_change(layer_stats)
     total = (head.sum(1) + neuron.sum(1)).clamp_min(1e-30)[:, None]
     return {"head": head / total, "neuron": neuron / total}
 

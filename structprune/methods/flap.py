@@ -1,7 +1,8 @@
 """``flap``: fluctuation-based adaptive structured pruning with bias compensation (An et al., AAAI 2024).
 
 Forward passes only, one layer at a time (:mod:`structprune.methods.channel_stats`), so it scores models whose
-backward pass would not fit.
+backward pass would not fit, and models streamed from their files (:mod:`structprune.streaming`) that do not fit
+in memory at all.
 
 * **Score.** An input channel of an output projection (o-proj for heads, down-proj for neurons) scores the sample
   variance of its input over the calibration tokens times the squared norm of its weight column: a channel whose
@@ -30,7 +31,7 @@ from structprune.budget import Budget, as_budget
 from structprune.costs import count_params
 from structprune.masked_model import MaskedModel
 from structprune.methods.calibration import calibration_batches
-from structprune.methods.channel_stats import LayerStats, channel_stats
+from structprune.methods.channel_stats import LayerStats, channel_stats, projection_weight
 from structprune.methods.result import (
     PruneResult,
     prune_by_importance,
@@ -47,9 +48,9 @@ def _standardised(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean()) / x.std().clamp_min(1e-12)
 
 
-def _channel_scores(stats, weight: torch.Tensor, metric: str) -> torch.Tensor:
+def _channel_scores(stats, columns: torch.Tensor, metric: str) -> torch.Tensor:
     spread = stats.variance if metric == "fluctuation" else stats.meansq
-    return _standardised(spread * weight.detach().double().pow(2).sum(0).cpu())
+    return _standardised(spread * columns)
 
 
 def flap_scores(model: StructprunePreTrainedModel, stats: list[LayerStats], metric: str) -> dict[str, torch.Tensor]:
@@ -61,9 +62,9 @@ def flap_scores(model: StructprunePreTrainedModel, stats: list[LayerStats], metr
     neuron = torch.zeros(len(model.layers), width, dtype=torch.float64)
     for i, (layer, layer_stats) in enumerate(zip(model.layers, stats)):
         if layer.attn is not None:
-            head[i] = _channel_scores(layer_stats.attn, layer.attn.o.weight, metric).view(heads, -1).mean(1)
+            head[i] = _channel_scores(layer_stats.attn, layer_stats.o_columns, metric).view(heads, -1).mean(1)
         if layer.ffn is not None:
-            neuron[i] = _channel_scores(layer_stats.ffn, layer.ffn.down.weight, metric)
+            neuron[i] = _channel_scores(layer_stats.ffn, layer_stats.down_columns, metric)
     low = min(head.min(), neuron.min())
     return {"head": head - low, "neuron": neuron - low}
 
@@ -76,10 +77,10 @@ def compensation(model: StructprunePreTrainedModel, stats: list[LayerStats], hea
     for i, (layer, layer_stats) in enumerate(zip(model.layers, stats)):
         if layer.attn is not None:
             removed = (head[i] == 0).repeat_interleave(layer.attn.head_dim).double()
-            w = layer.attn.o.weight.detach().double().cpu()
+            w = projection_weight(model, i, "attn.o")
             shifts["attn"][i] = (w @ (layer_stats.attn.mean * removed)).float()
         if layer.ffn is not None:
-            w = layer.ffn.down.weight.detach().double().cpu()
+            w = projection_weight(model, i, "ffn.down")
             shifts["ffn"][i] = (w @ (layer_stats.ffn.mean * (neuron[i] == 0).double())).float()
     return shifts
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import BertTokenizerFast, LlamaConfig, LlamaForCausalLM
 
+from structprune.maskset import MaskSet
 from tests.cli.test_cli import WORDS, cli, ok
 
 
@@ -139,3 +140,14 @@ def test_sprint_saves_its_tuned_weights_and_compact_uses_them(lm, tmp_path):
     assert "compacting the weights sprint tuned" in out
     config = json.loads((tmp_path / "sprint-model" / "config.json").read_text())["structprune"]
     assert any(layer["heads"] == 0 or layer["ffn"] == 0 for layer in config["layers"])
+
+
+def test_stream_scores_from_the_files_into_the_same_masks(lm, tmp_path):
+    args = ["--task", lm["task"], "--method", "flap", "--target-sparsity", 0.3, "--max-length", 16, "--train-size", 12]
+    ok("prune", "--model", lm["model"], *args, "--out", tmp_path / "held")
+    ok("prune", "--model", lm["model"], *args, "--stream", "--out", tmp_path / "streamed")
+    held, streamed = (MaskSet.load(tmp_path / name) for name in ("held", "streamed"))
+    assert all(torch.equal(held.masks[k], streamed.masks[k]) for k in held.masks)
+    code, _, err = cli("prune", "--model", lm["model"], *args[:3], "taylor", *args[4:], "--stream",
+                       "--out", tmp_path / "bad")
+    assert code != 0 and "block_influence, expert, flap" in err and not (tmp_path / "bad").exists()

@@ -47,7 +47,7 @@ def test_layer_by_layer_statistics_equal_a_whole_model_forward():
         torch.testing.assert_close(layer_stats.ffn.mean, x.mean(0), rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(layer_stats.ffn.variance, x.var(0), rtol=1e-6, atol=1e-9)
         change = (x[:, :, None] * layer.ffn.down.weight.detach().double().t()[None]).pow(2).sum((0, 2))
-        torch.testing.assert_close(neuron_change(layer, layer_stats), change, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(neuron_change(layer_stats), change, rtol=1e-6, atol=1e-9)
     assert stats[0].head_change.shape == (model.layers[0].attn.heads,)
 
 

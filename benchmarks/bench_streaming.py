@@ -1,0 +1,127 @@
+"""Scoring a model held in memory against the same model streamed from its files (``structprune prune --stream``):
+peak memory, time, and whether the masks agree. SmolLM2-135M-Instruct (real weights), ``flap`` at 30%.
+
+Each mode runs in a fresh process (so its peak resident memory is its own): ``memory`` loads the model
+(``load_model``), ``stream`` builds it on the ``meta`` device and reads each module from the safetensors file for its
+turn (:mod:`structprune.streaming`). Both score the same ``--windows`` (32) windows of ``--length`` (512) tokens of
+WikiText-2 validation in batches of 8. Reported per mode: the process's resident memory after imports and
+tokenization (``base``), its peak (``peak``), the growth between them, and the wall time of the method call; and
+the sizes the growth should be compared with: all weights, one decoder layer, the embeddings (resident while the
+inputs are embedded), and the activations carried between layers (each batch's residual stream and attention mask).
+Rows are appended to ``benchmarks/results/streaming.csv``.
+
+Usage::
+
+    python benchmarks/bench_streaming.py
+    python benchmarks/bench_streaming.py --windows 8 --length 128    # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from structprune import bench
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODES = ("memory", "stream")
+
+
+def _rss_mb() -> float:
+    """Current resident memory of this process (MB), from /proc."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status: this benchmark needs Linux")
+
+
+def one(mode: str, windows: int, length: int, threads: int) -> dict:
+    """The child process: score the model one way; its memory, time and masks digest."""
+    from structprune.budget import Budget
+    from structprune.data.lm import load_text
+    from structprune.gguf import gguf_folder, smollm2_gguf
+    from structprune.likelihood import text_windows
+    from structprune.loading import load_model, load_tokenizer
+    from structprune.methods import get_method
+    from structprune.streaming import streamed_model
+
+    torch.set_num_threads(threads)
+    folder = gguf_folder(smollm2_gguf())
+    tokenizer = load_tokenizer(folder)
+    data = text_windows(tokenizer, load_text("wikitext2", "validation"), length, windows, seed=0)
+    base = _rss_mb()
+    model = streamed_model(folder) if mode == "stream" else load_model(str(folder), causal=True)
+    start = time.perf_counter()
+    result = get_method("flap")(model, data, Budget(0.3), batch_size=8, max_examples=None)
+    seconds = time.perf_counter() - start
+    digest = hashlib.sha256()
+    for name in sorted(result.masks.masks):
+        digest.update(result.masks.masks[name].numpy().tobytes())
+    for name in sorted(result.masks.shifts):
+        digest.update(result.masks.shifts[name].round(decimals=4).numpy().tobytes())
+    return {"mode": mode, "base_mb": round(base, 1),
+            "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "seconds": round(seconds, 1), "masks_sha256": digest.hexdigest()[:16],
+            "param_sparsity": round(result.log["summary"]["param_sparsity"], 4)}
+
+
+def sizes(windows: int, length: int) -> dict:
+    """MB of all weights, one layer, the embeddings and the carried activations of SmolLM2 at this calibration."""
+    from structprune.gguf import gguf_folder, smollm2_gguf
+    from structprune.streaming import streamed_model
+
+    model = streamed_model(gguf_folder(smollm2_gguf()))
+    mb = lambda module: sum(p.numel() for p in module.parameters()) * 4 / 2**20  # noqa: E731
+    D, batch = model.spec["hidden_size"], 8
+    stream = windows * length * D * 4  # the residual streams of every batch
+    masks = -(-windows // batch) * batch * length * length * 4  # one additive attention mask per batch
+    return {"weights_mb": round(mb(model), 1), "layer_mb": round(mb(model.layers[0]), 1),
+            "embeddings_mb": round(mb(model.embeddings), 1), "activations_mb": round((stream + masks) / 2**20, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=bench.CPU_THREADS)
+    parser.add_argument("--out", type=Path, default=RESULTS / "streaming.csv")
+    parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._one:
+        print(json.dumps(one(args._one, args.windows, args.length, args.threads)), flush=True)
+        return 0
+    common = {"windows": args.windows, "length": args.length, "threads": args.threads} | sizes(args.windows,
+                                                                                                args.length)
+    rows = []
+    for mode in MODES:
+        command = [sys.executable, str(Path(__file__).resolve()), "--_one", mode, "--windows", str(args.windows),
+                   "--length", str(args.length), "--threads", str(args.threads)]
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+        rows.append(bench.machine_info() | common | json.loads(done.stdout.strip().splitlines()[-1]))
+    for row in rows:
+        row["growth_mb"] = round(row["peak_mb"] - row["base_mb"], 1)
+        row["growth_per_layer_plus_activations"] = round(row["growth_mb"] / (row["layer_mb"] + row["activations_mb"]),
+                                                         2)
+    bench.append_csv(args.out, rows)
+    print(f"weights {common['weights_mb']} MB, one layer {common['layer_mb']} MB, embeddings "
+          f"{common['embeddings_mb']} MB, activations {common['activations_mb']} MB")
+    print("| mode | base MB | peak MB | growth MB | growth / (layer + activations) | seconds | masks |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        print(f"| {r['mode']} | {r['base_mb']} | {r['peak_mb']} | {r['growth_mb']} | "
+              f"{r['growth_per_layer_plus_activations']} | {r['seconds']} | {r['masks_sha256']} |")
+    same = len({r["masks_sha256"] for r in rows}) == 1
+    print(f"masks and shifts identical: {same}; rows appended to {args.out}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Models larger than memory, scored one layer at a time: the weights stay in their safetensors files.
+
+:func:`streamed_model` builds a model's modules on the ``meta`` device (shapes, no storage) and attaches a
+:class:`WeightSource` that reads each parameter from the checkpoint's files (memory-mapped, one file or a sharded
+``model.safetensors.index.json``). Calibration that runs layer by layer
+(:func:`structprune.methods.channel_stats.layer_by_layer`) loads each module for its turn and drops it after, so
+the process holds the embeddings, one layer and the activations, never the whole model. The forward-only methods
+(``flap``, ``expert``, ``block_influence``) score such a model; the masks they write compact later on a machine that
+holds the model, or are read as they are.
+
+Both structprune folders (:func:`structprune.compaction.save`) and Hugging Face folders of the supported
+architectures stream; a Hugging Face checkpoint's parameter names come from the adapter's own mapping, read off a
+``meta`` instance of the Hugging Face model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from structprune.modeling_structprune import SECTION, StructprunePreTrainedModel
+
+INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
+
+
+class WeightSource:
+    """structprune parameter name -> its tensor in a checkpoint folder's safetensors files, read on demand."""
+
+    def __init__(self, folder: str | os.PathLike, names: Mapping[str, str] | None = None):
+        """``names``: structprune name -> the checkpoint's key (``None``: the same names, a structprune folder)."""
+        folder = Path(folder)
+        index = folder / INDEX_FILE
+        if index.is_file():
+            files = {key: folder / file for key, file in json.loads(index.read_text())["weight_map"].items()}
+        elif (folder / SINGLE_FILE).is_file():
+            with safe_open(str(folder / SINGLE_FILE), framework="pt") as f:
+                files = dict.fromkeys(f.keys(), folder / SINGLE_FILE)
+        else:
+            raise FileNotFoundError(f"{folder} holds neither {SINGLE_FILE} nor {INDEX_FILE}: only safetensors "
+                                    "checkpoints stream; save the model with safetensors")
+        self.folder, self.names, self.files = folder, dict(names) if names is not None else None, files
+
+    def key(self, name: str) -> str:
+        key = name if self.names is None else self.names.get(name)
+        if key is None or key not in self.files:
+            raise KeyError(f"{self.folder} has no weight for {name!r} (looked for {key!r}); the checkpoint does not "
+                           "match its config")
+        return key
+
+    def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors of ``names``, each file opened once."""
+        keys = {name: self.key(name) for name in names}
+        out = {}
+        try:
+            with ExitStack() as stack:
+                opened = {}
+                for name, key in keys.items():
+                    path = self.files[key]
+                    if path not in opened:
+                        opened[path] = stack.enter_context(safe_open(str(path), framework="pt"))
+                    out[name] = opened[path].get_tensor(key)
+        except (SafetensorError, OSError) as err:
+            raise OSError(f"cannot read {self.folder}'s weights ({err}); the file is corrupt or truncated") from err
+        return out
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.tensors([name])[name]
+
+
+def source_of(model: nn.Module) -> WeightSource | None:
+    """The :class:`WeightSource` a streamed model reads from (``None``: its weights are in memory)."""
+    return getattr(model, "weight_source", None)
+
+
+@contextmanager
+def resident(model: StructprunePreTrainedModel, prefix: str, module: nn.Module,
+             device: torch.device) -> Iterator[nn.Module]:
+    """``module`` (named ``prefix`` in ``model``) on ``device`` for the block: loaded from a streamed model's files
+    and dropped after, or moved there and back."""
+    source = source_of(model)
+    if source is None:
+        home = next(module.parameters(), torch.empty(0)).device
+        module.to(device)
+        try:
+            yield module
+        finally:
+            module.to(home)
+        return
+    dtypes = {name: p.dtype for name, p in module.named_parameters()}
+    state = source.tensors([f"{prefix}.{name}" for name in dtypes])
+    # the file's tensors become the parameters (no second copy), in the skeleton's dtype whatever the file's;
+    # structprune's modules hold parameters only, so there are no buffers to restore
+    module.load_state_dict({name: state.pop(f"{prefix}.{name}").to(device, dtype) for name, dtype in dtypes.items()},
+                           assign=True)
+    try:
+        yield module
+    finally:
+        module.to("meta")
+
+
+def _hf_skeleton(folder: Path, causal: bool) -> tuple[StructprunePreTrainedModel, dict[str, str]]:
+    """structprune's model on ``meta`` for a Hugging Face folder, and the checkpoint key of each parameter."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from structprune.arch import adapter_for, from_hf
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    with torch.device("meta"):
+        hf = auto.from_config(config, trust_remote_code=False)
+    rotary = getattr(getattr(hf, "model", None), "rotary_emb", None)
+    if rotary is not None:  # its inverse frequencies are computed, not stored: the spec reads them
+        hf.model.rotary_emb = type(rotary)(config=config)
+    theirs = {id(p): name for name, p in hf.named_parameters()}
+    names = {ours: theirs[id(t)] for ours, t in adapter_for(config).state_dict(hf).items()}
+    with torch.device("meta"):
+        model = from_hf(hf)
+    return model, names
+
+
+def streamed_model(folder: str | os.PathLike, causal: bool = True) -> StructprunePreTrainedModel:
+    """The full-size model of a checkpoint folder with every weight left in its files (see the module doc).
+
+    Raises:
+        ValueError: the folder holds no config or no safetensors weights, or an architecture structprune lacks.
+    """
+    from structprune.compaction import read_config
+    from structprune.modeling_structprune import model_class
+
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{folder} has no config.json: streaming reads a local model folder (a structprune folder or "
+                         "a Hugging Face one with safetensors weights)")
+    raw = json.loads(config_path.read_text())
+    if SECTION in raw:
+        config = read_config(folder)
+        with torch.device("meta"):
+            model = model_class(config)(config)
+        names = None
+    else:
+        model, names = _hf_skeleton(folder, causal)
+    try:
+        model.weight_source = WeightSource(folder, names)
+    except FileNotFoundError as err:
+        raise ValueError(str(err)) from None
+    missing = [name for name, _ in model.named_parameters() if _absent(model.weight_source, name)]
+    if missing:
+        raise ValueError(f"{folder}'s safetensors lack {len(missing)} weights its config needs (e.g. {missing[:3]}); "
+                         "the checkpoint is incomplete")
+    return model.eval()
+
+
+def _absent(source: WeightSource, name: str) -> bool:
+    try:
+        source.key(name)
+    except KeyError:
+        return True
+    return False

@@ -1,0 +1,98 @@
+"""Streaming: a model left in its safetensors files (Hugging Face or structprune folder, one file or shards) is
+scored layer by layer into exactly the masks, shifts and influences of the model held in memory, and holds no
+weight afterwards; bad folders are refused with what to do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from structprune.arch import from_hf
+from structprune.budget import Budget
+from structprune.compaction import save
+from structprune.methods import METHODS, get_method
+from structprune.streaming import WeightSource, streamed_model
+from tests.conftest import CAUSAL_ARCHS, make_causal
+
+
+def _data(vocab: int, n: int = 6, seq: int = 10) -> dict[str, torch.Tensor]:
+    ids = torch.randint(3, vocab, (n, seq), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _same(a, b) -> None:
+    assert a.masks.keys() == b.masks.keys() and a.shifts.keys() == b.shifts.keys()
+    for name in a.masks:
+        assert torch.equal(a.masks[name], b.masks[name]), name
+    for name in a.shifts:
+        torch.testing.assert_close(a.shifts[name], b.shifts[name], rtol=1e-5, atol=1e-6)
+
+
+def _resident(model) -> list[str]:
+    return [name for name, p in model.named_parameters() if p.device.type != "meta"]
+
+
+@pytest.mark.parametrize("arch", CAUSAL_ARCHS)
+@pytest.mark.parametrize("shards", [False, True])
+def test_a_streamed_hugging_face_checkpoint_scores_like_the_model_in_memory(arch, shards, tmp_path):
+    hf = make_causal(arch)
+    hf.save_pretrained(tmp_path, max_shard_size="20KB" if shards else "5GB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() == shards
+    data, budget = _data(hf.config.vocab_size), Budget(0.3)
+    streamed = streamed_model(tmp_path)
+    assert _resident(streamed) == [] and streamed.spec == from_hf(hf).spec
+    for method in ("flap", "expert"):
+        _same(get_method(method)(streamed, data, budget).masks, get_method(method)(hf, data, budget).masks)
+    assert _resident(streamed) == []
+    held = get_method("block_influence")(hf, data, budget, granularity="sublayer")
+    stream = get_method("block_influence")(streamed, data, budget, granularity="sublayer")
+    _same(stream.masks, held.masks)
+    for name, scores in held.log["influence"].items():
+        torch.testing.assert_close(torch.tensor(stream.log["influence"][name]), torch.tensor(scores))
+
+
+def test_a_streamed_structprune_folder_scores_like_the_model_in_memory(tmp_path):
+    full = from_hf(make_causal("llama3")).eval()
+    with pytest.warns(UserWarning, match="without a tokenizer"):
+        save(full, tmp_path / "model")
+    data = _data(full.spec["vocab_size"])
+    streamed = streamed_model(tmp_path / "model")
+    _same(get_method("flap")(streamed, data, Budget(0.4)).masks, get_method("flap")(full, data, Budget(0.4)).masks)
+    assert _resident(streamed) == []
+
+
+def test_only_the_running_layer_is_resident(tmp_path, monkeypatch):
+    hf = make_causal("llama")
+    hf.save_pretrained(tmp_path)
+    streamed = streamed_model(tmp_path)
+    seen = []
+    read = WeightSource.tensors
+
+    def tensors(self, names):
+        seen.append(sorted({n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("layers") else "")
+                            for n in names}))
+        return read(self, names)
+
+    monkeypatch.setattr(WeightSource, "tensors", tensors)
+    get_method("block_influence")(streamed, _data(hf.config.vocab_size), Budget(0.2))
+    assert seen == [["embeddings"]] + [[f"layers.{i}"] for i in range(hf.config.num_hidden_layers)]
+
+
+def test_streaming_methods_are_declared_and_bad_folders_are_refused(tmp_path):
+    assert sorted(n for n, m in METHODS.items() if m.streams) == ["block_influence", "expert", "flap"]
+    with pytest.raises(ValueError, match="config.json"):
+        streamed_model(tmp_path)
+    hf = make_causal("llama")
+    hf.config.save_pretrained(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="safetensors"):
+        streamed_model(tmp_path / "nothing")
+    from safetensors.torch import load_file, save_file
+
+    hf.save_pretrained(tmp_path / "cut")
+    state = load_file(tmp_path / "cut" / "model.safetensors")
+    state.pop("model.layers.1.mlp.down_proj.weight")
+    save_file(state, tmp_path / "cut" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lack 1 weights"):
+        streamed_model(tmp_path / "cut")
