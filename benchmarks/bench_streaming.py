@@ -4,10 +4,11 @@ peak memory, time, and whether the masks agree. SmolLM2-135M-Instruct (real weig
 Each mode runs in a fresh process (so its peak resident memory is its own): ``memory`` loads the model
 (``load_model``), ``stream`` builds it on the ``meta`` device and reads each module from the safetensors file for its
 turn (:mod:`structprune.streaming`). Both score the same ``--windows`` (32) windows of ``--length`` (512) tokens of
-WikiText-2 validation in batches of 8. Reported per mode: the process's resident memory after imports and
-tokenization (``base``), its peak (``peak``), the growth between them, and the wall time of the method call; and
-the sizes the growth should be compared with: all weights, one decoder layer, the embeddings (resident while the
-inputs are embedded), and the activations carried between layers (each batch's residual stream and attention mask).
+WikiText-2 validation in batches of ``--batch-size`` (8). Reported per mode: the process's resident memory after
+imports and tokenization (``base``), its peak (``peak``), the growth between them, and the wall time of the method
+call; and the sizes the growth should be compared with: all weights, one decoder layer, the embeddings (resident
+while the inputs are embedded), the activations carried between layers (each batch's residual stream and attention
+mask) and the largest transient of one batch inside a layer (its attention scores, ``batch x heads x length^2``).
 Rows are appended to ``benchmarks/results/streaming.csv``.
 
 Usage::
@@ -43,7 +44,7 @@ def _rss_mb() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status: this benchmark needs Linux")
 
 
-def one(mode: str, windows: int, length: int, threads: int) -> dict:
+def one(mode: str, windows: int, length: int, threads: int, batch: int) -> dict:
     """The child process: score the model one way; its memory, time and masks digest."""
     from structprune.budget import Budget
     from structprune.data.lm import load_text
@@ -60,7 +61,7 @@ def one(mode: str, windows: int, length: int, threads: int) -> dict:
     base = _rss_mb()
     model = streamed_model(folder) if mode == "stream" else load_model(str(folder), causal=True)
     start = time.perf_counter()
-    result = get_method("flap")(model, data, Budget(0.3), batch_size=8, max_examples=None)
+    result = get_method("flap")(model, data, Budget(0.3), batch_size=batch, max_examples=None)
     seconds = time.perf_counter() - start
     digest = hashlib.sha256()
     for name in sorted(result.masks.masks):
@@ -73,37 +74,39 @@ def one(mode: str, windows: int, length: int, threads: int) -> dict:
             "param_sparsity": round(result.log["summary"]["param_sparsity"], 4)}
 
 
-def sizes(windows: int, length: int) -> dict:
+def sizes(windows: int, length: int, batch: int) -> dict:
     """MB of all weights, one layer, the embeddings and the carried activations of SmolLM2 at this calibration."""
     from structprune.gguf import gguf_folder, smollm2_gguf
     from structprune.streaming import streamed_model
 
     model = streamed_model(gguf_folder(smollm2_gguf()))
     mb = lambda module: sum(p.numel() for p in module.parameters()) * 4 / 2**20  # noqa: E731
-    D, batch = model.spec["hidden_size"], 8
+    D, H = model.spec["hidden_size"], model.layers[0].attn.heads
     stream = windows * length * D * 4  # the residual streams of every batch
     masks = -(-windows // batch) * batch * length * length * 4  # one additive attention mask per batch
-    return {"weights_mb": round(mb(model), 1), "layer_mb": round(mb(model.layers[0]), 1),
-            "embeddings_mb": round(mb(model.embeddings), 1), "activations_mb": round((stream + masks) / 2**20, 1)}
+    return {"batch_size": batch, "weights_mb": round(mb(model), 1), "layer_mb": round(mb(model.layers[0]), 1),
+            "embeddings_mb": round(mb(model.embeddings), 1), "activations_mb": round((stream + masks) / 2**20, 1),
+            "scores_mb": round(batch * H * length * length * 4 / 2**20, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=bench.CPU_THREADS)
     parser.add_argument("--out", type=Path, default=RESULTS / "streaming.csv")
     parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._one:
-        print(json.dumps(one(args._one, args.windows, args.length, args.threads)), flush=True)
+        print(json.dumps(one(args._one, args.windows, args.length, args.threads, args.batch_size)), flush=True)
         return 0
-    common = {"windows": args.windows, "length": args.length, "threads": args.threads} | sizes(args.windows,
-                                                                                                args.length)
+    common = {"windows": args.windows, "length": args.length, "threads": args.threads} | sizes(
+        args.windows, args.length, args.batch_size)
     rows = []
     for mode in MODES:
         command = [sys.executable, str(Path(__file__).resolve()), "--_one", mode, "--windows", str(args.windows),
-                   "--length", str(args.length), "--threads", str(args.threads)]
+                   "--length", str(args.length), "--threads", str(args.threads), "--batch-size", str(args.batch_size)]
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
         rows.append(bench.machine_info() | common | json.loads(done.stdout.strip().splitlines()[-1]))
     for row in rows:
@@ -112,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                                                          2)
     bench.append_csv(args.out, rows)
     print(f"weights {common['weights_mb']} MB, one layer {common['layer_mb']} MB, embeddings "
-          f"{common['embeddings_mb']} MB, activations {common['activations_mb']} MB")
+          f"{common['embeddings_mb']} MB, carried activations {common['activations_mb']} MB, one batch's attention "
+          f"scores {common['scores_mb']} MB")
     print("| mode | base MB | peak MB | growth MB | growth / (layer + activations) | seconds | masks |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for r in rows:
