@@ -1,20 +1,25 @@
 """Scoring a model held in memory against the same model streamed from its files (``structprune prune --stream``):
 peak memory, time, and whether the masks agree. SmolLM2-135M-Instruct (real weights), ``flap`` at 30%.
 
-Each mode runs in a fresh process (so its peak resident memory is its own): ``memory`` loads the model
-(``load_model``), ``stream`` builds it on the ``meta`` device and reads each module from the safetensors file for its
-turn (:mod:`structprune.streaming`). Both score the same ``--windows`` (32) windows of ``--length`` (512) tokens of
-WikiText-2 validation in batches of ``--batch-size`` (8). Reported per mode: the process's resident memory after
-imports and tokenization (``base``), its peak (``peak``), the growth between them, and the wall time of the method
-call; and the sizes the growth should be compared with: all weights, one decoder layer, the embeddings (resident
-while the inputs are embedded), the activations carried between layers (each batch's residual stream and attention
-mask) and the largest transient of one batch inside a layer (its attention scores, ``batch x heads x length^2``).
-Rows are appended to ``benchmarks/results/streaming.csv``.
+Each mode runs in a fresh process: ``memory`` loads the model (``load_model``), ``stream`` builds it on the ``meta``
+device and reads each module from the safetensors file for its turn (:mod:`structprune.streaming`). Both score the
+same ``--windows`` (32) windows of ``--length`` (512) tokens of WikiText-2 validation in batches of ``--batch-size``
+(8). Reported per mode: the process's resident memory after imports and tokenization (``base``), its peak from
+there on (``peak``: Linux's ``VmHWM``, reset at the base so that the tokenizer's own peak does not count), the
+growth between them, and the wall time of the method call; and the sizes the growth should be compared with: all
+weights, one decoder layer, the embeddings (of which a streamed decoder reads only the rows its inputs use), the
+activations carried between layers (each batch's residual stream and attention mask) and the largest transient of
+one batch inside a layer (its attention scores, ``batch x heads x length^2``).
+The children run with ``MALLOC_MMAP_THRESHOLD_=1048576``: glibc then serves every block of 1 MB or more by its own
+mapping and returns it when freed, so the peak is what the program holds. With glibc's default (a threshold that
+grows as blocks are freed, ``--default-malloc``) freed blocks stay in the heap and the streamed peak varies by
+hundreds of MB from run to run on the same input. Rows are appended to ``benchmarks/results/streaming.csv``.
 
 Usage::
 
     python benchmarks/bench_streaming.py
     python benchmarks/bench_streaming.py --windows 8 --length 128    # quicker
+    python benchmarks/bench_streaming.py --default-malloc            # glibc's own threshold
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
@@ -34,14 +39,20 @@ from structprune import bench
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("memory", "stream")
+MMAP_THRESHOLD = 1 << 20
 
 
-def _rss_mb() -> float:
-    """Current resident memory of this process (MB), from /proc."""
+def _status_mb(field: str) -> float:
+    """``VmRSS`` (resident memory now) or ``VmHWM`` (its peak since the last :func:`_reset_peak`), MB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status: this benchmark needs Linux")
+    raise RuntimeError(f"no {field} in /proc/self/status: this benchmark needs Linux")
+
+
+def _reset_peak() -> None:
+    """Start the peak (``VmHWM``) afresh, so that the tokenizer's own peak before the run is not counted."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def one(mode: str, windows: int, length: int, threads: int, batch: int) -> dict:
@@ -58,10 +69,14 @@ def one(mode: str, windows: int, length: int, threads: int, batch: int) -> dict:
     folder = gguf_folder(smollm2_gguf())
     tokenizer = load_tokenizer(folder)
     data = text_windows(tokenizer, load_text("wikitext2", "validation"), length, windows, seed=0)
-    base = _rss_mb()
+    prune = get_method("flap")
+    from transformers import AutoModelForCausalLM  # noqa: F401  (both modes import it; not part of the growth)
+
+    _reset_peak()
+    base = _status_mb("VmRSS")
     model = streamed_model(folder) if mode == "stream" else load_model(str(folder), causal=True)
     start = time.perf_counter()
-    result = get_method("flap")(model, data, Budget(0.3), batch_size=batch, max_examples=None)
+    result = prune(model, data, Budget(0.3), batch_size=batch, max_examples=None)
     seconds = time.perf_counter() - start
     digest = hashlib.sha256()
     for name in sorted(result.masks.masks):
@@ -69,7 +84,7 @@ def one(mode: str, windows: int, length: int, threads: int, batch: int) -> dict:
     for name in sorted(result.masks.shifts):
         digest.update(result.masks.shifts[name].round(decimals=4).numpy().tobytes())
     return {"mode": mode, "base_mb": round(base, 1),
-            "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_mb": round(_status_mb("VmHWM"), 1),
             "seconds": round(seconds, 1), "masks_sha256": digest.hexdigest()[:16],
             "param_sparsity": round(result.log["summary"]["param_sparsity"], 4)}
 
@@ -95,19 +110,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=bench.CPU_THREADS)
+    parser.add_argument("--default-malloc", action="store_true", help="leave glibc's mmap threshold as it is")
     parser.add_argument("--out", type=Path, default=RESULTS / "streaming.csv")
     parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._one:
         print(json.dumps(one(args._one, args.windows, args.length, args.threads, args.batch_size)), flush=True)
         return 0
-    common = {"windows": args.windows, "length": args.length, "threads": args.threads} | sizes(
+    common = {"windows": args.windows, "length": args.length, "threads": args.threads,
+              "malloc_mmap_threshold": "glibc default" if args.default_malloc else MMAP_THRESHOLD} | sizes(
         args.windows, args.length, args.batch_size)
     rows = []
     for mode in MODES:
         command = [sys.executable, str(Path(__file__).resolve()), "--_one", mode, "--windows", str(args.windows),
                    "--length", str(args.length), "--threads", str(args.threads), "--batch-size", str(args.batch_size)]
-        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+        env = os.environ | ({} if args.default_malloc else {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)})
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True, env=env)
         rows.append(bench.machine_info() | common | json.loads(done.stdout.strip().splitlines()[-1]))
     for row in rows:
         row["growth_mb"] = round(row["peak_mb"] - row["base_mb"], 1)

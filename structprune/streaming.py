@@ -4,7 +4,8 @@
 :class:`WeightSource` that reads each parameter from the checkpoint's files (memory-mapped, one file or a sharded
 ``model.safetensors.index.json``). Calibration that runs layer by layer
 (:func:`structprune.methods.channel_stats.layer_by_layer`) loads each module for its turn and drops it after, so
-the process holds the embeddings, one layer and the activations, never the whole model. The forward-only methods
+the process holds one layer and the activations (and, while the inputs are embedded, the rows of the embedding
+table they use), never the whole model. The forward-only methods
 (``flap``, ``expert``, ``block_influence``) score such a model; the masks they write compact later on a machine that
 holds the model, or are read as they are.
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -73,6 +74,20 @@ class WeightSource:
     def tensor(self, name: str) -> torch.Tensor:
         return self.tensors([name])[name]
 
+    def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` (sorted, unique) of the matrix ``name``, read as contiguous runs: the rest stays in the file."""
+        key, ids = self.key(name), ids.tolist()
+        try:
+            with safe_open(str(self.files[key]), framework="pt") as f:
+                table, runs, start = f.get_slice(key), [], 0
+                for j in range(1, len(ids) + 1):
+                    if j == len(ids) or ids[j] != ids[j - 1] + 1:
+                        runs.append(table[ids[start]:ids[j - 1] + 1])
+                        start = j
+        except (SafetensorError, OSError) as err:
+            raise OSError(f"cannot read {self.folder}'s weights ({err}); the file is corrupt or truncated") from err
+        return torch.cat(runs)
+
 
 def source_of(model: nn.Module) -> WeightSource | None:
     """The :class:`WeightSource` a streamed model reads from (``None``: its weights are in memory)."""
@@ -103,6 +118,27 @@ def resident(model: StructprunePreTrainedModel, prefix: str, module: nn.Module,
         yield module
     finally:
         module.to("meta")
+
+
+@contextmanager
+def embedded(model: StructprunePreTrainedModel, ids: torch.Tensor,
+             device: torch.device) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """The embeddings on ``device`` for the token ids among ``ids``, and the map from token ids to the ids the loaded
+    embeddings answer. A streamed decoder loads only the rows of its word table that ``ids`` use (a large vocabulary's
+    table can outweigh a layer); otherwise the whole module comes (:func:`resident`) and the map is the identity."""
+    source = source_of(model)
+    if source is None or model.spec["family"] != "llama":  # BERT's positions read the ids themselves
+        with resident(model, "embeddings", model.embeddings, device):
+            yield lambda x: x
+        return
+    used, word = ids.unique(), model.embeddings.word
+    skeleton = word.weight
+    word.weight = nn.Parameter(source.rows("embeddings.word.weight", used).to(device, skeleton.dtype),
+                               requires_grad=False)
+    try:
+        yield lambda x: torch.searchsorted(used.to(x.device), x)
+    finally:
+        word.weight = skeleton
 
 
 def _hf_skeleton(folder: Path, causal: bool) -> tuple[StructprunePreTrainedModel, dict[str, str]]:

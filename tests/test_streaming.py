@@ -63,21 +63,22 @@ def test_a_streamed_structprune_folder_scores_like_the_model_in_memory(tmp_path)
     assert _resident(streamed) == []
 
 
-def test_only_the_running_layer_is_resident(tmp_path, monkeypatch):
+def test_only_the_running_layer_and_the_used_embedding_rows_are_read(tmp_path, monkeypatch):
     hf = make_causal("llama")
     hf.save_pretrained(tmp_path)
     streamed = streamed_model(tmp_path)
-    seen = []
-    read = WeightSource.tensors
-
-    def tensors(self, names):
-        seen.append(sorted({n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("layers") else "")
-                            for n in names}))
-        return read(self, names)
-
-    monkeypatch.setattr(WeightSource, "tensors", tensors)
-    get_method("block_influence")(streamed, _data(hf.config.vocab_size), Budget(0.2))
-    assert seen == [["embeddings"]] + [[f"layers.{i}"] for i in range(hf.config.num_hidden_layers)]
+    data, seen = _data(hf.config.vocab_size), []
+    tensors, rows = WeightSource.tensors, WeightSource.rows
+    monkeypatch.setattr(WeightSource, "tensors", lambda self, names: seen.append(
+        sorted({".".join(n.split(".")[:2]) for n in names})) or tensors(self, names))
+    monkeypatch.setattr(WeightSource, "rows", lambda self, name, ids: seen.append((name, ids.tolist())) or rows(
+        self, name, ids))
+    get_method("block_influence")(streamed, data, Budget(0.2))
+    used = data["input_ids"].unique().tolist()
+    assert len(used) < hf.config.vocab_size
+    assert seen == [("embeddings.word.weight", used)] + [[f"layers.{i}"] for i in range(hf.config.num_hidden_layers)]
+    assert streamed.embeddings.word.weight.shape == (hf.config.vocab_size, hf.config.hidden_size)
+    assert _resident(streamed) == []
 
 
 def test_streaming_methods_are_declared_and_bad_folders_are_refused(tmp_path):

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from structprune.modeling_structprune import Layer, StructprunePreTrainedModel
-from structprune.streaming import resident, source_of
+from structprune.streaming import embedded, resident, source_of
 
 RunLayer = Callable[[int, Layer, torch.Tensor, object, object, torch.Tensor], torch.Tensor]
 """``(i, layer, x [B, S, D], ctx, rope, real [B, S]) -> x after layer i``."""
@@ -42,9 +42,9 @@ def layer_by_layer(model: StructprunePreTrainedModel, batches: Sequence[dict[str
     home = model.embeddings.word.weight.device
     device = torch.device("cpu" if home.type == "meta" else home) if device is None else torch.device(device)
     streams = []
-    with resident(model, "embeddings", model.embeddings, device):
+    with embedded(model, torch.cat([b["input_ids"].flatten() for b in batches]), device) as ids_of:
         for batch in batches:
-            ids, mask = batch["input_ids"].to(device), batch.get("attention_mask")
+            ids, mask = ids_of(batch["input_ids"]).to(device), batch.get("attention_mask")
             mask = None if mask is None else mask.to(device)
             x, ctx, rope = model.layer_inputs(ids, mask)
             streams.append([x, ctx, rope, (torch.ones_like(ids) if mask is None else mask).bool()])
