@@ -6,9 +6,10 @@ Grid: the variants of :data:`VARIANTS` (default ``magnitude, taylor, flap, short
 ``--speedups``, at decode speedups (``1.5``: a latency budget removing ``1 - 1/1.5`` of the decode latency that a
 measured table predicts: ``structprune.latency.measure_table`` of the dense model, decode phase, batch 1,
 ``--tokens`` cached, on this machine; ``--latency-table FILE`` keeps it across runs, measured into FILE when
-missing). The speedup each model then *measures* is reported beside the target. Every (variant, target) is pruned in a fresh subprocess of this script, which compacts the result and saves it; its wall time of
-the method call (``prune_seconds``, tuning included for ``sprint``, whose steps are ``tuning_steps``) and the
-process's peak resident memory (``peak_rss_mb``) are its cost.
+missing). The speedup each model then *measures* is reported beside the target. Every (variant, target) is pruned
+in a fresh subprocess of this script, which compacts the result and saves it; its wall time of the method call (``prune_seconds``, tuning included for ``sprint``, whose steps are ``tuning_steps``) and the
+process's peak resident memory (``peak_rss_mb``: its ``VmHWM``; rows before 2026-12-06T14:30Z took ``ru_maxrss``,
+which in a child process keeps the parent's size at the fork) are its cost.
 
 * calibration: ``--calib-windows`` (64) windows of ``--calib-length`` (512) tokens of the WikiText-2 *validation*
   text (:func:`structprune.likelihood.text_windows`, seed 0), saved once: every method reads the same tensors
@@ -58,7 +59,6 @@ import argparse
 import csv
 import json
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -168,7 +168,7 @@ def prune_one(label: str, target: str, workdir: Path) -> dict:
     return {"prune_seconds": round(seconds, 2), "tuning_steps": result.log.get("tuning_steps", 0),
             "achieved_sparsity": round(float(result.log["summary"]["param_sparsity"]), 4),
             "predicted_decode_speedup": predicted and round(predicted, 4),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mb": round(bench.memory_mb("VmHWM"), 1)}
 
 
 def run_child(label: str, target: str, workdir: Path) -> dict:

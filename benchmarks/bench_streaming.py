@@ -42,19 +42,6 @@ MODES = ("memory", "stream")
 MMAP_THRESHOLD = 1 << 20
 
 
-def _status_mb(field: str) -> float:
-    """``VmRSS`` (resident memory now) or ``VmHWM`` (its peak since the last :func:`_reset_peak`), MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status: this benchmark needs Linux")
-
-
-def _reset_peak() -> None:
-    """Start the peak (``VmHWM``) afresh, so that the tokenizer's own peak before the run is not counted."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
 def one(mode: str, windows: int, length: int, threads: int, batch: int) -> dict:
     """The child process: score the model one way; its memory, time and masks digest."""
     from structprune.budget import Budget
@@ -72,8 +59,8 @@ def one(mode: str, windows: int, length: int, threads: int, batch: int) -> dict:
     prune = get_method("flap")
     from transformers import AutoModelForCausalLM  # noqa: F401  (both modes import it; not part of the growth)
 
-    _reset_peak()
-    base = _status_mb("VmRSS")
+    bench.reset_peak_memory()
+    base = bench.memory_mb()
     model = streamed_model(folder) if mode == "stream" else load_model(str(folder), causal=True)
     start = time.perf_counter()
     result = prune(model, data, Budget(0.3), batch_size=batch, max_examples=None)
@@ -84,7 +71,7 @@ def one(mode: str, windows: int, length: int, threads: int, batch: int) -> dict:
     for name in sorted(result.masks.shifts):
         digest.update(result.masks.shifts[name].round(decimals=4).numpy().tobytes())
     return {"mode": mode, "base_mb": round(base, 1),
-            "peak_mb": round(_status_mb("VmHWM"), 1),
+            "peak_mb": round(bench.memory_mb("VmHWM"), 1),
             "seconds": round(seconds, 1), "masks_sha256": digest.hexdigest()[:16],
             "param_sparsity": round(result.log["summary"]["param_sparsity"], 4)}
 

@@ -37,6 +37,7 @@ import torch
 from kernel_timing import RESULTS, prepare, time_all, write_rows
 from transformers import BertConfig, BertForSequenceClassification
 
+from structprune import bench
 from structprune.masked_model import MaskedModel
 
 BATCH, SEQ = 16, 128
@@ -90,22 +91,14 @@ def cpu_peak_memory(model_name: str, variant: str) -> dict[str, float]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _status_mib(field: str) -> float:
-    """A memory field of /proc/self/status (VmRSS, VmHWM) in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field}; peak memory is measured on Linux only")
-
-
 def child_memory(model_name: str, variant: str) -> None:
     torch.set_num_threads(2)
     step = build(model_name, variant, "cpu")
-    before = _status_mib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak, to the current RSS
+    before = bench.memory_mb()
+    bench.reset_peak_memory()
     for _ in range(3):
         step()
-    print(json.dumps({"rss_before_mib": round(before, 1), "rss_peak_mib": round(_status_mib("VmHWM"), 1)}))
+    print(json.dumps({"rss_before_mib": round(before, 1), "rss_peak_mib": round(bench.memory_mb("VmHWM"), 1)}))
 
 
 def cuda_peak_memory(step: Callable[[], object]) -> dict[str, float]:

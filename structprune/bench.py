@@ -264,6 +264,22 @@ def pin_cpus(count: int = CPU_THREADS) -> tuple[int, ...]:
     return chosen
 
 
+def memory_mb(field: str = "VmRSS") -> float:
+    """This process's resident memory now (``VmRSS``) or its peak (``VmHWM``) in MiB, from ``/proc/self/status``.
+
+    ``VmHWM`` is the process's own since its last ``exec`` or :func:`reset_peak_memory` (``getrusage``'s
+    ``ru_maxrss`` is not: a child keeps its parent's size at the fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}; memory is measured on Linux only")
+
+
+def reset_peak_memory() -> None:
+    """Start ``VmHWM`` afresh at the current resident memory (Linux)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def _cpu_model() -> str:
     """The CPU model name from /proc/cpuinfo, else what :mod:`platform` knows."""
     with contextlib.suppress(OSError):
