@@ -163,9 +163,12 @@ def prune_one(label: str, target: str, workdir: Path) -> dict:
     seconds = time.perf_counter() - start
     if result.weights is not None:  # sprint tunes the weights along with the masks
         model.load_state_dict(result.weights)
-    save(compact(model, result.masks).eval(), Path(setup["models"]) / f"{label}-{target}", tokenizer)
+    small = compact(model, result.masks).eval()
+    save(small, Path(setup["models"]) / f"{label}-{target}", tokenizer)
+    layers = ModelStructure.from_spec(small.spec).layers
     predicted = 1 / (1 - result.log["achieved"]) if budget.kind == "latency" else ""
     return {"prune_seconds": round(seconds, 2), "tuning_steps": result.log.get("tuning_steps", 0),
+            "removed_sublayers": f"attn {sum(x.heads == 0 for x in layers)}, ffn {sum(x.ffn == 0 for x in layers)}",
             "achieved_sparsity": round(float(result.log["summary"]["param_sparsity"]), 4),
             "predicted_decode_speedup": predicted and round(predicted, 4),
             "peak_rss_mb": round(bench.memory_mb("VmHWM"), 1)}
