@@ -240,3 +240,14 @@ def test_other_cpu_load_and_wait_for_quiet_report_a_load():
     assert waited < 5.0 and cores is not None
     waited, _ = bench.wait_for_quiet(max_cores=-1.0, sample_s=0.01, timeout_s=0.05)  # never quiet: times out
     assert 0.05 <= waited < 5.0
+
+
+def test_peak_memory_resets_and_then_follows_an_allocation():
+    bench.reset_peak_memory()
+    before, peak = bench.memory_mb(), bench.memory_mb("VmHWM")
+    assert peak - before < 16  # reset: the peak starts at what is resident now
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    assert bench.memory_mb("VmHWM") - before >= 60
+    del block
+    with pytest.raises(RuntimeError, match="VmNothing"):
+        bench.memory_mb("VmNothing")
