@@ -48,9 +48,13 @@ class WeightSource:
                                     "checkpoints stream; save the model with safetensors")
         self.folder, self.names, self.files = folder, dict(names) if names is not None else None, files
 
+    def __contains__(self, name: str) -> bool:
+        key = name if self.names is None else self.names.get(name)
+        return key is not None and key in self.files
+
     def key(self, name: str) -> str:
         key = name if self.names is None else self.names.get(name)
-        if key is None or key not in self.files:
+        if name not in self:
             raise KeyError(f"{self.folder} has no weight for {name!r} (looked for {key!r}); the checkpoint does not "
                            "match its config")
         return key
@@ -187,16 +191,8 @@ def streamed_model(folder: str | os.PathLike, causal: bool = True) -> Structprun
         model.weight_source = WeightSource(folder, names)
     except FileNotFoundError as err:
         raise ValueError(str(err)) from None
-    missing = [name for name, _ in model.named_parameters() if _absent(model.weight_source, name)]
+    missing = [name for name, _ in model.named_parameters() if name not in model.weight_source]
     if missing:
         raise ValueError(f"{folder}'s safetensors lack {len(missing)} weights its config needs (e.g. {missing[:3]}); "
                          "the checkpoint is incomplete")
     return model.eval()
-
-
-def _absent(source: WeightSource, name: str) -> bool:
-    try:
-        source.key(name)
-    except KeyError:
-        return True
-    return False
