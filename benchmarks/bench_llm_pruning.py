@@ -7,9 +7,10 @@ Grid: the variants of :data:`VARIANTS` (default ``magnitude, taylor, flap, short
 measured table predicts: ``structprune.latency.measure_table`` of the dense model, decode phase, batch 1,
 ``--tokens`` cached, on this machine; ``--latency-table FILE`` keeps it across runs, measured into FILE when
 missing). The speedup each model then *measures* is reported beside the target. Every (variant, target) is pruned
-in a fresh subprocess of this script, which compacts the result and saves it; its wall time of the method call (``prune_seconds``, tuning included for ``sprint``, whose steps are ``tuning_steps``) and the
-process's peak resident memory (``peak_rss_mb``: its ``VmHWM``; rows before 2026-12-06T14:30Z took ``ru_maxrss``,
-which in a child process keeps the parent's size at the fork) are its cost.
+in a fresh subprocess of this script, which compacts the result and saves it; its wall time of the method call
+(``prune_seconds``, tuning included for ``sprint``, whose steps are ``tuning_steps``) and the process's peak
+resident memory (``peak_rss_mb``: its ``VmHWM``; rows before 2026-12-06T14:30Z took ``ru_maxrss``, which in a child
+process keeps the parent's size at the fork) are its cost.
 
 * calibration: ``--calib-windows`` (64) windows of ``--calib-length`` (512) tokens of the WikiText-2 *validation*
   text (:func:`structprune.likelihood.text_windows`, seed 0), saved once: every method reads the same tensors
