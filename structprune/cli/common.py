@@ -20,9 +20,9 @@ from structprune.methods.options import SEED, positive_int
 
 LM_CALIBRATION_WINDOWS = 128
 THREADS = 2
+"""Threads of every timed or ONNX Runtime command (the benchmark protocol's, structprune.bench.CPU_THREADS)."""
 QUANTIZE_MODES = ("int8-dynamic", "int8-static", "fp16")
 """``structprune.quantize.MODES``, named here so that building the parser imports no ONNX Runtime."""
-"""Threads of every timed or ONNX Runtime command (the benchmark protocol's, structprune.bench.CPU_THREADS)."""
 
 
 class CliError(ValueError):
