@@ -59,20 +59,24 @@ class WeightSource:
                            "match its config")
         return key
 
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        try:
+            yield
+        except (SafetensorError, OSError) as err:
+            raise OSError(f"cannot read {self.folder}'s weights ({err}); the file is corrupt or truncated") from err
+
     def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The tensors of ``names``, each file opened once."""
         keys = {name: self.key(name) for name in names}
         out = {}
-        try:
-            with ExitStack() as stack:
-                opened = {}
-                for name, key in keys.items():
-                    path = self.files[key]
-                    if path not in opened:
-                        opened[path] = stack.enter_context(safe_open(str(path), framework="pt"))
-                    out[name] = opened[path].get_tensor(key)
-        except (SafetensorError, OSError) as err:
-            raise OSError(f"cannot read {self.folder}'s weights ({err}); the file is corrupt or truncated") from err
+        with self._reading(), ExitStack() as stack:
+            opened = {}
+            for name, key in keys.items():
+                path = self.files[key]
+                if path not in opened:
+                    opened[path] = stack.enter_context(safe_open(str(path), framework="pt"))
+                out[name] = opened[path].get_tensor(key)
         return out
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -81,15 +85,12 @@ class WeightSource:
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` (sorted, unique) of the matrix ``name``, read as contiguous runs: the rest stays in the file."""
         key, ids = self.key(name), ids.tolist()
-        try:
-            with safe_open(str(self.files[key]), framework="pt") as f:
-                table, runs, start = f.get_slice(key), [], 0
-                for j in range(1, len(ids) + 1):
-                    if j == len(ids) or ids[j] != ids[j - 1] + 1:
-                        runs.append(table[ids[start]:ids[j - 1] + 1])
-                        start = j
-        except (SafetensorError, OSError) as err:
-            raise OSError(f"cannot read {self.folder}'s weights ({err}); the file is corrupt or truncated") from err
+        with self._reading(), safe_open(str(self.files[key]), framework="pt") as f:
+            table, runs, start = f.get_slice(key), [], 0
+            for j in range(1, len(ids) + 1):
+                if j == len(ids) or ids[j] != ids[j - 1] + 1:
+                    runs.append(table[ids[start]:ids[j - 1] + 1])
+                    start = j
         return torch.cat(runs)
 
 
