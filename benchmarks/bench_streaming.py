@@ -1,5 +1,6 @@
-"""Scoring a model held in memory against the same model streamed from its files (``structprune prune --stream``):
-peak memory, time, and whether the masks agree. SmolLM2-135M-Instruct (real weights), ``flap`` at 30%.
+"""Scoring and compacting a model held in memory against the same model streamed from its files (``structprune prune
+--stream``, ``compact --stream``): peak memory, time, and whether the masks and compact weights agree.
+SmolLM2-135M-Instruct (real weights), ``flap`` at 30%.
 
 Each mode runs in a fresh process: ``memory`` loads the model (``load_model``), ``stream`` builds it on the ``meta``
 device and reads each module from the safetensors file for its turn (:mod:`structprune.streaming`). Both score the
@@ -10,6 +11,9 @@ growth between them, and the wall time of the method call; and the sizes the gro
 weights, one decoder layer, the embeddings (of which a streamed decoder reads only the rows its inputs use), the
 activations carried between layers (each batch's residual stream and attention mask) and the largest transient of
 one batch inside a layer (its attention scores, ``batch x heads x length^2``).
+Then each mode writes the compact model (``memory``: ``compact`` and ``save``; ``stream``: ``compact_to_folder``, cutting
+tensor by tensor into shards of ``--max-shard-mb``, 64) to a temporary folder; its peak growth is measured from a
+second reset, and a digest of the written weights must agree.
 The children run with ``MALLOC_MMAP_THRESHOLD_=1048576``: glibc then serves every block of 1 MB or more by its own
 mapping and returns it when freed, so the peak is what the program holds. With glibc's default (a threshold that
 grows as blocks are freed, ``--default-malloc``) freed blocks stay in the heap and the streamed peak varies by
@@ -42,9 +46,12 @@ MODES = ("memory", "stream")
 MMAP_THRESHOLD = 1 << 20
 
 
-def one(mode: str, windows: int, length: int, threads: int, batch: int) -> dict:
-    """The child process: score the model one way; its memory, time and masks digest."""
+def one(mode: str, windows: int, length: int, threads: int, batch: int, shard_mb: float) -> dict:
+    """The child process: score and compact the model one way; its memory, time and digests."""
+    import tempfile
+
     from structprune.budget import Budget
+    from structprune.compaction import compact, compact_to_folder, save
     from structprune.data.lm import load_text
     from structprune.gguf import gguf_folder, smollm2_gguf
     from structprune.likelihood import text_windows
@@ -70,10 +77,30 @@ def one(mode: str, windows: int, length: int, threads: int, batch: int) -> dict:
         digest.update(result.masks.masks[name].numpy().tobytes())
     for name in sorted(result.masks.shifts):
         digest.update(result.masks.shifts[name].round(decimals=4).numpy().tobytes())
-    return {"mode": mode, "base_mb": round(base, 1),
-            "peak_mb": round(bench.memory_mb("VmHWM"), 1),
-            "seconds": round(seconds, 1), "masks_sha256": digest.hexdigest()[:16],
-            "param_sparsity": round(result.log["summary"]["param_sparsity"], 4)}
+    row = {"mode": mode, "base_mb": round(base, 1), "peak_mb": round(bench.memory_mb("VmHWM"), 1),
+           "seconds": round(seconds, 1), "masks_sha256": digest.hexdigest()[:16],
+           "param_sparsity": round(result.log["summary"]["param_sparsity"], 4)}
+    with tempfile.TemporaryDirectory() as tmp:
+        bench.reset_peak_memory()
+        compact_base = bench.memory_mb()
+        start = time.perf_counter()
+        if mode == "stream":
+            compact_to_folder(model, result.masks, Path(tmp) / "out", tokenizer, max_shard_mb=shard_mb)
+        else:
+            save(compact(model, result.masks), Path(tmp) / "out", tokenizer, max_shard_mb=shard_mb)
+        row |= {"compact_seconds": round(time.perf_counter() - start, 1),
+                "compact_growth_mb": round(bench.memory_mb("VmHWM") - compact_base, 1),
+                "compact_sha256": _weights_digest(Path(tmp) / "out")}
+    return row
+
+
+def _weights_digest(folder: Path) -> str:
+    from structprune.streaming import WeightSource
+
+    source, digest = WeightSource(folder), hashlib.sha256()
+    for name in sorted(source.files):
+        digest.update(name.encode() + source[name].numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def sizes(windows: int, length: int, batch: int) -> dict:
@@ -97,20 +124,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=bench.CPU_THREADS)
+    parser.add_argument("--max-shard-mb", type=float, default=64.0, help="shard size of the compact folders")
     parser.add_argument("--default-malloc", action="store_true", help="leave glibc's mmap threshold as it is")
     parser.add_argument("--out", type=Path, default=RESULTS / "streaming.csv")
     parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._one:
-        print(json.dumps(one(args._one, args.windows, args.length, args.threads, args.batch_size)), flush=True)
+        print(json.dumps(one(args._one, args.windows, args.length, args.threads, args.batch_size, args.max_shard_mb)),
+              flush=True)
         return 0
-    common = {"windows": args.windows, "length": args.length, "threads": args.threads,
+    common = {"windows": args.windows, "length": args.length, "threads": args.threads, "max_shard_mb": args.max_shard_mb,
               "malloc_mmap_threshold": "glibc default" if args.default_malloc else MMAP_THRESHOLD} | sizes(
         args.windows, args.length, args.batch_size)
     rows = []
     for mode in MODES:
         command = [sys.executable, str(Path(__file__).resolve()), "--_one", mode, "--windows", str(args.windows),
-                   "--length", str(args.length), "--threads", str(args.threads), "--batch-size", str(args.batch_size)]
+                   "--length", str(args.length), "--threads", str(args.threads), "--batch-size", str(args.batch_size),
+                   "--max-shard-mb", str(args.max_shard_mb)]
         env = os.environ | ({} if args.default_malloc else {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)})
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True, env=env)
         rows.append(bench.machine_info() | common | json.loads(done.stdout.strip().splitlines()[-1]))
@@ -122,13 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"weights {common['weights_mb']} MB, one layer {common['layer_mb']} MB, embeddings "
           f"{common['embeddings_mb']} MB, carried activations {common['activations_mb']} MB, one batch's attention "
           f"scores {common['scores_mb']} MB")
-    print("| mode | base MB | peak MB | growth MB | growth / (layer + activations) | seconds | masks |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print("| mode | base MB | peak MB | growth MB | growth / (layer + activations) | seconds | masks | compact growth MB "
+          "| compact seconds | compact weights |")
+    print("|---|---:|---:|---:|---:|---:|---|---:|---:|---|")
     for r in rows:
         print(f"| {r['mode']} | {r['base_mb']} | {r['peak_mb']} | {r['growth_mb']} | "
-              f"{r['growth_per_layer_plus_activations']} | {r['seconds']} | {r['masks_sha256']} |")
-    same = len({r["masks_sha256"] for r in rows}) == 1
-    print(f"masks and shifts identical: {same}; rows appended to {args.out}")
+              f"{r['growth_per_layer_plus_activations']} | {r['seconds']} | {r['masks_sha256']} | "
+              f"{r['compact_growth_mb']} | {r['compact_seconds']} | {r['compact_sha256']} |")
+    same = len({r["masks_sha256"] for r in rows}) == 1 and len({r["compact_sha256"] for r in rows}) == 1
+    print(f"masks, shifts and compact weights identical: {same}; rows appended to {args.out}")
     return 0 if same else 1
 
 

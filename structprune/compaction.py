@@ -7,9 +7,14 @@ hidden dimensions (embeddings, every projection, norms, the classifier input). K
 folded into the o-proj and down-proj input columns, sublayer shifts into their output biases. The result runs the same forward code
 (:mod:`structprune.modeling_structprune`) with per-layer shapes as Python ints.
 
+The weights are cut one layer at a time. :func:`compact` gathers them into a model in memory;
+:func:`compact_to_folder` writes them to a folder as they come, so a model streamed from its files
+(:func:`structprune.streaming.streamed_model`) compacts while holding one layer and one output shard.
+
 The saved folder is a Hugging Face model folder: ``config.json`` (the original config, its
 ``model_type`` and sizes, plus the ``structprune`` section and an ``auto_map`` naming only
-``AutoModelForSequenceClassification`` or ``AutoModelForCausalLM``), ``model.safetensors``, ``modeling_structprune.py`` (a copy
+``AutoModelForSequenceClassification`` or ``AutoModelForCausalLM``), ``model.safetensors`` (or shards and
+``model.safetensors.index.json`` past ``max_shard_mb``), their checksums, ``modeling_structprune.py`` (a copy
 of :mod:`structprune.modeling_structprune`) and the tokenizer files.
 """
 
@@ -20,10 +25,10 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 
@@ -40,10 +45,13 @@ from structprune.modeling_structprune import (
     StructprunePreTrainedModel,
     model_class,
 )
+from structprune.streaming import INDEX_FILE, WeightSource, source_of
 
 MODELING_FILE = "modeling_structprune.py"
 CHECKSUM_FILE = "model.safetensors.sha256"
 WEIGHTS_FILE = "model.safetensors"
+MAX_SHARD_MB = 2048
+"""Weights files are cut into shards of at most this size (a single tensor larger than it gets a shard alone)."""
 
 
 class ModelFileError(ValueError):
@@ -62,8 +70,13 @@ class _Slicer:
     """Copies the full model's weights into the compact model's state dict, cut to the kept rows and
     columns, with kept-unit scales folded in."""
 
-    def __init__(self, source: dict[str, torch.Tensor]):
+    def __init__(self, source: Mapping[str, torch.Tensor] | WeightSource):
         self.source, self.state = source, {}
+
+    def flush(self) -> dict[str, torch.Tensor]:
+        """The tensors cut since the last flush."""
+        state, self.state = self.state, {}
+        return state
 
     def take(self, name: str, dim_keep: dict[int, list[int]], scale_cols: torch.Tensor | None = None) -> None:
         t = self.source[name]
@@ -150,13 +163,10 @@ class _Slicer:
             self.linear("head.out", None, None)
 
 
-def compact(model: PreTrainedModel | MaskedModel, masks: MaskSet) -> StructprunePreTrainedModel:
-    """The physically pruned model that gives the same outputs as ``MaskedModel(model, masks)``.
-
-    Args:
-        model: a Hugging Face classifier or causal LM, a full-size structprune model, or a MaskedModel.
-        masks: frozen masks for the dense model; validated first (a mismatch raises ``MaskError``).
-    """
+def _sliced(model: PreTrainedModel | MaskedModel,
+            masks: MaskSet) -> tuple[StructprunePreTrainedModel, PretrainedConfig, Iterator[dict]]:
+    """The full structprune model, the compact model's config, and its weights in parts: the embeddings, each
+    layer, the head (each part cut when its turn comes)."""
     if not isinstance(masks, MaskSet):
         raise TypeError(f"masks must be a MaskSet (structprune.maskset.MaskSet, or MaskSet.load(folder)), not a "
                         f"{type(masks).__name__}")
@@ -172,63 +182,138 @@ def compact(model: PreTrainedModel | MaskedModel, masks: MaskSet) -> Structprune
                "kv_map": list(layer.kv_map) if layer.kv_map is not None else None, "ffn": layer.ffn}
         for old, layer in zip(spec["layers"], new_structure.layers)
     ]
-    slicer, H = _Slicer({name: t.detach() for name, t in full.state_dict().items()}), list(hidden)
-    slicer.embeddings(spec, H)
-    for i, kept in enumerate(kept_layers):
-        slicer.layer(i, kept, gates, spec, H)
-    slicer.head(spec, H)
-    state = slicer.state
-
     config = copy.deepcopy(full.config)
     setattr(config, SECTION, spec)
+    source = source_of(full)
+    if source is None:
+        source = {name: t.detach() for name, t in full.state_dict().items()}
+
+    def parts() -> Iterator[dict[str, torch.Tensor]]:
+        slicer, H = _Slicer(source), list(hidden)
+        slicer.embeddings(spec, H)
+        yield slicer.flush()
+        for i, kept in enumerate(kept_layers):
+            slicer.layer(i, kept, gates, spec, H)
+            yield slicer.flush()
+        slicer.head(spec, H)
+        yield slicer.flush()
+
+    return full, config, parts()
+
+
+def compact(model: PreTrainedModel | MaskedModel, masks: MaskSet) -> StructprunePreTrainedModel:
+    """The physically pruned model that gives the same outputs as ``MaskedModel(model, masks)``.
+
+    Args:
+        model: a Hugging Face classifier or causal LM, a full-size structprune model, or a MaskedModel.
+        masks: frozen masks for the dense model; validated first (a mismatch raises ``MaskError``).
+    """
+    full, config, parts = _sliced(model, masks)
+    state = {name: t for part in parts for name, t in part.items()}
     out = model_class(config)(config)
     out.load_state_dict(state, strict=True)
-    out.to(device=full.embeddings.word.weight.device, dtype=full.embeddings.word.weight.dtype)
+    word = state["embeddings.word.weight"]
+    out.to(device=word.device, dtype=word.dtype)
     return out.train(full.training)
 
 
+def compact_to_folder(model: PreTrainedModel | MaskedModel, masks: MaskSet, directory: str | os.PathLike,
+                      tokenizer=None, overwrite: bool = False, max_shard_mb: float = MAX_SHARD_MB) -> Path:
+    """Write the folder :func:`save` would write for ``compact(model, masks)``, one layer at a time: the process
+    holds one layer of ``model`` (all of it when ``model`` is in memory) and at most one shard of the output.
+
+    A model streamed from its files keeps each tensor's dtype as stored.
+    """
+    _, config, parts = _sliced(model, masks)
+    return _write_folder(config, parts, directory, tokenizer, overwrite, max_shard_mb)
+
+
 def save(model: StructprunePreTrainedModel, directory: str | os.PathLike, tokenizer=None,
-         overwrite: bool = False) -> Path:
+         overwrite: bool = False, max_shard_mb: float = MAX_SHARD_MB) -> Path:
     """Write a model folder loadable by :func:`from_pretrained` and by transformers' Auto classes.
 
     The folder is written to a temporary name and renamed; an existing non-empty folder is
-    refused unless ``overwrite``.
+    refused unless ``overwrite``. Weights past ``max_shard_mb`` go to shards with an index, as transformers writes.
     """
     if not isinstance(model, StructprunePreTrainedModel):
         raise TypeError(f"save() takes a structprune model (from compact()), got {type(model).__name__}")
+    return _write_folder(model.config, [model.state_dict()], directory, tokenizer, overwrite, max_shard_mb)
+
+
+def _write_folder(config: PretrainedConfig, parts: Iterable[dict[str, torch.Tensor]], directory: str | os.PathLike,
+                  tokenizer, overwrite: bool, max_shard_mb: float) -> Path:
+    if max_shard_mb <= 0:
+        raise ValueError(f"max_shard_mb must be positive, got {max_shard_mb}")
     if tokenizer is None:
         warnings.warn(f"saving {directory} without a tokenizer: the folder cannot be evaluated or exported on its "
-                      "own; pass the model's tokenizer (save(model, folder, tokenizer))", stacklevel=2)
-    config = copy.deepcopy(model.config)
+                      "own; pass the model's tokenizer (save(model, folder, tokenizer))", stacklevel=3)
+    config = copy.deepcopy(config)
     cls = model_class(config)
-    auto = "AutoModelForCausalLM" if isinstance(model, GenerationMixin) else "AutoModelForSequenceClassification"
+    auto = "AutoModelForCausalLM" if issubclass(cls, GenerationMixin) else "AutoModelForSequenceClassification"
     config.auto_map = {auto: f"{Path(MODELING_FILE).stem}.{cls.__name__}"}
     config.architectures = [cls.__name__]
-    state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-    with atomic_dir(directory, overwrite=overwrite, marker=WEIGHTS_FILE) as tmp:
+    with atomic_dir(directory, overwrite=overwrite, marker=CHECKSUM_FILE) as tmp:
         config.save_pretrained(tmp)
         shutil.copyfile(modeling_structprune.__file__, tmp / MODELING_FILE)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CHECKSUM_FILE).write_text(f"{sha256_file(tmp / WEIGHTS_FILE)}  {WEIGHTS_FILE}\n")
+        files = _write_weights(parts, tmp, int(max_shard_mb * 2**20))
+        (tmp / CHECKSUM_FILE).write_text("".join(f"{sha256_file(tmp / f)}  {f}\n" for f in files))
     return Path(directory)
 
 
+def _write_weights(parts: Iterable[dict[str, torch.Tensor]], folder: Path, max_bytes: int) -> list[str]:
+    """Save the tensors of ``parts`` as they come, a shard whenever the next tensor would pass ``max_bytes``: one
+    ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` and their index. Returns the files written."""
+    shards: list[tuple[str, list[str]]] = []
+    buffer: dict[str, torch.Tensor] = {}
+    size = total = 0
 
-def _check_weights(directory: Path, weights_path: Path) -> None:
-    """Compare the weights with the checksum :func:`save` recorded (folders of other origin have none)."""
+    def flush() -> None:
+        name = f"shard-{len(shards) + 1:05d}.safetensors"
+        save_file(buffer, str(folder / name), metadata={"format": "pt"})
+        shards.append((name, list(buffer)))
+        buffer.clear()
+
+    for part in parts:
+        for name, t in part.items():
+            t = t.detach().contiguous().cpu()
+            nbytes = t.numel() * t.element_size()
+            if buffer and size + nbytes > max_bytes:
+                flush()
+                size = 0
+            buffer[name], size, total = t, size + nbytes, total + nbytes
+    if buffer or not shards:
+        flush()
+    if len(shards) == 1:
+        (folder / shards[0][0]).rename(folder / WEIGHTS_FILE)
+        return [WEIGHTS_FILE]
+    files = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    weight_map = {}
+    for (shard, names), file in zip(shards, files):
+        (folder / shard).rename(folder / file)
+        weight_map |= dict.fromkeys(names, file)
+    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=2) + "\n")
+    return files
+
+
+def _check_weights(directory: Path) -> None:
+    """Compare the weights files with the checksums :func:`save` recorded (folders of other origin have none)."""
     recorded = directory / CHECKSUM_FILE
     if not recorded.is_file():
         return
-    expected = (recorded.read_text().split() or [""])[0]
-    if sha256_file(weights_path) != expected:
-        raise ModelFileError(f"{weights_path} differs from the checksum structprune recorded when it saved the model "
-                             f"({CHECKSUM_FILE}): the file is corrupt or truncated; save the model again")
+    for line in recorded.read_text().splitlines():
+        expected, _, file = line.partition("  ")
+        path = directory / file
+        if not path.is_file() or sha256_file(path) != expected:
+            raise ModelFileError(f"{path} differs from the checksum structprune recorded when it saved the model "
+                                 f"({CHECKSUM_FILE}): the file is missing, corrupt or truncated; save the model again")
 
 
-def _check_section(config_path: Path, section: object) -> None:
-    """The ``structprune`` section has the shape :class:`ModelStructure` reads, and a size this machine holds."""
+def _check_section(config_path: Path, section: object, in_memory: bool) -> None:
+    """The ``structprune`` section has the shape :class:`ModelStructure` reads (and, ``in_memory``, a size this
+    machine holds)."""
     try:
         structure = ModelStructure.from_spec(section)
         sizes = [structure.hidden_size, structure.head_dim] + [n for layer in structure.layers
@@ -237,14 +322,17 @@ def _check_section(config_path: Path, section: object) -> None:
             raise ValueError("sizes must be positive")
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise ModelFileError(f"{config_path}: its '{SECTION}' section is damaged ({err!r}); re-save the model") from None
+    if not in_memory:
+        return
     try:
         check_memory(str(config_path.parent), declared_params(structure, section))
     except ValueError as err:
         raise ModelFileError(str(err)) from None
 
 
-def read_config(directory: str | os.PathLike) -> PretrainedConfig:
-    """The config of a folder written by :func:`save` or by ``structprune export`` (JSON only)."""
+def read_config(directory: str | os.PathLike, in_memory: bool = True) -> PretrainedConfig:
+    """The config of a folder written by :func:`save` or by ``structprune export`` (JSON only); ``in_memory``: refuse
+    a model larger than this machine's memory."""
     config_path = Path(directory) / "config.json"
     if not config_path.is_file():
         raise ModelFileError(f"{config_path} is missing: {directory} is not a structprune model folder")
@@ -256,7 +344,7 @@ def read_config(directory: str | os.PathLike) -> PretrainedConfig:
         raise ModelFileError(f"{config_path} has no '{SECTION}' section; it was not saved by structprune")
     if raw.get("model_type") not in CONFIGS:
         raise ModelFileError(f"{config_path}: unsupported model_type {raw.get('model_type')!r}")
-    _check_section(config_path, raw[SECTION])
+    _check_section(config_path, raw[SECTION], in_memory)
     config = AutoConfig.for_model(**raw)
     config._attn_implementation = "eager"
     return config
@@ -270,32 +358,34 @@ def empty_model(directory: str | os.PathLike) -> StructprunePreTrainedModel:
 
 
 def from_pretrained(directory: str | os.PathLike, dtype: torch.dtype | None = None) -> StructprunePreTrainedModel:
-    """Load a folder written by :func:`save`. Reads JSON and safetensors only; runs no code from it."""
+    """Load a folder written by :func:`save` (one weights file or shards). Reads JSON and safetensors only; runs no
+    code from it."""
     config = read_config(directory)
-    weights_path = Path(directory) / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise ModelFileError(f"{weights_path} is missing: {directory} is not a structprune model folder")
-    _check_weights(Path(directory), weights_path)
+    try:
+        source = WeightSource(directory)
+    except FileNotFoundError as err:
+        raise ModelFileError(f"{err}; {directory} is not a structprune model folder") from None
+    except OSError as err:
+        raise ModelFileError(f"{err}; save the model again") from err
+    _check_weights(Path(directory))
     try:
         model = model_class(config)(config)
     except ValueError as err:
         raise ModelFileError(f"{directory}: {err}") from None
     expected = model.state_dict()
+    names = set(source.files)
+    if names != set(expected):
+        missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
+        raise ModelFileError(f"{directory}'s weights do not match its config: missing {missing[:5]}, "
+                             f"unexpected {extra[:5]}")
     try:
-        with safe_open(str(weights_path), framework="pt") as f:
-            names = set(f.keys())
-            if names != set(expected):
-                missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
-                raise ModelFileError(f"{weights_path} does not match its config: missing {missing[:5]}, "
-                                     f"unexpected {extra[:5]}")
-            state = {name: f.get_tensor(name) for name in names}
-    except (SafetensorError, OSError) as err:
-        raise ModelFileError(f"{weights_path} is corrupt or truncated ({err}); save the model again") from err
+        state = source.tensors(sorted(names))
+    except OSError as err:
+        raise ModelFileError(f"{err}; save the model again") from err
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
-            raise ModelFileError(f"{weights_path}: {name} has shape {list(tensor.shape)}, config says "
+            raise ModelFileError(f"{directory}: {name} has shape {list(tensor.shape)}, config says "
                                  f"{list(expected[name].shape)}")
     model.load_state_dict(state, strict=True)
     model.to(dtype or next(iter(state.values())).dtype)
     return model.eval()
-

@@ -6,8 +6,8 @@
 (:func:`structprune.methods.channel_stats.layer_by_layer`) loads each module for its turn and drops it after, so
 the process holds one layer and the activations (and, while the inputs are embedded, the rows of the embedding
 table they use), never the whole model. The forward-only methods
-(``flap``, ``expert``, ``block_influence``) score such a model; the masks they write compact later on a machine that
-holds the model, or are read as they are.
+(``flap``, ``expert``, ``block_influence``) score such a model, and
+:func:`structprune.compaction.compact_to_folder` cuts it into its compact folder a tensor at a time.
 
 Both structprune folders (:func:`structprune.compaction.save`) and Hugging Face folders of the supported
 architectures stream; a Hugging Face checkpoint's parameter names come from the adapter's own mapping, read off a
@@ -36,17 +36,16 @@ class WeightSource:
 
     def __init__(self, folder: str | os.PathLike, names: Mapping[str, str] | None = None):
         """``names``: structprune name -> the checkpoint's key (``None``: the same names, a structprune folder)."""
-        folder = Path(folder)
-        index = folder / INDEX_FILE
+        self.folder, self.names = Path(folder), dict(names) if names is not None else None
+        index = self.folder / INDEX_FILE
         if index.is_file():
-            files = {key: folder / file for key, file in json.loads(index.read_text())["weight_map"].items()}
-        elif (folder / SINGLE_FILE).is_file():
-            with safe_open(str(folder / SINGLE_FILE), framework="pt") as f:
-                files = dict.fromkeys(f.keys(), folder / SINGLE_FILE)
+            self.files = {key: self.folder / file for key, file in json.loads(index.read_text())["weight_map"].items()}
+        elif (self.folder / SINGLE_FILE).is_file():
+            with self._reading(), safe_open(str(self.folder / SINGLE_FILE), framework="pt") as f:
+                self.files = dict.fromkeys(f.keys(), self.folder / SINGLE_FILE)
         else:
-            raise FileNotFoundError(f"{folder} holds neither {SINGLE_FILE} nor {INDEX_FILE}: only safetensors "
+            raise FileNotFoundError(f"{self.folder} holds neither {SINGLE_FILE} nor {INDEX_FILE}: only safetensors "
                                     "checkpoints stream; save the model with safetensors")
-        self.folder, self.names, self.files = folder, dict(names) if names is not None else None, files
 
     def __contains__(self, name: str) -> bool:
         key = name if self.names is None else self.names.get(name)
@@ -81,6 +80,8 @@ class WeightSource:
 
     def tensor(self, name: str) -> torch.Tensor:
         return self.tensors([name])[name]
+
+    __getitem__ = tensor
 
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` (sorted, unique) of the matrix ``name``, read as contiguous runs: the rest stays in the file."""
@@ -182,7 +183,7 @@ def streamed_model(folder: str | os.PathLike, causal: bool = True) -> Structprun
                          "a Hugging Face one with safetensors weights)")
     raw = json.loads(config_path.read_text())
     if SECTION in raw:
-        config = read_config(folder)
+        config = read_config(folder, in_memory=False)
         with torch.device("meta"):
             model = model_class(config)(config)
         names = None

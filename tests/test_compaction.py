@@ -238,3 +238,34 @@ def test_loads_with_transformers_auto_class(tmp_path):
     inputs = make_inputs(hf)
     with torch.no_grad():
         assert (loaded(**inputs).logits - compacted(**inputs).logits).abs().max() <= 1e-6
+
+
+def test_weights_past_the_shard_size_go_to_shards_that_load_back_and_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import make_causal
+
+    hf = make_causal("llama")
+    masked = MaskedModel(hf).eval()
+    compacted = compact(masked, _random_masks(masked.structure, torch.Generator().manual_seed(7))).eval()
+    with pytest.warns(UserWarning, match="without a tokenizer"):
+        save(compacted, tmp_path / "m", max_shard_mb=0.01)
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and not (tmp_path / "m" / "model.safetensors").exists()
+    assert set(index["weight_map"]) == set(compacted.state_dict())
+    checksums = (tmp_path / "m" / "model.safetensors.sha256").read_text().splitlines()
+    assert [line.split()[1] for line in checksums] == shards
+    ids = torch.randint(0, hf.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = compacted(input_ids=ids).logits
+        assert torch.equal(from_pretrained(tmp_path / "m")(input_ids=ids).logits, expected)
+        stock = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True).eval()
+        assert (stock(input_ids=ids).logits - expected).abs().max() <= 1e-6
+    shard = tmp_path / "m" / shards[1]
+    shard.write_bytes(shard.read_bytes()[:-8])
+    with pytest.raises(ModelFileError, match=f"{shards[1]} differs from the checksum"):
+        from_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="max_shard_mb must be positive"):
+        save(compacted, tmp_path / "other", max_shard_mb=0)
+    assert not (tmp_path / "other").exists()

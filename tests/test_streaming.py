@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from structprune import compaction
 from structprune.arch import from_hf
 from structprune.budget import Budget
-from structprune.compaction import save
+from structprune.compaction import compact, compact_to_folder, from_pretrained, save
 from structprune.methods import METHODS, get_method
 from structprune.streaming import WeightSource, streamed_model
 from tests.conftest import CAUSAL_ARCHS, make_causal
@@ -97,3 +98,25 @@ def test_streaming_methods_are_declared_and_bad_folders_are_refused(tmp_path):
     save_file(state, tmp_path / "cut" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="lack 1 weights"):
         streamed_model(tmp_path / "cut")
+
+
+@pytest.mark.parametrize("arch", ["llama3", "qwen2"])
+def test_a_streamed_model_compacts_into_the_folder_of_the_model_in_memory(arch, tmp_path, monkeypatch):
+    hf = make_causal(arch)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    masks = get_method("flap")(hf, _data(hf.config.vocab_size), Budget(0.4)).masks
+    with pytest.warns(UserWarning, match="without a tokenizer"):
+        save(compact(hf, masks), tmp_path / "held")
+    events, tensors = [], WeightSource.tensors
+    monkeypatch.setattr(WeightSource, "tensors", lambda self, names: events.extend(("read", n) for n in names) or
+                        tensors(self, names))
+    save_file = compaction.save_file
+    monkeypatch.setattr(compaction, "save_file", lambda state, path, **kw: events.append(("write", path)) or save_file(
+        state, path, **kw))
+    with pytest.warns(UserWarning, match="without a tokenizer"):
+        compact_to_folder(streamed_model(tmp_path / "hf"), masks, tmp_path / "streamed", max_shard_mb=0.02)
+    held, streamed = (from_pretrained(tmp_path / name).state_dict() for name in ("held", "streamed"))
+    assert held.keys() == streamed.keys() and all(torch.equal(held[k], streamed[k]) for k in held)
+    kinds = [kind for kind, _ in events]
+    assert kinds.count("write") > 2 and kinds.index("write") < len(kinds) - kinds[::-1].index("read") - 1
+    assert [name for kind, name in events if kind == "read"][-1].startswith(("lm_head", "final_norm"))

@@ -57,29 +57,45 @@ def _identity(model: str) -> str:
 
 def run_compact(args: argparse.Namespace) -> None:
     from structprune.arch import ModelStructure
-    from structprune.compaction import compact, save
+    from structprune.compaction import compact, compact_to_folder, save
     from structprune.io import check_output_dir
-    from structprune.loading import load_model, load_tokenizer
+    from structprune.loading import is_causal_lm, load_model, load_tokenizer
     from structprune.maskset import MaskSet, tuned_weights
 
     check_output_dir(args.out, args.overwrite, inputs=(args.masks, args.model))
     masks = MaskSet.load(args.masks)
-    model = load_model(args.model, masks.meta.get("num_labels"))
+    tuned = tuned_weights(args.masks)
+    if args.stream:
+        from structprune.streaming import streamed_model
+
+        if args.recover is not None or tuned is not None:
+            raise CliError("--stream cuts the weights from the files one layer at a time; "
+                           + ("--recover trains the whole compact model" if tuned is None else
+                              f"{args.masks} carries weights its method tuned, held in memory")
+                           + ": compact without --stream")
+        try:
+            model = streamed_model(args.model, causal=is_causal_lm(args.model))
+        except (ValueError, OSError) as err:
+            raise CliError(f"--stream: {err}") from None
+    else:
+        model = load_model(args.model, masks.meta.get("num_labels"))
     masks.validate(ModelStructure.from_spec(model.spec))  # masks of another shape: say so first
     made_for = masks.meta.get("model")
     if made_for is not None and not args.force and _identity(str(made_for)) != _identity(args.model):
         raise CliError(f"{args.masks} was made for the model {made_for}, not for {args.model}; compact the model the "
                        "masks came from, or pass --force if it is the same model under another path")
-    tuned = tuned_weights(args.masks)
-    if tuned is not None:  # the method tuned the weights along with the masks: compact those (the dense stays)
-        source = copy.deepcopy(model)
-        source.load_state_dict(tuned)
-        print(f"compacting the weights {masks.meta.get('method', 'the method')} tuned with the masks", flush=True)
-    pruned = compact(model if tuned is None else source, masks)
     tokenizer = load_tokenizer(args.model, model.spec["vocab_size"], required=args.recover is not None)
-    if args.recover is not None:
-        _recover(args, masks.meta, model, pruned, tokenizer)
-    save(pruned, args.out, tokenizer, overwrite=args.overwrite)
+    if args.stream:
+        compact_to_folder(model, masks, args.out, tokenizer, overwrite=args.overwrite)
+    else:
+        if tuned is not None:  # the method tuned the weights along with the masks: compact those (the dense stays)
+            source = copy.deepcopy(model)
+            source.load_state_dict(tuned)
+            print(f"compacting the weights {masks.meta.get('method', 'the method')} tuned with the masks", flush=True)
+        pruned = compact(model if tuned is None else source, masks)
+        if args.recover is not None:
+            _recover(args, masks.meta, model, pruned, tokenizer)
+        save(pruned, args.out, tokenizer, overwrite=args.overwrite)
     summary = masks.summary(ModelStructure.from_spec(model.spec), model.spec)
     print(f"compact model written to {args.out}: {summary['params_kept']:,} of {summary['params_dense']:,} "
           f"attention + FFN parameters kept (sparsity {summary['param_sparsity']:.3f})")
@@ -253,6 +269,9 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="the model the masks were made for (folder or hub name)")
     p.add_argument("--force", action="store_true",
                    help="compact even though --model is not the model the masks record (the same model moved)")
+    p.add_argument("--stream", action="store_true",
+                   help="cut the weights from --model's safetensors files one layer at a time and write the output in "
+                        "shards, for a model larger than memory (a local folder; not with --recover)")
     recovery = p.add_argument_group("recovery (causal LMs)")
     recovery.add_argument("--recover", type=positive_int, default=None, metavar="STEPS",
                           help="distil the compact model from --model for STEPS steps of 4 windows of the calibration "

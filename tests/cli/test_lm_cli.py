@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import BertTokenizerFast, LlamaConfig, LlamaForCausalLM
 
+from structprune.compaction import from_pretrained
 from structprune.maskset import MaskSet
 from tests.cli.test_cli import WORDS, cli, ok
 
@@ -151,3 +152,11 @@ def test_stream_scores_from_the_files_into_the_same_masks(lm, tmp_path):
     code, _, err = cli("prune", "--model", lm["model"], *args[:3], "taylor", *args[4:], "--stream",
                        "--out", tmp_path / "bad")
     assert code != 0 and "block_influence, expert, flap" in err and not (tmp_path / "bad").exists()
+    ok("compact", tmp_path / "held", "--model", lm["model"], "--out", tmp_path / "held-model")
+    ok("compact", tmp_path / "streamed", "--model", lm["model"], "--stream", "--out", tmp_path / "streamed-model")
+    held, streamed = (from_pretrained(tmp_path / name).state_dict() for name in ("held-model", "streamed-model"))
+    assert held.keys() == streamed.keys() and all(torch.equal(held[k], streamed[k]) for k in held)
+    assert (tmp_path / "streamed-model" / "tokenizer_config.json").is_file()
+    code, _, err = cli("compact", tmp_path / "streamed", "--model", lm["model"], "--stream", "--recover", 2,
+                       "--out", tmp_path / "bad")
+    assert code != 0 and "compact without --stream" in err and not (tmp_path / "bad").exists()
