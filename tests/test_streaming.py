@@ -54,12 +54,21 @@ def test_a_streamed_hugging_face_checkpoint_scores_like_the_model_in_memory(arch
         torch.testing.assert_close(torch.tensor(stream.log["influence"][name]), torch.tensor(scores))
 
 
-def test_a_streamed_structprune_folder_scores_like_the_model_in_memory(tmp_path):
+@pytest.mark.parametrize("shards", [False, True])
+def test_a_streamed_structprune_folder_scores_like_the_model_in_memory(shards, tmp_path, monkeypatch):
     full = from_hf(make_causal("llama3")).eval()
     with pytest.warns(UserWarning, match="without a tokenizer"):
-        save(full, tmp_path / "model")
+        save(full, tmp_path / "model", max_shard_mb=0.02 if shards else 2048)
+    assert (tmp_path / "model" / "model.safetensors.index.json").is_file() == shards
     data = _data(full.spec["vocab_size"])
-    streamed = streamed_model(tmp_path / "model")
+
+    def larger_than_memory(what, params, bytes_per_param=4):
+        raise ValueError(f"{what} is larger than memory")
+
+    monkeypatch.setattr(compaction, "check_memory", larger_than_memory)
+    with pytest.raises(compaction.ModelFileError, match="larger than memory"):
+        from_pretrained(tmp_path / "model")
+    streamed = streamed_model(tmp_path / "model")  # what does not fit in memory still streams
     _same(get_method("flap")(streamed, data, Budget(0.4)).masks, get_method("flap")(full, data, Budget(0.4)).masks)
     assert _resident(streamed) == []
 
