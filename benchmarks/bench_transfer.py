@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import os
 import statistics
 import sys
@@ -109,6 +110,18 @@ def _revision(row: dict) -> int:
     return int(row.get("revision") or 1)
 
 
+def _controller(row: dict) -> str:
+    """The sparsity controller a row's ``l0`` ran (rows from before the setting existed ran the Lagrangian)."""
+    settings = json.loads(row.get("settings") or "{}")
+    return settings.get("l0", settings).get("controller", "lagrangian")
+
+
+def _l0_label(row: dict) -> str:
+    """``l0``, with its controller when that is not the default."""
+    controller = _controller(row)
+    return "l0" if controller == l0.L0Config.controller else f"l0 ({controller})"
+
+
 def _label(row: dict, revision: bool = True) -> str:
     """``coupling (aux; the settings that differ from the defaults)`` of a transfer row; with ``revision``, an
     older revision of the method is one of those settings."""
@@ -117,11 +130,14 @@ def _label(row: dict, revision: bool = True) -> str:
                if row[name] != getattr(default, name) and not (name == "transfer" and row["method"] == "joint")]
     if revision and _revision(row) != REVISION:
         changed.append(f"revision {_revision(row)}")
+    if _controller(row) != default.l0.controller:
+        changed.append(f"controller {_controller(row)}")
     return f"{row['method']} ({'; '.join([row['aux'], *changed])})"
 
 
 def table(path: Path) -> str:
-    """Markdown: per target, size and sparsity, mean ± spread of every method, and the best coupling's gain."""
+    """Markdown: per target, size and sparsity, mean ± spread of every method, and its gain over ``l0`` run with
+    the same controller."""
     import csv
 
     if not path.is_file():
@@ -129,8 +145,10 @@ def table(path: Path) -> str:
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
     cells: dict[tuple, dict[str, list[float]]] = {}
+    base_of: dict[str, str] = {}
     for r in rows:
-        label = r["method"] if r["method"] in ("dense", "l0") else _label(r)
+        label = "dense" if r["method"] == "dense" else _l0_label(r) if r["method"] == "l0" else _label(r)
+        base_of[label] = _l0_label(r)
         cells.setdefault((r["task"], r["train_size"], r["device"]), {}).setdefault(
             (label, r["target"]), []).append(float(r["accuracy"]))
 
@@ -144,11 +162,12 @@ def table(path: Path) -> str:
         dense = methods.get(("dense", "0"))
         if dense:
             lines.append(f"| {task} | {size} | {device} | 0% | dense | {len(dense)} | {stats(dense)} | |")
-        for (label, target), values in sorted(methods.items(), key=lambda kv: (kv[0][1], kv[0][0] != "l0", kv[0][0])):
+        for (label, target), values in sorted(methods.items(), key=lambda kv: (kv[0][1], kv[0][0] != base_of[kv[0][0]],
+                                                                               kv[0][0])):
             if label == "dense":
                 continue
-            base = methods.get(("l0", target))
-            gain = f"{statistics.mean(values) - statistics.mean(base):+.1f}" if base and label != "l0" else ""
+            base = methods.get((base_of[label], target))
+            gain = f"{statistics.mean(values) - statistics.mean(base):+.1f}" if base and label != base_of[label] else ""
             lines.append(f"| {task} | {size} | {device} | {float(target):.0%} | {label} | {len(values)} | "
                          f"{stats(values)} | {gain} |")
     return "\n".join(lines)
