@@ -85,16 +85,16 @@ def run_compact(args: argparse.Namespace) -> None:
         raise CliError(f"{args.masks} was made for the model {made_for}, not for {args.model}; compact the model the "
                        "masks came from, or pass --force if it is the same model under another path")
     tokenizer = load_tokenizer(args.model, model.spec["vocab_size"], required=args.recover is not None)
-    if args.stream:
-        compact_to_folder(model, masks, args.out, tokenizer, overwrite=args.overwrite)
+    source = model
+    if tuned is not None:  # the method tuned the weights along with the masks: compact those (the dense stays)
+        source = copy.deepcopy(model)
+        source.load_state_dict(tuned)
+        print(f"compacting the weights {masks.meta.get('method', 'the method')} tuned with the masks", flush=True)
+    if args.recover is None:
+        compact_to_folder(source, masks, args.out, tokenizer, overwrite=args.overwrite)
     else:
-        if tuned is not None:  # the method tuned the weights along with the masks: compact those (the dense stays)
-            source = copy.deepcopy(model)
-            source.load_state_dict(tuned)
-            print(f"compacting the weights {masks.meta.get('method', 'the method')} tuned with the masks", flush=True)
-        pruned = compact(model if tuned is None else source, masks)
-        if args.recover is not None:
-            _recover(args, masks.meta, model, pruned, tokenizer)
+        pruned = compact(source, masks)
+        _recover(args, masks.meta, model, pruned, tokenizer)
         save(pruned, args.out, tokenizer, overwrite=args.overwrite)
     summary = masks.summary(ModelStructure.from_spec(model.spec), model.spec)
     print(f"compact model written to {args.out}: {summary['params_kept']:,} of {summary['params_dense']:,} "
