@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import fcntl
 import io
 import os
 import platform
@@ -393,27 +394,33 @@ def append_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, object]]) ->
     The existing rows are read, the whole file is written to a temporary file beside ``path``
     and renamed over it, so an interrupted run never leaves a truncated CSV. Columns keep their
     first-seen order; a row without some column leaves that cell empty. The file keeps its
-    permissions (a new one gets ``0o644``: the temporary file is private until renamed).
+    permissions (a new one gets ``0o644``: the temporary file is private until renamed). Appends
+    from processes running side by side take turns (a lock on the folder), so none loses another's rows.
     """
     path = Path(path)
-    old_rows: list[dict[str, str]] = []
-    header: list[str] = []
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    if path.exists():
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            header = list(reader.fieldnames or [])
-            old_rows = list(reader)
-    for row in rows:
-        header += [key for key in row if key not in header]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=header, restval="", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(old_rows)
-    writer.writerows(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, buffer.getvalue())
-    os.chmod(path, mode)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        old_rows: list[dict[str, str]] = []
+        header: list[str] = []
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+        if path.exists():
+            with path.open(newline="") as f:
+                reader = csv.DictReader(f)
+                header = list(reader.fieldnames or [])
+                old_rows = list(reader)
+        for row in rows:
+            header += [key for key in row if key not in header]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=header, restval="", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(old_rows)
+        writer.writerows(rows)
+        atomic_write_text(path, buffer.getvalue())
+        os.chmod(path, mode)
+    finally:
+        os.close(folder)  # and with it the lock
     return path
 
 

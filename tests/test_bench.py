@@ -133,6 +133,27 @@ def test_ort_latency_feeds_graph_inputs_only():
         bench.ort_forward(fake_session, {"input_ids": inputs["input_ids"]})
 
 
+def _append_many(path, worker: int) -> None:
+    for i in range(15):
+        bench.append_csv(path, [{"worker": worker, "i": i}])
+
+
+def test_append_csv_from_processes_side_by_side_loses_no_row(tmp_path):
+    import multiprocessing
+
+    path = tmp_path / "rows.csv"
+    workers = [multiprocessing.get_context("spawn").Process(target=_append_many, args=(path, w)) for w in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert all(w.exitcode == 0 for w in workers)
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((int(r["worker"]), int(r["i"])) for r in rows) == [(w, i) for w in range(4) for i in range(15)]
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.csv"]
+
+
 def test_append_csv_creates_appends_and_unions_header(tmp_path):
     path = tmp_path / "sub" / "results.csv"
     bench.append_csv(path, [{"model": "a", "ms": 1.5}])
