@@ -173,7 +173,15 @@ def _controller(row: dict) -> str:
     settings = json.loads(row["settings"])
     name = settings.get("controller", "lagrangian")
     warmup = settings.get("sparsity_warmup", 0.5)
-    return name if warmup in (None, WARMUP.get(name, 0.5)) else f"{name}, warm-up {warmup:g}"
+    label = name if warmup in (None, WARMUP.get(name, 0.5)) else f"{name}, warm-up {warmup:g}"
+    default = l0.L0Config()
+    if settings.get("lr", default.lr) != default.lr:
+        label += f", lr {settings['lr']:g}"
+    epochs = (settings.get("prune_epochs", default.prune_epochs),
+              settings.get("finetune_epochs", default.finetune_epochs))
+    if epochs != (default.prune_epochs, default.finetune_epochs):
+        label += f", {epochs[0]:g} + {epochs[1]:g} epochs"
+    return label
 
 
 def table(path: Path) -> str:
@@ -268,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-size", type=int, default=1000, help="training examples (default: %(default)s)")
     parser.add_argument("--prune-epochs", type=float, default=l0.L0Config.prune_epochs)
     parser.add_argument("--finetune-epochs", type=float, default=l0.L0Config.finetune_epochs)
+    parser.add_argument("--lr", type=float, default=l0.L0Config.lr, help="weights' learning rate, both phases")
     parser.add_argument("--gate-lr", type=float, default=l0.L0Config.gate_lr)
     parser.add_argument("--lambda-lr", type=float, default=l0.L0Config.lambda_lr)
     parser.add_argument("--controller", default=l0.L0Config.controller, choices=CONTROLLERS)
@@ -290,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
     torch.set_num_threads(args.threads)
-    config = l0.L0Config(prune_epochs=args.prune_epochs, finetune_epochs=args.finetune_epochs, gate_lr=args.gate_lr,
-                         lambda_lr=args.lambda_lr, controller=args.controller, sparsity_warmup=args.sparsity_warmup)
+    config = l0.L0Config(prune_epochs=args.prune_epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
+                         gate_lr=args.gate_lr, lambda_lr=args.lambda_lr, controller=args.controller,
+                         sparsity_warmup=args.sparsity_warmup)
     targets = [float(t) for t in args.sparsities.split(",") if t]  # none: only the dense baselines
     for seed in (int(s) for s in args.seeds.split(",")):
         for name in args.tasks.split(","):
