@@ -9,8 +9,9 @@ same ``--windows`` (32) windows of ``--length`` (512) tokens of WikiText-2 valid
 there on (``peak``: Linux's ``VmHWM``, reset at the base so that the tokenizer's own peak does not count), the
 growth between them, and the wall time of the method call; and the sizes the growth should be compared with: all
 weights, one decoder layer, the embeddings (of which a streamed decoder reads only the rows its inputs use), the
-activations carried between layers (each batch's residual stream and attention mask) and the largest transient of
-one batch inside a layer (its attention scores, ``batch x heads x length^2``).
+activations carried between layers (each batch's residual stream and attention mask) and the attention scores of one
+batch (``batch x heads x length^2``), which an eager forward would hold twice (calibration runs attention on the
+kernels, which never hold them whole).
 Then each mode writes the compact model (``memory``: ``compact`` and ``save``; ``stream``: ``compact_to_folder``, cutting
 tensor by tensor into shards of ``--max-shard-mb``, 64) to a temporary folder; its peak growth is measured from a
 second reset, and a digest of the written weights must agree.
@@ -29,6 +30,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import os
@@ -57,7 +59,15 @@ def one(mode: str, windows: int, length: int, threads: int, batch: int, shard_mb
     from structprune.likelihood import text_windows
     from structprune.loading import load_model, load_tokenizer
     from structprune.methods import get_method
-    from structprune.streaming import streamed_model
+    from structprune.streaming import release_freed_memory, streamed_model
+
+    def settle() -> float:
+        """Resident MB with the garbage of what came before collected and the C heap's free pages returned, the peak
+        reset there: the base the growth is measured from."""
+        gc.collect()
+        release_freed_memory()
+        bench.reset_peak_memory()
+        return bench.memory_mb()
 
     torch.set_num_threads(threads)
     folder = gguf_folder(smollm2_gguf())
@@ -66,8 +76,7 @@ def one(mode: str, windows: int, length: int, threads: int, batch: int, shard_mb
     prune = get_method("flap")
     from transformers import AutoModelForCausalLM  # noqa: F401  (both modes import it; not part of the growth)
 
-    bench.reset_peak_memory()
-    base = bench.memory_mb()
+    base = settle()
     model = streamed_model(folder) if mode == "stream" else load_model(str(folder), causal=True)
     start = time.perf_counter()
     result = prune(model, data, Budget(0.3), batch_size=batch, max_examples=None)
@@ -81,8 +90,7 @@ def one(mode: str, windows: int, length: int, threads: int, batch: int, shard_mb
            "seconds": round(seconds, 1), "masks_sha256": digest.hexdigest()[:16],
            "param_sparsity": round(result.log["summary"]["param_sparsity"], 4)}
     with tempfile.TemporaryDirectory() as tmp:
-        bench.reset_peak_memory()
-        compact_base = bench.memory_mb()
+        compact_base = settle()
         start = time.perf_counter()
         if mode == "stream":
             compact_to_folder(model, result.masks, Path(tmp) / "out", tokenizer, max_shard_mb=shard_mb)
@@ -112,7 +120,7 @@ def sizes(windows: int, length: int, batch: int) -> dict:
     mb = lambda module: sum(p.numel() for p in module.parameters()) * 4 / 2**20  # noqa: E731
     D, H = model.spec["hidden_size"], model.layers[0].attn.heads
     stream = windows * length * D * 4  # the residual streams of every batch
-    masks = -(-windows // batch) * batch * length * length * 4  # one additive attention mask per batch
+    masks = windows * length * 8  # and their attention masks (int64)
     return {"batch_size": batch, "weights_mb": round(mb(model), 1), "layer_mb": round(mb(model.layers[0]), 1),
             "embeddings_mb": round(mb(model.embeddings), 1), "activations_mb": round((stream + masks) / 2**20, 1),
             "scores_mb": round(batch * H * length * length * 4 / 2**20, 1)}

@@ -11,6 +11,8 @@ So a masked model and its :func:`structprune.compaction.compact` form give the s
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,7 @@ from structprune.modeling_structprune import (
     Attention,
     AttentionContext,
     FeedForward,
+    Layer,
     StructprunePreTrainedModel,
     eager_ffn,
 )
@@ -98,6 +101,21 @@ def effective_gates(gates: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         alive = (gates[unit_name] != 0).any(dim=-1).to(gates[unit_name].dtype)
         out[layer_name] = gates[layer_name] * alive if layer_name in gates else alive
     return out
+
+
+@contextmanager
+def kernel_attention(layer: Layer) -> Iterator[Layer]:
+    """``layer`` with its attention on ``ops.masked_attention`` for the block (unless it has a route already): the
+    kernels never hold a whole ``[B, H, S, K]`` score tensor, an eager forward's largest transient (twice over)."""
+    attn = layer.attn
+    if attn is None or attn.attention_fn is not None:
+        yield layer
+        return
+    attn.attention_fn = _attention
+    try:
+        yield layer
+    finally:
+        attn.attention_fn = None
 
 
 class MaskedModel(nn.Module):

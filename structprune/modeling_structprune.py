@@ -520,13 +520,18 @@ class StructprunePreTrainedModel(PreTrainedModel):
             raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens, but the cache holds {past} "
                              f"and the input {S}; pass a mask over all {past + S}")
         x = self.embeddings(input_ids, token_type_ids, hidden)
-        ctx = self._context(attention_mask, x.dtype, past, cache)
-        rope = None
-        if self.spec["family"] == "llama":
-            if position_ids is None:
-                position_ids = torch.arange(past, past + S, device=x.device).unsqueeze(0)
-            rope = self._rope(position_ids, x.dtype)
-        return x, ctx, rope
+        return (x, *self.layer_context(attention_mask, x.dtype, past, cache, position_ids))
+
+    def layer_context(self, attention_mask: torch.Tensor, dtype: torch.dtype, past: int = 0, cache=None,
+                      position_ids: torch.Tensor | None = None) -> tuple[AttentionContext, object]:
+        """The attention context and the rotary ``(cos, sin)`` (``None`` for learned positions) of a pass whose
+        ``attention_mask [B, past + S]`` covers ``past`` cached tokens."""
+        ctx = self._context(attention_mask, dtype, past, cache)
+        if self.spec["family"] != "llama":
+            return ctx, None
+        if position_ids is None:
+            position_ids = torch.arange(past, attention_mask.shape[-1], device=attention_mask.device).unsqueeze(0)
+        return ctx, self._rope(position_ids, dtype)
 
     def backbone(
         self,

@@ -16,8 +16,11 @@ architectures stream; a Hugging Face checkpoint's parameter names come from the 
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
+import struct
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -29,6 +32,8 @@ from torch import nn
 from structprune.modeling_structprune import SECTION, StructprunePreTrainedModel
 
 INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+"""safetensors' names of the float types :meth:`WeightSource.rows` reads."""
 
 
 class WeightSource:
@@ -84,15 +89,50 @@ class WeightSource:
     __getitem__ = tensor
 
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
-        """Rows ``ids`` (sorted, unique) of the matrix ``name``, read as contiguous runs: the rest stays in the file."""
+        """Rows ``ids`` (sorted, unique) of the matrix ``name``, read as contiguous runs straight into the result.
+
+        Plain reads, not the memory map: a row shorter than a page would map the pages around it, and mapped pages
+        count as the process's memory until the file is closed (for a vocabulary's table, many times the rows)."""
         key, ids = self.key(name), ids.tolist()
-        with self._reading(), safe_open(str(self.files[key]), framework="pt") as f:
-            table, runs, start = f.get_slice(key), [], 0
+        path = self.files[key]
+        with self._reading(), path.open("rb", buffering=0) as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            entry = json.loads(f.read(size))[key]
+            if entry["dtype"] not in DTYPES or len(entry["shape"]) != 2:
+                raise OSError(f"{key} is a {entry['dtype']} tensor of shape {entry['shape']}, not a float matrix")
+            out = torch.empty(len(ids), entry["shape"][1], dtype=DTYPES[entry["dtype"]])
+            buffer = memoryview(out.view(torch.uint8).numpy().reshape(-1))
+            row, data, start = out.shape[1] * out.element_size(), 8 + size + entry["data_offsets"][0], 0
             for j in range(1, len(ids) + 1):
                 if j == len(ids) or ids[j] != ids[j - 1] + 1:
-                    runs.append(table[ids[start]:ids[j - 1] + 1])
+                    f.seek(data + ids[start] * row)
+                    _read_exactly(f, buffer[start * row:j * row])
                     start = j
-        return torch.cat(runs)
+        return out
+
+
+def _read_exactly(f, buffer: memoryview) -> None:
+    while buffer.nbytes:
+        n = f.readinto(buffer)
+        if not n:
+            raise OSError("the file ends before the tensor does")
+        buffer = buffer[n:]
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    return getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; other C libraries lack it
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's ``malloc_trim``; elsewhere nothing).
+
+    glibc keeps freed blocks below its mmap threshold in the heap, and the small tensors a layer's forward
+    frees are interleaved there with ones that live on, so without this the resident memory of a layer-by-layer
+    pass creeps and varies from run to run by tens of MB."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def source_of(model: nn.Module) -> WeightSource | None:

@@ -91,6 +91,24 @@ def test_only_the_running_layer_and_the_used_embedding_rows_are_read(tmp_path, m
     assert _resident(streamed) == []
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_are_read_from_the_file_without_mapping_it(dtype, tmp_path):
+    from safetensors.torch import save_file
+
+    table = torch.randn(50, 6).to(dtype)
+    save_file({"other": torch.ones(3), "embeddings.word.weight": table}, tmp_path / "model.safetensors")
+    source, ids = WeightSource(tmp_path), torch.tensor([0, 1, 2, 7, 20, 21, 49])
+    rows = source.rows("embeddings.word.weight", ids)
+    assert rows.dtype == dtype and torch.equal(rows, table[ids])
+    assert source.rows("embeddings.word.weight", ids[:0]).shape == (0, 6)
+    with pytest.raises(OSError, match="not a float matrix"):
+        source.rows("other", torch.tensor([0]))
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-6 * dtype.itemsize])  # the last row cut off
+    with pytest.raises(OSError, match="corrupt or truncated"):
+        source.rows("embeddings.word.weight", ids)
+
+
 def test_streaming_methods_are_declared_and_bad_folders_are_refused(tmp_path):
     assert sorted(n for n, m in METHODS.items() if m.streams) == ["block_influence", "expert", "flap"]
     with pytest.raises(ValueError, match="config.json"):

@@ -23,8 +23,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from structprune.masked_model import kernel_attention
 from structprune.modeling_structprune import Layer, StructprunePreTrainedModel
-from structprune.streaming import embedded, resident, source_of
+from structprune.streaming import embedded, release_freed_memory, resident, source_of
+
+STATS_TOKENS = 64
+"""Tokens per step of the statistics: each head's output (``[tokens, heads, hidden]``) and the float64 copies would
+otherwise be the largest transients of a layer's turn (for a 512-token window of SmolLM2, about 50 MB)."""
 
 RunLayer = Callable[[int, Layer, torch.Tensor, object, object, torch.Tensor], torch.Tensor]
 """``(i, layer, x [B, S, D], ctx, rope, real [B, S]) -> x after layer i``."""
@@ -37,21 +42,28 @@ def layer_by_layer(model: StructprunePreTrainedModel, batches: Sequence[dict[str
 
     Each layer comes to ``device`` (default: where the embeddings are; the CPU for a streamed model) for its turn
     and goes back afterwards; a model streamed from its files (:mod:`structprune.streaming`) loads it for the turn
-    and drops it. The streams of all batches stay on ``device``.
+    and drops it. The streams of all batches stay on ``device``. Attention runs on ``structprune.ops``
+    (:func:`~structprune.masked_model.kernel_attention`), which never holds a batch's whole score tensor. After each
+    turn the C heap's free pages go back to the OS (:func:`~structprune.streaming.release_freed_memory`), so what
+    stays resident is what is carried.
     """
     home = model.embeddings.word.weight.device
     device = torch.device("cpu" if home.type == "meta" else home) if device is None else torch.device(device)
-    streams = []
+    streams = []  # per batch: its residual stream [B, S, D] and attention mask [B, S]
     with embedded(model, torch.cat([b["input_ids"].flatten() for b in batches]), device) as ids_of:
         for batch in batches:
             ids, mask = ids_of(batch["input_ids"]).to(device), batch.get("attention_mask")
-            mask = None if mask is None else mask.to(device)
-            x, ctx, rope = model.layer_inputs(ids, mask)
-            streams.append([x, ctx, rope, (torch.ones_like(ids) if mask is None else mask).bool()])
+            mask = torch.ones_like(ids) if mask is None else mask.to(device)
+            streams.append([model.layer_inputs(ids, mask)[0], mask])
+    release_freed_memory()
     for i, layer in enumerate(model.layers):
-        with resident(model, f"layers.{i}", layer, device):
+        with resident(model, f"layers.{i}", layer, device), kernel_attention(layer):
             for stream in streams:
-                stream[0] = run(i, layer, *stream)
+                x, mask = stream
+                # rebuilt for the batch's turn, not carried: a batch's [B, 1, S, S] mask outweighs its stream
+                ctx, rope = model.layer_context(mask, x.dtype)
+                stream[0] = run(i, layer, x, ctx, rope, mask.bool())
+                release_freed_memory()
     return [stream[0] for stream in streams]
 
 
@@ -68,11 +80,13 @@ class ChannelStats:
         return cls(0, torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64))
 
     def add(self, x: torch.Tensor) -> None:
-        """Tokens ``[N, C]``."""
-        x = x.double()
+        """Tokens ``[N, C]``, converted to float64 a few at a time (a whole batch's copy would be a layer's largest
+        transient)."""
         self.count += x.shape[0]
-        self.sum += x.sum(0).cpu()
-        self.sumsq += x.pow(2).sum(0).cpu()
+        for part in x.split(STATS_TOKENS):
+            part = part.double()
+            self.sum += part.sum(0).cpu()
+            self.sumsq += part.pow(2).sum(0).cpu()
 
     @property
     def mean(self) -> torch.Tensor:
@@ -145,8 +159,10 @@ def _record(module: nn.Module, real: torch.Tensor, out: list, heads: int | None)
         out[0].add(x)
         if heads is not None:
             w = module.weight.detach()  # (D, H * hd)
-            per_head = torch.einsum("nhd,ehd->nhe", x.view(x.shape[0], heads, -1), w.view(w.shape[0], heads, -1))
-            out[1] += per_head.double().pow(2).sum((0, 2)).cpu()
+            w = w.view(w.shape[0], heads, -1)
+            for part in x.split(STATS_TOKENS):  # (n, H, D) per part, and its float64 square
+                per_head = torch.einsum("nhd,ehd->nhe", part.view(part.shape[0], heads, -1), w)
+                out[1] += per_head.double().pow(2).sum((0, 2)).cpu()
 
     return module.register_forward_pre_hook(hook)
 

@@ -24,11 +24,11 @@ def _data(vocab: int, n: int = 6, seq: int = 10) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()}
 
 
-def _down_inputs(model, data) -> list[torch.Tensor]:
-    """Each layer's down-projection inputs over the real tokens, from a plain forward with hooks."""
+def _inputs(model, data, name: str) -> list[torch.Tensor]:
+    """Each layer's inputs of projection ``name`` over the real tokens, from a plain (eager) forward with hooks."""
     seen = [[] for _ in model.layers]
     real = data["attention_mask"].bool()
-    hooks = [layer.ffn.down.register_forward_pre_hook(lambda m, a, i=i: seen[i].append(a[0][real]))
+    hooks = [layer.get_submodule(name).register_forward_pre_hook(lambda m, a, i=i: seen[i].append(a[0][real]))
              for i, layer in enumerate(model.layers)]
     with torch.no_grad():
         model(data["input_ids"], attention_mask=data["attention_mask"])
@@ -37,18 +37,24 @@ def _down_inputs(model, data) -> list[torch.Tensor]:
     return [torch.cat(x).double() for x in seen]
 
 
-def test_layer_by_layer_statistics_equal_a_whole_model_forward():
+@pytest.mark.parametrize("seq", [10, 40])  # 40: more tokens per batch than one step of the statistics takes
+def test_layer_by_layer_statistics_equal_a_whole_model_forward(seq):
     model = from_hf(make_causal("qwen2")).eval()
-    data = _data(model.spec["vocab_size"])
+    data = _data(model.spec["vocab_size"], seq=seq)
     batches = [{k: v[:3] for k, v in data.items()}, {k: v[3:] for k, v in data.items()}]
     stats = channel_stats(model, batches)
-    for layer, layer_stats, x in zip(model.layers, stats, _down_inputs(model, data)):
+    for layer, layer_stats, x, o in zip(model.layers, stats, _inputs(model, data, "ffn.down"),
+                                        _inputs(model, data, "attn.o")):
         assert layer_stats.ffn.count == int(data["attention_mask"].sum())
         torch.testing.assert_close(layer_stats.ffn.mean, x.mean(0), rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(layer_stats.ffn.variance, x.var(0), rtol=1e-6, atol=1e-9)
         change = (x[:, :, None] * layer.ffn.down.weight.detach().double().t()[None]).pow(2).sum((0, 2))
-        torch.testing.assert_close(neuron_change(layer_stats), change, rtol=1e-6, atol=1e-9)
-    assert stats[0].head_change.shape == (model.layers[0].attn.heads,)
+        torch.testing.assert_close(neuron_change(layer_stats), change, rtol=1e-9, atol=1e-9)
+        heads, w = layer.attn.heads, layer.attn.o.weight.detach().double()
+        per_head = torch.einsum("nhd,ehd->nhe", o.view(o.shape[0], heads, -1), w.view(w.shape[0], heads, -1))
+        # the library takes each head's product in float32 and squares it in float64
+        torch.testing.assert_close(layer_stats.head_change, per_head.pow(2).sum((0, 2)), rtol=1e-6, atol=1e-8)
+    assert all(layer.attn.attention_fn is None for layer in model.layers)  # the kernels' route was only lent
 
 
 def test_a_constant_channel_scores_lowest_and_compensation_restores_its_output():
