@@ -17,8 +17,8 @@ tensor by tensor into shards of ``--max-shard-mb``, 64) to a temporary folder; i
 second reset, and a digest of the written weights must agree.
 The children run with ``MALLOC_MMAP_THRESHOLD_=1048576``: glibc then serves every block of 1 MB or more by its own
 mapping and returns it when freed, so the peak is what the program holds. With glibc's default (a threshold that
-grows as blocks are freed, ``--default-malloc``) freed blocks stay in the heap and the streamed peak varies by
-hundreds of MB from run to run on the same input. Rows are appended to ``benchmarks/results/streaming.csv``.
+grows as blocks are freed, ``--default-malloc``) larger blocks come from the heap too, which the calibration trims
+only after each batch, so the streamed peak is higher. Rows are appended to ``benchmarks/results/streaming.csv``.
 
 Usage::
 
