@@ -167,9 +167,10 @@ COLORS = {"hold": "#c44e52", "lagrangian": "#dd8452", "projection": "#4c72b0", "
 """Line colour of each controller in the plot (others: matplotlib's cycle)."""
 
 
-def _controller(row: dict) -> str:
+def _recipe(row: dict) -> str:
     """The controller of an ``l0`` row (rows from before the setting existed ran the Lagrangian alone), with the
-    target's warm-up share when it is not the controller's default (rows from before that default ran 0.5)."""
+    target's warm-up share when it is not the controller's default (rows from before that default ran 0.5), and the
+    weights' learning rate and the epochs when they are not ``L0Config``'s."""
     settings = json.loads(row["settings"])
     name = settings.get("controller", "lagrangian")
     warmup = settings.get("sparsity_warmup", 0.5)
@@ -194,7 +195,7 @@ def table(path: Path) -> str:
         rows = list(csv.DictReader(f))
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        controller = "" if r["method"] == "dense" else _controller(r)
+        controller = "" if r["method"] == "dense" else _recipe(r)
         groups.setdefault((r["task"], r["train_size"], r["device"], r["method"], r["target"], controller),
                           []).append(r)
 
@@ -241,7 +242,7 @@ def plot_controller(path: Path, out: Path) -> Path:
         log = (CACHE / f"{r['task']}-{r['train_size']}-s{r['seed']}-{r['device']}-l0-{r['settings_key']}"
                / r["target"] / "prune" / "log.jsonl")
         if log.is_file():
-            label = f"{_controller(r)} s{r['seed']}"
+            label = f"{_recipe(r)} s{r['seed']}"
             steps = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
             panels.setdefault((r["task"], r["target"]), []).append((label, steps))
     if not panels:

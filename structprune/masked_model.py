@@ -104,16 +104,16 @@ def effective_gates(gates: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @contextmanager
-def kernel_attention(layer: Layer) -> Iterator[Layer]:
-    """``layer`` with its attention on ``ops.masked_attention`` for the block (unless it has a route already): the
-    kernels never hold a whole ``[B, H, S, K]`` score tensor, an eager forward's largest transient (twice over)."""
+def kernel_attention(layer: Layer) -> Iterator[None]:
+    """``layer``'s attention on ``ops.masked_attention`` for the block (unless it has a route already): the kernels
+    never hold a whole ``[B, H, S, K]`` score tensor, an eager forward's largest transient (twice over)."""
     attn = layer.attn
     if attn is None or attn.attention_fn is not None:
-        yield layer
+        yield
         return
     attn.attention_fn = _attention
     try:
-        yield layer
+        yield
     finally:
         attn.attention_fn = None
 
