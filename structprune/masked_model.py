@@ -61,9 +61,10 @@ def _attention(x: torch.Tensor, attn: Attention, ctx: AttentionContext, rope, he
     gather = head_gate is not None and not x.is_cuda
     alive = torch.nonzero(head_gate != 0).flatten() if gather else None
     if alive is None or alive.numel() == attn.heads:
-        q, k, v = attn.project(x, rope)
-        out = ops.masked_attention(q, k, v, head_gate, ctx.key_padding, ctx.causal, scale)
-        return attn.o(out.transpose(1, 2).reshape(B, S, attn.heads * D))
+        # q, k, v go with the call and the kernel's layout with the reshape: neither outlives its use
+        out = ops.masked_attention(*attn.project(x, rope), head_gate, ctx.key_padding, ctx.causal, scale)
+        out = out.transpose(1, 2).reshape(B, S, attn.heads * D)  # (B, H, S, D) -> (B, S, H * D)
+        return attn.o(out)
     if alive.numel() == 0:  # the layer's removal rule zeroes this sublayer; nothing to compute
         return x.new_zeros(B, S, attn.o.out_features)
     kv_of = alive if attn.kv_map is None else torch.tensor(attn.kv_map, device=x.device)[alive]

@@ -29,6 +29,7 @@ ONNX Runtime's transformer optimizer recognises.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -93,21 +94,44 @@ def activation(name: str):
 
 @dataclass
 class AttentionContext:
-    """Masks of one forward pass, computed once and shared by every layer.
+    """Masks of one forward pass, shared by every layer.
 
-    ``additive`` is the ``[B, 1, 1|S, K]`` float mask added to attention scores (dense path; ``K`` keys,
-    cached ones included), ``windowed`` the same for sliding-window layers (``None`` without a window);
-    ``key_padding`` is the ``[B, S]`` bool mask (True = real token) with ``causal`` for kernels, which
-    serve only ``plain`` passes: no cache, and no window shorter than the sequence. ``cache`` holds
-    the keys and values of earlier tokens (causal LM).
+    ``key_padding`` is the ``[B, S]`` bool mask (True = real token) with ``causal`` for kernels, which serve only
+    ``plain`` passes: no cache, and no window shorter than the sequence. The dense path's float masks are built
+    from ``attention_mask`` (``[B, K]``: ``K`` keys, the ``past`` cached ones included) on first use and kept for
+    the pass, so a pass on the kernels never builds them. ``cache`` holds the keys and values of earlier tokens
+    (causal LM).
     """
 
-    additive: torch.Tensor
+    attention_mask: torch.Tensor
     key_padding: torch.Tensor
     causal: bool
-    windowed: torch.Tensor | None = None
+    dtype: torch.dtype
+    past: int = 0
+    window: int | None = None
     cache: object | None = None
     plain: bool = True
+
+    @functools.cached_property
+    def additive(self) -> torch.Tensor:
+        """``[B, 1, 1|S, K]``: 0 where a query sees a key, the dtype's most negative value elsewhere."""
+        return self._additive(None)
+
+    @functools.cached_property
+    def windowed(self) -> torch.Tensor | None:
+        """:attr:`additive` for sliding-window layers (``None`` without a window)."""
+        return None if self.window is None else self._additive(self.window)
+
+    def _additive(self, window: int | None) -> torch.Tensor:
+        neg, mask = torch.finfo(self.dtype).min, self.attention_mask
+        if not self.causal:
+            return (1.0 - mask.unsqueeze(1).unsqueeze(2).to(self.dtype)) * neg
+        keys = torch.arange(mask.shape[1], device=mask.device)
+        queries = keys[self.past:, None]  # (S, 1): absolute positions of this pass's tokens in the cache
+        blocked = (mask[:, None, None, :] == 0) | (keys > queries)  # (B, 1, S, K)
+        if window is not None:
+            blocked = blocked | (queries - keys >= window)
+        return torch.zeros(blocked.shape, dtype=self.dtype, device=mask.device).masked_fill(blocked, neg)
 
 
 class _GateProduct(torch.autograd.Function):
@@ -470,21 +494,12 @@ class StructprunePreTrainedModel(PreTrainedModel):
         return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
     def _context(self, attention_mask: torch.Tensor, dtype: torch.dtype, past: int, cache) -> AttentionContext:
-        neg = torch.finfo(dtype).min
         if self.spec["family"] != "llama":
-            additive = (1.0 - attention_mask.unsqueeze(1).unsqueeze(2).to(dtype)) * neg
-            return AttentionContext(additive, attention_mask.bool(), False)
-        K = attention_mask.shape[1]
-        keys = torch.arange(K, device=attention_mask.device)
-        queries = keys[past:, None]  # (S, 1): absolute positions of this pass's tokens in the cache
-        padding = attention_mask[:, None, None, :] == 0  # (B, 1, 1, K)
-        blocked = padding | (keys > queries)
-        zeros = torch.zeros(blocked.shape, dtype=dtype, device=attention_mask.device)
+            return AttentionContext(attention_mask, attention_mask.bool(), False, dtype)
         window = self.spec.get("sliding_window")
-        windowed = None if window is None else zeros.masked_fill(blocked | (queries - keys >= window), neg)
-        plain = cache is None and (window is None or K <= window)
-        return AttentionContext(zeros.masked_fill(blocked, neg), attention_mask[:, past:].bool(), True, windowed,
-                                cache, plain)
+        plain = cache is None and (window is None or attention_mask.shape[1] <= window)
+        return AttentionContext(attention_mask, attention_mask[:, past:].bool(), True, dtype, past, window, cache,
+                                plain)
 
     def _check_cache(self, cache, batch: int) -> int:
         """Tokens already in ``cache``, after checking it was built by a model of this shape."""

@@ -180,3 +180,21 @@ def test_dead_heads_are_not_projected_and_gradients_match_the_eager_model(arch_n
         assert torch.equal(a[gate == 0], torch.zeros_like(a[gate == 0]))
     for a, b in zip(got_grads[2:], want_grads[2:]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_a_pass_on_the_kernels_never_builds_the_dense_attention_mask(monkeypatch, arch):
+    from structprune.arch import from_hf
+    from structprune.modeling_structprune import AttentionContext
+
+    hf = make_hf(arch)
+    inputs = make_inputs(hf)
+    built = []
+    original = AttentionContext._additive
+    monkeypatch.setattr(AttentionContext, "_additive",
+                        lambda self, window: built.append(window) or original(self, window))
+    with torch.no_grad():
+        MaskedModel(hf).eval()(**inputs)
+        assert built == []
+        from_hf(hf).eval()(**inputs)  # eager: one mask, shared by every layer
+    assert built == [None]
