@@ -5,20 +5,21 @@ SmolLM2-135M-Instruct (real weights), ``flap`` at 30%.
 Each mode runs in a fresh process: ``memory`` loads the model (``load_model``), ``stream`` builds it on the ``meta``
 device and reads each module from the safetensors file for its turn (:mod:`structprune.streaming`). Both score the
 same ``--windows`` (32) windows of ``--length`` (512) tokens of WikiText-2 validation in batches of ``--batch-size``
-(8). Reported per mode: the process's resident memory after imports and tokenization (``base``), its peak from
-there on (``peak``: Linux's ``VmHWM``, reset at the base so that the tokenizer's own peak does not count), the
-growth between them, and the wall time of the method call; and the sizes the growth should be compared with: all
-weights, one decoder layer, the embeddings (of which a streamed decoder reads only the rows its inputs use), the
-activations carried between layers (each batch's residual stream and attention mask) and the attention scores of one
-batch (``batch x heads x length^2``), which an eager forward would hold twice (calibration runs attention on the
-kernels, which never hold them whole).
+(8; the layer-by-layer calibration embeds a batch together, then runs its sequences one at a time). Reported per
+mode: the process's resident memory after imports, tokenization and one call of torch's CPU math at toy sizes
+(``base``; see :func:`warm_up`), its peak from there on (``peak``: Linux's ``VmHWM``, reset at the base so that the
+tokenizer's own peak does not count), the growth between them, and the wall time of the method call; and the sizes
+the growth should be compared with: all weights, one decoder layer, the embeddings (of which a streamed decoder reads
+only the rows its inputs use), the activations carried between layers (each sequence's residual stream and attention
+mask) and the attention scores of one batch (``batch x heads x length^2``), which an eager forward of the batch would
+hold twice (calibration runs attention on the kernels, which never hold them whole).
 Then each mode writes the compact model (``memory``: ``compact`` and ``save``; ``stream``: ``compact_to_folder``, cutting
 tensor by tensor into shards of ``--max-shard-mb``, 64) to a temporary folder; its peak growth is measured from a
 second reset, and a digest of the written weights must agree.
 The children run with ``MALLOC_MMAP_THRESHOLD_=1048576``: glibc then serves every block of 1 MB or more by its own
 mapping and returns it when freed, so the peak is what the program holds. With glibc's default (a threshold that
 grows as blocks are freed, ``--default-malloc``) larger blocks come from the heap too, which the calibration trims
-only after each batch, so the streamed peak is higher. Rows are appended to ``benchmarks/results/streaming.csv``.
+only after each sequence, so the streamed peak is higher. Rows are appended to ``benchmarks/results/streaming.csv``.
 
 Usage::
 
@@ -64,6 +65,7 @@ def one(mode: str, windows: int, length: int, threads: int, batch: int, shard_mb
     def settle() -> float:
         """Resident MB with the garbage of what came before collected and the C heap's free pages returned, the peak
         reset there: the base the growth is measured from."""
+        warm_up()
         gc.collect()
         release_freed_memory()
         bench.reset_peak_memory()
@@ -102,6 +104,18 @@ def one(mode: str, windows: int, length: int, threads: int, batch: int, shard_mb
     return row
 
 
+def warm_up() -> None:
+    """Call torch's CPU math once at toy sizes (a GEMM, the attention kernel, a float64 reduction): each first call
+    keeps a few MB of workspace and code for the process's life whatever the sizes (about 8 MB in all here), which
+    belongs to the process's base, not to the calibration's growth."""
+    from structprune import ops
+
+    x = torch.randn(8, 32)
+    torch.nn.functional.linear(x, x).double().pow(2).sum(0)
+    q = torch.randn(1, 2, 8, 16)
+    ops.masked_attention(q, q, q, None, torch.ones(1, 8, dtype=torch.bool), True)
+
+
 def _weights_digest(folder: Path) -> str:
     from structprune.streaming import WeightSource
 
@@ -119,7 +133,7 @@ def sizes(windows: int, length: int, batch: int) -> dict:
     model = streamed_model(gguf_folder(smollm2_gguf()))
     mb = lambda module: sum(p.numel() for p in module.parameters()) * 4 / 2**20  # noqa: E731
     D, H = model.spec["hidden_size"], model.layers[0].attn.heads
-    stream = windows * length * D * 4  # the residual streams of every batch
+    stream = windows * length * D * 4  # the residual streams of every sequence
     masks = windows * length * 8  # and their attention masks (int64)
     return {"batch_size": batch, "weights_mb": round(mb(model), 1), "layer_mb": round(mb(model.layers[0]), 1),
             "embeddings_mb": round(mb(model.embeddings), 1), "activations_mb": round((stream + masks) / 2**20, 1),

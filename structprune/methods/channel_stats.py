@@ -8,7 +8,7 @@ columns over the real tokens of calibration text:
 * per head: the exact squared norm of the head's contribution to the layer output, ``||W_o[:, h] x_h||^2``;
   a neuron's is ``||W_down[:, j]||^2 x_j^2`` (one column), so the channel mean square gives it.
 
-:func:`layer_by_layer` runs every calibration batch through one layer before moving on, carrying the residual
+:func:`layer_by_layer` runs every calibration sequence through one layer before moving on, carrying the residual
 streams forward (SparseGPT's and Wanda's schedule): only the layer being run needs to sit on ``device``; the
 others stay where they are (e.g. the CPU), so a model whose layers do not all fit on the accelerator can be scored,
 or in their files (:mod:`structprune.streaming`), so a model larger than memory can. What the scores need of the
@@ -17,7 +17,8 @@ output projections' weights (their columns' squared norms) is taken during the l
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -32,39 +33,40 @@ STATS_TOKENS = 64
 otherwise be the largest transients of a layer's turn (for a 512-token window of SmolLM2, about 50 MB)."""
 
 RunLayer = Callable[[int, Layer, torch.Tensor, object, object, torch.Tensor], torch.Tensor]
-"""``(i, layer, x [B, S, D], ctx, rope, real [B, S]) -> x after layer i``."""
+"""``(i, layer, x [1, S, D], ctx, rope, real [1, S]) -> x after layer i``."""
 
 
 @torch.no_grad()
 def layer_by_layer(model: StructprunePreTrainedModel, batches: Sequence[dict[str, torch.Tensor]], run: RunLayer,
-                   device: torch.device | str | None = None) -> list[torch.Tensor]:
-    """The residual stream after the last layer for each batch, computed layer by layer with ``run``.
+                   device: torch.device | str | None = None) -> None:
+    """Run ``run`` over every layer for every sequence of ``batches``, one layer at a time.
 
     Each layer comes to ``device`` (default: where the embeddings are; the CPU for a streamed model) for its turn
     and goes back afterwards; a model streamed from its files (:mod:`structprune.streaming`) loads it for the turn
-    and drops it. The streams of all batches stay on ``device``. Attention runs on ``structprune.ops``
-    (:func:`~structprune.masked_model.kernel_attention`), which never holds a batch's whole score tensor. After each
-    turn the C heap's free pages go back to the OS (:func:`~structprune.streaming.release_freed_memory`), so what
-    stays resident is what is carried.
+    and drops it. The residual streams of all sequences stay on ``device``. Within a turn the sequences go through
+    one at a time (``run`` sees ``B = 1``): the layer's weights are resident for the whole turn anyway, so a batch
+    would only widen its transients. Attention runs on ``structprune.ops``
+    (:func:`~structprune.masked_model.kernel_attention`), which never holds a sequence's whole score tensor. After
+    each sequence the C heap's free pages go back to the OS (:func:`~structprune.streaming.release_freed_memory`),
+    so what stays resident is what is carried.
     """
     home = model.embeddings.word.weight.device
     device = torch.device("cpu" if home.type == "meta" else home) if device is None else torch.device(device)
-    streams = []  # per batch: its residual stream [B, S, D] and attention mask [B, S]
+    streams = []  # per sequence: its residual stream [1, S, D] and attention mask [1, S]
     with embedded(model, torch.cat([b["input_ids"].flatten() for b in batches]), device) as ids_of:
         for batch in batches:
             ids, mask = ids_of(batch["input_ids"]).to(device), batch.get("attention_mask")
             mask = torch.ones_like(ids) if mask is None else mask.to(device)
-            streams.append([model.layer_inputs(ids, mask)[0], mask])
+            streams += [[model.layer_inputs(ids[b:b + 1], mask[b:b + 1])[0], mask[b:b + 1]] for b in range(len(ids))]
     release_freed_memory()
     for i, layer in enumerate(model.layers):
         with resident(model, f"layers.{i}", layer, device), kernel_attention(layer):
             for stream in streams:
                 x, mask = stream
-                # rebuilt for the batch's turn, not carried: a batch's [B, 1, S, S] mask outweighs its stream
+                # rebuilt for the sequence's turn, not carried (it is what the kernels need: no dense mask)
                 ctx, rope = model.layer_context(mask, x.dtype)
                 stream[0] = run(i, layer, x, ctx, rope, mask.bool())
                 release_freed_memory()
-    return [stream[0] for stream in streams]
 
 
 @dataclass
@@ -151,11 +153,15 @@ def merged(runs: Sequence[list[LayerStats]]) -> list[LayerStats]:
             for layer in zip(*runs)]
 
 
-def _record(module: nn.Module, real: torch.Tensor, out: list, heads: int | None) -> torch.utils.hooks.RemovableHandle:
-    """Accumulate the real tokens of ``module``'s input (and, for an o-proj, each head's output norm)."""
+@contextmanager
+def _recording(module: nn.Module, real: torch.Tensor, out: list, heads: int | None) -> Iterator[None]:
+    """Accumulate, within the block, the real tokens of ``module``'s input (and, for an o-proj, each head's output
+    norm)."""
+
+    everything = bool(real.all())  # then the tokens are a view, not a copy
 
     def hook(_module, args):
-        x = args[0][real]  # (N, C)
+        x = args[0].flatten(0, -2) if everything else args[0][real]  # (N, C)
         out[0].add(x)
         if heads is not None:
             w = module.weight.detach()  # (D, H * hd)
@@ -164,7 +170,11 @@ def _record(module: nn.Module, real: torch.Tensor, out: list, heads: int | None)
                 per_head = torch.einsum("nhd,ehd->nhe", part.view(part.shape[0], heads, -1), w)
                 out[1] += per_head.double().pow(2).sum((0, 2)).cpu()
 
-    return module.register_forward_pre_hook(hook)
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def channel_stats(model: StructprunePreTrainedModel, batches: Sequence[dict[str, torch.Tensor]],
@@ -181,17 +191,20 @@ def channel_stats(model: StructprunePreTrainedModel, batches: Sequence[dict[str,
                 None if attn is None or not head_change else torch.zeros(attn.heads, dtype=torch.float64),
                 None if ffn is None else ChannelStats.zeros(ffn.down.in_features),
                 None if attn is None else column_norms(attn.o), None if ffn is None else column_norms(ffn.down)))
-        stats, handles = found[i], []
-        if layer.attn is not None:
-            box = [stats.attn, stats.head_change]
-            handles.append(_record(layer.attn.o, real, box, layer.attn.heads if head_change else None))
-        if layer.ffn is not None:
-            handles.append(_record(layer.ffn.down, real, [stats.ffn], None))
-        try:
-            return layer(x, ctx, rope)
-        finally:
-            for handle in handles:
-                handle.remove()
+        stats, attn = found[i], layer.attn
+        with (nullcontext() if attn is None else
+              _recording(attn.o, real, [stats.attn, stats.head_change], attn.heads if head_change else None)):
+            x = layer.attention_block(x, ctx, rope)
+        shape = x.shape
+        # The FFN sublayer (norm included) is per token: run it STATS_TOKENS tokens at a time, so its
+        # [tokens, F] transients are those of one step whatever the sequence's length.
+        x, real = x.flatten(0, -2), real.flatten()  # (S, D), (S,)
+        out = torch.empty_like(x)
+        for start in range(0, x.shape[0], STATS_TOKENS):
+            part = slice(start, start + STATS_TOKENS)
+            with nullcontext() if layer.ffn is None else _recording(layer.ffn.down, real[part], [stats.ffn], None):
+                out[part] = layer.ffn_block(x[part])
+        return out.view(shape)
 
     layer_by_layer(model, batches, run, device)
     return found

@@ -37,7 +37,7 @@ def _inputs(model, data, name: str) -> list[torch.Tensor]:
     return [torch.cat(x).double() for x in seen]
 
 
-@pytest.mark.parametrize("seq", [10, 40])  # 40: more tokens per batch than one step of the statistics takes
+@pytest.mark.parametrize("seq", [10, 80])  # 80: more tokens per sequence than one step of the statistics takes
 def test_layer_by_layer_statistics_equal_a_whole_model_forward(seq):
     model = from_hf(make_causal("qwen2")).eval()
     data = _data(model.spec["vocab_size"], seq=seq)
