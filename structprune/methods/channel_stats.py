@@ -29,8 +29,9 @@ from structprune.modeling_structprune import Layer, StructprunePreTrainedModel
 from structprune.streaming import embedded, release_freed_memory, resident, source_of
 
 STATS_TOKENS = 64
-"""Tokens per step of the statistics: each head's output (``[tokens, heads, hidden]``) and the float64 copies would
-otherwise be the largest transients of a layer's turn (for a 512-token window of SmolLM2, about 50 MB)."""
+"""Tokens per step of the statistics and of the calibration's FFN sublayer: each head's output
+(``[tokens, heads, hidden]``), the float64 copies and the FFN's ``[tokens, F]`` activations would otherwise be the
+largest transients of a layer's turn (for a 512-token window of SmolLM2, about 50 MB and 10 MB)."""
 
 RunLayer = Callable[[int, Layer, torch.Tensor, object, object, torch.Tensor], torch.Tensor]
 """``(i, layer, x [1, S, D], ctx, rope, real [1, S]) -> x after layer i``."""
