@@ -5,7 +5,7 @@ SmolLM2-135M-Instruct (real weights), ``flap`` at 30%.
 Each mode runs in a fresh process: ``memory`` loads the model (``load_model``), ``stream`` builds it on the ``meta``
 device and reads each module from the safetensors file for its turn (:mod:`structprune.streaming`). Both score the
 same ``--windows`` (32) windows of ``--length`` (512) tokens of WikiText-2 validation in batches of ``--batch-size``
-(8; the layer-by-layer calibration embeds a batch together, then runs its sequences one at a time). Reported per
+(8; the layer-by-layer calibration runs the sequences one at a time whatever the batch). Reported per
 mode: the process's resident memory after imports, tokenization and one call of torch's CPU math at toy sizes
 (``base``; see :func:`warm_up`), its peak from there on (``peak``: Linux's ``VmHWM``, reset at the base so that the
 tokenizer's own peak does not count), the growth between them, and the wall time of the method call; and the sizes
@@ -63,8 +63,8 @@ def one(mode: str, windows: int, length: int, threads: int, batch: int, shard_mb
     from structprune.streaming import release_freed_memory, streamed_model
 
     def settle() -> float:
-        """Resident MB with the garbage of what came before collected and the C heap's free pages returned, the peak
-        reset there: the base the growth is measured from."""
+        """Resident MB after :func:`warm_up`, with the garbage of what came before collected and the C heap's free
+        pages returned, the peak reset there: the base the growth is measured from."""
         warm_up()
         gc.collect()
         release_freed_memory()
