@@ -155,14 +155,13 @@ def merged(runs: Sequence[list[LayerStats]]) -> list[LayerStats]:
 
 
 @contextmanager
-def _recording(module: nn.Module, real: torch.Tensor, out: list, heads: int | None) -> Iterator[None]:
-    """Accumulate, within the block, the real tokens of ``module``'s input (and, for an o-proj, each head's output
-    norm)."""
-
-    everything = bool(real.all())  # then the tokens are a view, not a copy
+def _recording(module: nn.Module, real: torch.Tensor | None, out: list, heads: int | None) -> Iterator[None]:
+    """Accumulate, within the block, the real tokens of ``module``'s input (``real``: a flat token mask; ``None``:
+    every token, read as a view rather than copied), and, for an o-proj, each head's output norm."""
 
     def hook(_module, args):
-        x = args[0].flatten(0, -2) if everything else args[0][real]  # (N, C)
+        x = args[0].flatten(0, -2)  # (N, C)
+        x = x if real is None else x[real]
         out[0].add(x)
         if heads is not None:
             w = module.weight.detach()  # (D, H * hd)
@@ -185,7 +184,7 @@ def channel_stats(model: StructprunePreTrainedModel, batches: Sequence[dict[str,
     found: list[LayerStats] = []
 
     def run(i, layer, x, ctx, rope, real):
-        if len(found) == i:  # the layer's first batch
+        if len(found) == i:  # the layer's first sequence
             attn, ffn = layer.attn, layer.ffn
             found.append(LayerStats(
                 None if attn is None else ChannelStats.zeros(attn.o.in_features),
@@ -193,17 +192,20 @@ def channel_stats(model: StructprunePreTrainedModel, batches: Sequence[dict[str,
                 None if ffn is None else ChannelStats.zeros(ffn.down.in_features),
                 None if attn is None else column_norms(attn.o), None if ffn is None else column_norms(ffn.down)))
         stats, attn = found[i], layer.attn
+        real = real.flatten()  # (S,)
+        real = None if bool(real.all()) else real  # decided once per sequence: one host sync
         with (nullcontext() if attn is None else
               _recording(attn.o, real, [stats.attn, stats.head_change], attn.heads if head_change else None)):
             x = layer.attention_block(x, ctx, rope)
         shape = x.shape
         # The FFN sublayer (norm included) is per token: run it STATS_TOKENS tokens at a time, so its
         # [tokens, F] transients are those of one step whatever the sequence's length.
-        x, real = x.flatten(0, -2), real.flatten()  # (S, D), (S,)
+        x = x.flatten(0, -2)  # (S, D)
         out = torch.empty_like(x)
         for start in range(0, x.shape[0], STATS_TOKENS):
             part = slice(start, start + STATS_TOKENS)
-            with nullcontext() if layer.ffn is None else _recording(layer.ffn.down, real[part], [stats.ffn], None):
+            step_real = None if real is None else real[part]
+            with nullcontext() if layer.ffn is None else _recording(layer.ffn.down, step_real, [stats.ffn], None):
                 out[part] = layer.ffn_block(x[part])
         return out.view(shape)
 
