@@ -32,7 +32,8 @@ process keeps the parent's size at the fork) are its cost.
 Output: a table, one row per model appended to ``benchmarks/results/llm_pruning.csv`` (machine, versions, date and
 every setting) and ``benchmarks/results/llm_pruning.png`` (perplexity and zero-shot average against the measured
 decode speedup, one line per method). ``--resume`` skips the (variant, sparsity) pairs the CSV already holds for
-the same settings, and the table and plot then read every matching row. Temporaries (calibration tensors, ONNX
+the same settings on the same CPU model (speeds, and the latency budgets the table sets, are the machine's), and the
+table and plot then read every matching row. Temporaries (calibration tensors, ONNX
 graphs, compact models unless ``--keep DIR``) live in a temporary folder removed at the end.
 
 Usage::
@@ -107,9 +108,6 @@ TASK_METRICS = {"hellaswag": "acc_norm", "piqa": "acc", "arc_easy": "acc_norm", 
                 "boolq": "acc", "winogrande": "acc"}
 FULL = {"calib_windows": 64, "calib_length": 512, "ppl_windows": 40, "ppl_length": 512, "items": 100, "tokens": 512}
 QUICK = {"calib_windows": 8, "calib_length": 64, "ppl_windows": 4, "ppl_length": 64, "items": 8, "tokens": 16}
-SETTINGS = ("model", "text", "calib_windows", "calib_length", "ppl_windows", "ppl_length", "items", "item_seed",
-            "tasks", "tokens", "threads")
-"""The CSV columns that must match for ``--resume`` to count a row as done."""
 SETUP, CALIBRATION, TABLE = "setup.json", "calibration.pt", "decode-table.json"
 
 
@@ -428,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
                 "text": args.text, "calib_windows": args.calib_windows, "calib_length": args.calib_length,
                 "ppl_windows": args.ppl_windows, "ppl_length": args.ppl_length, "items": args.items,
                 "item_seed": args.item_seed, "tasks": " ".join(args.tasks), "tokens": args.tokens,
-                "threads": args.threads}
+                "threads": args.threads, "cpu": info["cpu"]}  # a row counts as done under these
     done = {(r["label"], target_of(r)) for r in matching_rows(args.out, settings)} if args.resume else set()
     targets = [str(s) for s in args.sparsities] + [f"{s}x" for s in args.speedups]
     todo = [(m, t) for m in args.methods for t in targets if (m, t) not in done]
