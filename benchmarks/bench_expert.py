@@ -14,18 +14,22 @@ for every model). No recovery training. Output: a table, rows appended to ``benc
 general calibration, the dense model as a dashed line).
 
 ``--units ffn`` prunes FFN neurons only (every head kept) and reads ``--sparsities`` as the fraction of FFN neurons
-removed; the row records the neurons actually removed (``ffn_removed``) beside the parameter sparsity.
+removed; the row records the neurons actually removed (``ffn_removed``) beside the parameter sparsity. ``--refit``
+compensates both calibrations by the least-squares refit (``expert(refit=True)``, :mod:`structprune.methods.refit`)
+instead of the mean output alone.
 
 Usage::
 
     python benchmarks/bench_expert.py                     # both experts at 20% and 35% of the parameters
     python benchmarks/bench_expert.py --experts pubmed --sparsities 0.3 --items 50
     python benchmarks/bench_expert.py --experts pubmed --sparsities 0.25 --units ffn   # 25% of the FFN neurons
+    python benchmarks/bench_expert.py --experts pubmed --sparsities 0.25 --units ffn --refit
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import sys
 import time
@@ -110,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsities", default="0.2,0.35", help="parameter sparsities (--units ffn: FFN neurons)")
     parser.add_argument("--units", default="all", choices=("all", "ffn"), help="prune heads and neurons, or FFN "
                         "neurons only (every head kept)")
+    parser.add_argument("--refit", action="store_true", help="compensate by the least-squares refit")
     parser.add_argument("--calib-windows", type=int, default=64)
     parser.add_argument("--calib-length", type=int, default=256)
     parser.add_argument("--ppl-windows", type=int, default=24)
@@ -153,12 +158,17 @@ def main(argv: list[str] | None = None) -> int:
             for calibration, extra in (("expert", {"corpora": corpora}), ("general", {})):
                 start = time.perf_counter()
                 budget = Budget(sparsity * ffn_share if units else sparsity)
-                result = get_method("expert")(model, general, budget, **extra, **units)
+                result = get_method("expert")(model, general, budget, **extra, **units, refit=args.refit)
                 seconds = round(time.perf_counter() - start, 1)
-                small = compact(model, result.masks).eval()
+                source = model
+                if result.weights is not None:  # the refitted projections (full-size)
+                    source = copy.deepcopy(model)
+                    source.load_state_dict(result.weights)
+                small = compact(source, result.masks).eval()
                 kept = sum(layer.ffn for layer in ModelStructure.from_spec(small.spec).layers)
                 rows.append(base | {"expert": spec, "calibration": calibration, "sparsity": sparsity,
-                                    "units": args.units, "achieved": round(result.log["achieved"], 4),
+                                    "units": args.units, "refit": args.refit,
+                                    "achieved": round(result.log["achieved"], 4),
                                     "ffn_removed": round(1 - kept / (structure.max_ffn * structure.num_layers), 4),
                                     "prune_seconds": seconds}
                             | evaluate(small, tokenizer, data, args))

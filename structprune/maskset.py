@@ -40,7 +40,7 @@ SCALE_NAMES = ("head", "neuron")
 SHIFT_NAMES = ("attn", "ffn")
 MASKS_FILE = "masks.safetensors"
 WEIGHTS_FILE = "weights.safetensors"
-"""The full-size weights a method tuned while choosing the masks (e.g. ``sprint``), beside the masks."""
+"""The full-size weights a method changed while choosing the masks (``sprint``, ``refit``), beside the masks."""
 SUMMARY_FILE = "masks.json"
 FORMAT_VERSION = 1
 MAX_SCALE = 1e4
@@ -207,7 +207,7 @@ class MaskSet:
              spec: dict | None = None, overwrite: bool = False,
              weights: dict[str, torch.Tensor] | None = None) -> Path:
         """Write ``masks.safetensors`` and ``masks.json`` (with a summary when the model is given), and the
-        full-size ``weights`` the masks go with, if the method tuned them (:func:`tuned_weights` reads them)."""
+        full-size ``weights`` the masks go with, if the method changed them (:func:`tuned_weights` reads them)."""
         tensors = {name: t.contiguous() for name, t in self.masks.items()}
         tensors |= {f"scale.{name}": t.contiguous() for name, t in self.scales.items()}
         tensors |= {f"shift.{name}": t.contiguous() for name, t in self.shifts.items()}
@@ -256,7 +256,7 @@ class MaskSet:
 
 
 def tuned_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor] | None:
-    """The weights saved beside the masks of ``directory`` (``None`` when the method tuned none)."""
+    """The weights saved beside the masks of ``directory`` (``None`` when the method changed none)."""
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():
         return None

@@ -19,6 +19,7 @@ compare and report, into one folder.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -217,8 +218,12 @@ def run(model: StructpruneForSequenceClassification, tokenizer, train: TaskData,
         extra |= {"teacher": config.teacher, "checkpoint_dir": None if directory is None else directory / method}
     result = get_method(method)(dense, train_enc, budget, **config.options, **extra)
     result.log.update(config.log)
-    pruned = compact(dense, result.masks)
-    if result.weights is not None:
+    source = dense
+    if result.weights is not None and not is_learned(method):  # full-size weights the method changed (sprint, refit)
+        source = copy.deepcopy(dense)
+        source.load_state_dict(result.weights)
+    pruned = compact(source, result.masks)
+    if result.weights is not None and is_learned(method):  # the learned methods' are the compact model's
         pruned.load_state_dict(result.weights)
     mark_task(pruned, task)
     pruned.eval()

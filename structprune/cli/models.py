@@ -71,7 +71,7 @@ def run_compact(args: argparse.Namespace) -> None:
         if args.recover is not None or tuned is not None:
             raise CliError("--stream cuts the weights from the files one layer at a time; "
                            + ("--recover trains the whole compact model" if tuned is None else
-                              f"{args.masks} carries weights its method tuned, held in memory")
+                              f"{args.masks} carries weights its method changed, held in memory")
                            + ": compact without --stream")
         try:
             model = streamed_model(args.model, causal=is_causal_lm(args.model))
@@ -86,10 +86,10 @@ def run_compact(args: argparse.Namespace) -> None:
                        "masks came from, or pass --force if it is the same model under another path")
     tokenizer = load_tokenizer(args.model, model.spec["vocab_size"], required=args.recover is not None)
     source = model
-    if tuned is not None:  # the method tuned the weights along with the masks: compact those (the dense stays)
+    if tuned is not None:  # the method changed the weights along with the masks: compact those (the dense stays)
         source = copy.deepcopy(model)
         source.load_state_dict(tuned)
-        print(f"compacting the weights {masks.meta.get('method', 'the method')} tuned with the masks", flush=True)
+        print(f"compacting the weights {masks.meta.get('method', 'the method')} changed with the masks", flush=True)
     if args.recover is None:
         compact_to_folder(source, masks, args.out, tokenizer, overwrite=args.overwrite)
     else:

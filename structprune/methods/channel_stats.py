@@ -77,16 +77,21 @@ class ChannelStats:
     count: int
     sum: torch.Tensor
     sumsq: torch.Tensor
+    gram: torch.Tensor | None = None
+    """``[C, C]``: the sum of ``x x^T`` over tokens, when asked for (:mod:`structprune.methods.refit` needs it)."""
 
     @classmethod
-    def zeros(cls, channels: int) -> ChannelStats:
-        return cls(0, torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64))
+    def zeros(cls, channels: int, gram: bool = False) -> ChannelStats:
+        return cls(0, torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64),
+                   torch.zeros(channels, channels, dtype=torch.float64) if gram else None)
 
     def add(self, x: torch.Tensor) -> None:
         """Tokens ``[N, C]``, converted to float64 a few at a time (a whole batch's copy would be a layer's largest
         transient)."""
         self.count += x.shape[0]
         for part in x.split(STATS_TOKENS):
+            if self.gram is not None:  # products of STATS_TOKENS terms in float32, summed in float64
+                self.gram += (part.float().T @ part.float()).double().cpu()
             part = part.double()
             self.sum += part.sum(0).cpu()
             self.sumsq += part.pow(2).sum(0).cpu()
@@ -103,6 +108,11 @@ class ChannelStats:
     def variance(self) -> torch.Tensor:
         """Sample variance (``count - 1`` in the denominator), as FLAP computes it."""
         return ((self.sumsq - self.count * self.mean.pow(2)) / max(self.count - 1, 1)).clamp_min(0)
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        """``[C, C]``, over the tokens (``count`` in the denominator); needs ``gram``."""
+        return self.gram / max(self.count, 1) - torch.outer(self.mean, self.mean)
 
 
 @dataclass
@@ -147,7 +157,9 @@ def merged(runs: Sequence[list[LayerStats]]) -> list[LayerStats]:
             return None
         if isinstance(parts[0], torch.Tensor):
             return sum(parts[1:], parts[0].clone())
-        return ChannelStats(sum(p.count for p in parts), sum(p.sum for p in parts), sum(p.sumsq for p in parts))
+        grams = [p.gram for p in parts]
+        return ChannelStats(sum(p.count for p in parts), sum(p.sum for p in parts), sum(p.sumsq for p in parts),
+                            None if None in grams else sum(grams[1:], grams[0].clone()))
 
     return [LayerStats(total([s.attn for s in layer]), total([s.head_change for s in layer]),
                        total([s.ffn for s in layer]), layer[0].o_columns, layer[0].down_columns)
@@ -178,18 +190,20 @@ def _recording(module: nn.Module, real: torch.Tensor | None, out: list, heads: i
 
 
 def channel_stats(model: StructprunePreTrainedModel, batches: Sequence[dict[str, torch.Tensor]],
-                  device: torch.device | str | None = None, head_change: bool = True) -> list[LayerStats]:
+                  device: torch.device | str | None = None, head_change: bool = True,
+                  gram: bool = False) -> list[LayerStats]:
     """One :class:`LayerStats` per layer over the real tokens of ``batches`` (dense forward, layer by layer);
-    ``head_change=False`` skips the per-head output norms (``None``), which cost one more o-proj product."""
+    ``head_change=False`` skips the per-head output norms (``None``), which cost one more o-proj product;
+    ``gram=True`` also sums each projection's ``x x^T`` (``[C, C]`` float64 per projection)."""
     found: list[LayerStats] = []
 
     def run(i, layer, x, ctx, rope, real):
         if len(found) == i:  # the layer's first sequence
             attn, ffn = layer.attn, layer.ffn
             found.append(LayerStats(
-                None if attn is None else ChannelStats.zeros(attn.o.in_features),
+                None if attn is None else ChannelStats.zeros(attn.o.in_features, gram),
                 None if attn is None or not head_change else torch.zeros(attn.heads, dtype=torch.float64),
-                None if ffn is None else ChannelStats.zeros(ffn.down.in_features),
+                None if ffn is None else ChannelStats.zeros(ffn.down.in_features, gram),
                 None if attn is None else column_norms(attn.o), None if ffn is None else column_norms(ffn.down)))
         stats, attn = found[i], layer.attn
         real = real.flatten()  # (S,)

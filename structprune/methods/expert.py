@@ -37,7 +37,7 @@ from structprune.methods.channel_stats import (
     merged,
     neuron_change,
 )
-from structprune.methods.flap import bias_reserve, compensated, flap_scores
+from structprune.methods.flap import bias_reserve, check_refit, compensated, flap_scores
 from structprune.methods.result import PruneResult, prune_by_importance
 from structprune.methods.selection import DEFAULT_TOLERANCE
 from structprune.methods.setup import PruningInputs, dense_model
@@ -99,6 +99,7 @@ def relevance_report(scores: Mapping[str, Tensors]) -> dict[str, dict]:
 
 def prune(model: PreTrainedModel | MaskedModel, task_data: Tensors | None, budget: Budget | float, *,
           corpora: Mapping[str, Tensors] | None = None, combine: str = "mean", compensate: bool = True,
+          refit: bool = False,
           batch_size: int = 8, max_examples: int | None = 128, seed: int = 0, min_heads: int = 1,
           min_neurons: int = 1, tolerance: float = DEFAULT_TOLERANCE, multiple_of: int = 1,
           device: torch.device | str | None = None, progress: bool = False) -> PruneResult:
@@ -112,6 +113,8 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Tensors | None, budge
         corpora: ``name -> encoded windows`` of each expert dimension (e.g. ``{"language=xquad-de": ...}``).
         combine: ``mean`` or ``max`` of the corpora's scores; compensate: replace removed units by their mean
             output over the expert's corpora (output shifts, biases once compacted).
+        refit: compensate by the least-squares refit of :mod:`~structprune.methods.refit` on the expert's corpora
+            (the result carries the full-size model's weights).
         batch_size, max_examples, seed: the calibration batches of each corpus.
         min_heads, min_neurons, tolerance, multiple_of: the selection's (:func:`~structprune.methods.selection.select_units`).
         device: run each layer there in turn (the model may stay on the CPU).
@@ -127,6 +130,7 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Tensors | None, budge
         if len(data.get("input_ids", ())) == 0:
             raise ValueError(f"expert: corpus {name!r} has no examples")
     budget, full = as_budget(budget), dense_model(model)
+    check_refit("expert", refit, compensate, full)
     found: dict[str, list[LayerStats]] = {}  # per corpus
     expert: list[list[LayerStats]] = []  # the expert corpora's together: the means compensation restores
 
@@ -135,16 +139,17 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Tensors | None, budge
         for name, data in (texts | ({REFERENCE: task_data} if reference else {})).items():
             batches = calibration_batches({k: v for k, v in data.items() if k in ("input_ids", "attention_mask")},
                                           batch_size, max_examples, seed)
-            found[name] = channel_stats(inputs.full, batches, device)
+            gram = refit and (name != REFERENCE or not texts)  # the refit reads the expert's corpora
+            found[name] = channel_stats(inputs.full, batches, device, gram=gram)
         scoring = [name for name in found if name != REFERENCE] or [REFERENCE]
         expert.append(merged([found[name] for name in scoring]))
         shares = {name: relevance(inputs.full, stats) for name, stats in found.items()}
         scores = {name: flap_scores(inputs.full, found[name], "fluctuation") for name in scoring}
         return combined(scores, combine), {"relevance": relevance_report(shares), "corpora": scoring}
 
-    options = {"combine": combine, "compensate": compensate, "corpora": sorted(texts), "batch_size": batch_size,
-               "max_examples": max_examples, "seed": seed, "min_heads": min_heads, "min_neurons": min_neurons,
-               "tolerance": tolerance, "multiple_of": multiple_of}
+    options = {"combine": combine, "compensate": compensate, "refit": refit, "corpora": sorted(texts),
+               "batch_size": batch_size, "max_examples": max_examples, "seed": seed, "min_heads": min_heads,
+               "min_neurons": min_neurons, "tolerance": tolerance, "multiple_of": multiple_of}
 
     def refine(inputs: PruningInputs, result: PruneResult) -> None:
         if compensate:

@@ -32,6 +32,7 @@ from structprune.costs import count_params
 from structprune.masked_model import MaskedModel
 from structprune.methods.calibration import calibration_batches
 from structprune.methods.channel_stats import LayerStats, channel_stats, projection_weight
+from structprune.methods.refit import refitted
 from structprune.methods.result import (
     PruneResult,
     prune_by_importance,
@@ -40,6 +41,7 @@ from structprune.methods.result import (
 from structprune.methods.selection import DEFAULT_TOLERANCE
 from structprune.methods.setup import PruningInputs, dense_model
 from structprune.modeling_structprune import StructprunePreTrainedModel
+from structprune.streaming import source_of
 
 METRICS = ("fluctuation", "norm")
 
@@ -98,15 +100,32 @@ def bias_reserve(budget: Budget, full: StructprunePreTrainedModel) -> Budget:
 
 def compensated(method: str, inputs: PruningInputs, result: PruneResult, stats: list[LayerStats], budget: Budget,
                 options: Mapping[str, object]) -> None:
-    """Add the bias-compensation shifts to ``result``'s masks and count their biases in its log (against the
-    user's ``budget``)."""
+    """Add the bias-compensation shifts to ``result``'s masks (with ``options["refit"]``, the least-squares refit:
+    its shifts, and the refitted full-size weights as ``result.weights``) and count their biases in its log (against
+    the user's ``budget``)."""
     masks = result.masks
-    masks.shifts = compensation(inputs.full, stats, masks.masks["head"], masks.masks["neuron"])
+    head, neuron = masks.masks["head"], masks.masks["neuron"]
+    if options.get("refit"):
+        model, masks.shifts = refitted(inputs.full, stats, head, neuron)
+        result.weights = model.state_dict()
+    else:
+        masks.shifts = compensation(inputs.full, stats, head, neuron)
     result.log |= result_from_masks(method, inputs.full, masks, budget, options, result.log).log
 
 
+def check_refit(method: str, refit: bool, compensate: bool, full: StructprunePreTrainedModel) -> None:
+    """``refit`` replaces the bias compensation and refits a copy of the model: it needs both."""
+    if refit and not compensate:
+        raise ValueError(f"{method}: refit is a least-squares bias compensation; it cannot go with compensate=False "
+                         "(drop --no-compensate, or --refit)")
+    if refit and source_of(full) is not None:
+        raise ValueError(f"{method}: refit changes the weights of a copy of the model held in memory; a model "
+                         "streamed from its files (--stream) has none: drop --refit or --stream")
+
+
 def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Tensor], budget: Budget | float, *,
-          metric: str = "fluctuation", compensate: bool = True, batch_size: int = 8, max_examples: int | None = 128,
+          metric: str = "fluctuation", compensate: bool = True, refit: bool = False, batch_size: int = 8,
+          max_examples: int | None = 128,
           seed: int = 0, min_heads: int = 1, min_neurons: int = 1, tolerance: float = DEFAULT_TOLERANCE,
           multiple_of: int = 1, device: torch.device | str | None = None, progress: bool = False) -> PruneResult:
     """Masks (and output shifts) removing the heads and neurons of lowest FLAP score until ``budget`` is met.
@@ -116,6 +135,8 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
         task_data: encoded calibration tensors (``input_ids``, ``attention_mask``; labels are not read).
         budget: parameters, FLOPs or latency to remove (a float: parameters).
         metric: ``fluctuation`` (FLAP) or ``norm``; compensate: add the bias compensation shifts.
+        refit: compensate by the least-squares refit of :mod:`~structprune.methods.refit` (the kept columns of
+            each output projection change too: the result carries the full-size model's weights).
         batch_size, max_examples, seed: the calibration batches (examples drawn with ``seed``).
         min_heads, min_neurons, tolerance, multiple_of: the selection's (:func:`~structprune.methods.selection.select_units`).
         device: run each layer there in turn (the model may stay on the CPU); default: where the model is.
@@ -127,12 +148,13 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
         raise ValueError("flap needs calibration data: encoded tensors with at least one example")
     found: dict[str, list[LayerStats]] = {}
     budget, full = as_budget(budget), dense_model(model)
+    check_refit("flap", refit, compensate, full)
 
     def importance(inputs: PruningInputs) -> tuple[dict[str, torch.Tensor], dict]:
         batches = calibration_batches({k: v for k, v in task_data.items() if k in ("input_ids", "attention_mask")},
                                       batch_size, max_examples, seed)
         inputs.full.eval()
-        found["stats"] = channel_stats(inputs.full, batches, device, head_change=False)
+        found["stats"] = channel_stats(inputs.full, batches, device, head_change=False, gram=refit)
         scores = flap_scores(inputs.full, found["stats"], metric)
         tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                      for b in batches)
@@ -142,7 +164,8 @@ def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Te
         if compensate:
             compensated("flap", inputs, result, found["stats"], budget, options)
 
-    options = {"metric": metric, "compensate": compensate, "batch_size": batch_size, "max_examples": max_examples,
+    options = {"metric": metric, "compensate": compensate, "refit": refit, "batch_size": batch_size,
+               "max_examples": max_examples,
                "seed": seed, "min_heads": min_heads, "min_neurons": min_neurons, "tolerance": tolerance,
                "multiple_of": multiple_of}
     return prune_by_importance("flap", full, bias_reserve(budget, full) if compensate else budget, importance,

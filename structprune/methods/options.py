@@ -236,13 +236,16 @@ METRIC = Option("--metric", "flap: a channel's input variance (fluctuation) or m
                             "weight column's squared norm (default: fluctuation)", choices=("fluctuation", "norm"))
 COMPENSATE = Option("--compensate", "expert, flap: add the removed units' mean output as a bias (default: on)",
                     boolean=True)
+REFIT = Option("--refit", "expert, flap: compensate by a least-squares refit of each output projection's kept columns "
+                          "on the calibration statistics, not by a bias alone (needs the model in memory; "
+                          "default: off)", boolean=True)
 EXPERT_SPEC = Option("--expert", "expert: the expert's calibration corpora as DIMENSION=SOURCE pairs, DIMENSION one of "
                                  "language, domain, task; SOURCE an LM task with calibration text (xquad-de, pubmed, "
                                  "wikitext2...), text:FILE or a classification task (its training sentences); e.g. "
                                  "language=xquad-de,domain=pubmed (default: none: score on --task's text alone)")
 COMBINE = Option("--combine", "expert: a unit's score over the corpora: their mean relevance, or the largest "
                               "(default: mean)", choices=("mean", "max"))
-EXPERT: Mapping[str, Option] = {"expert": EXPERT_SPEC, "combine": COMBINE, "compensate": COMPENSATE,
+EXPERT: Mapping[str, Option] = {"expert": EXPERT_SPEC, "combine": COMBINE, "compensate": COMPENSATE, "refit": REFIT,
                                 "batch_size": BATCH_SIZE,
                                 "max_examples": CALIB_EXAMPLES, "seed": SEED, "multiple_of": MULTIPLE_OF}
 CANDIDATES = Option("--candidates", "sprint: sublayers probed by a short tuning each round (default: 3)", positive_int)
@@ -255,7 +258,7 @@ SHORTLIST = Option("--shortlist", "sprint: sublayers whose calibration loss is m
 SPRINT: Mapping[str, Option] = {"candidates": CANDIDATES, "probe_steps": PROBE_STEPS, "tune_steps": TUNE_STEPS,
                                 "shortlist": SHORTLIST,
                                 "lr": L0["lr"], "batch_size": BATCH_SIZE, "max_examples": CALIB_EXAMPLES, "seed": SEED}
-FLAP: Mapping[str, Option] = {"metric": METRIC, "compensate": COMPENSATE, "batch_size": BATCH_SIZE,
+FLAP: Mapping[str, Option] = {"metric": METRIC, "compensate": COMPENSATE, "refit": REFIT, "batch_size": BATCH_SIZE,
                               "max_examples": CALIB_EXAMPLES, "seed": SEED, "multiple_of": MULTIPLE_OF}
 TAYLOR: Mapping[str, Option] = {"batch_size": BATCH_SIZE, "calib_batches": CALIB_BATCHES, "seed": SEED,
                                 "multiple_of": MULTIPLE_OF}

@@ -20,10 +20,12 @@ from structprune.modeling_structprune import StructpruneForSequenceClassificatio
 
 @dataclass
 class PruneResult:
-    """What a method returns: frozen masks, updated weights (methods that train them) and a log."""
+    """What a method returns: frozen masks, updated weights (methods that change them) and a log."""
 
     masks: MaskSet
     weights: dict[str, torch.Tensor] | None
+    """The state dict the masks go with: of the compact model for the learned methods (``l0``, ``transfer``), of
+    the full-size model for the others (``sprint``'s tuning, ``flap`` / ``expert`` with ``refit``)."""
     log: dict
 
 

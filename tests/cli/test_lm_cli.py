@@ -127,6 +127,14 @@ def test_expert_and_flap_prune_a_causal_lm_and_compact(lm, tmp_path):
     assert json.loads((tmp_path / "flap" / "masks.json").read_text())["shifts"] == ["attn", "ffn"]
     ok("compact", tmp_path / "flap", "--model", lm["model"], "--out", tmp_path / "flap-model")
     assert json.loads((tmp_path / "flap-model" / "config.json").read_text())["structprune"]["ffn_out_bias"]
+    ok("prune", "--model", lm["model"], "--task", lm["task"], "--method", "flap", "--refit", "--target-sparsity",
+       0.3, "--max-length", 16, "--train-size", 8, "--out", tmp_path / "refit")
+    assert (tmp_path / "refit" / "weights.safetensors").is_file()  # the refitted projections travel with the masks
+    out = ok("compact", tmp_path / "refit", "--model", lm["model"], "--out", tmp_path / "refit-model")
+    assert "compacting the weights flap changed" in out
+    refit, plain = (from_pretrained(tmp_path / name).state_dict() for name in ("refit-model", "flap-model"))
+    assert refit.keys() == plain.keys() and not torch.equal(refit["layers.0.ffn.down.weight"],
+                                                            plain["layers.0.ffn.down.weight"])
     code, _, err = cli("prune", "--model", lm["model"], "--task", lm["task"], "--method", "expert", "--expert",
                        "dialect=x", "--target-sparsity", 0.3, "--out", tmp_path / "bad")
     assert code != 0 and "DIMENSION=SOURCE" in err and not (tmp_path / "bad").exists()
@@ -138,7 +146,7 @@ def test_sprint_saves_its_tuned_weights_and_compact_uses_them(lm, tmp_path):
        "--tune-steps", 1, "--out", tmp_path / "sprint")
     assert (tmp_path / "sprint" / "weights.safetensors").is_file()
     out = ok("compact", tmp_path / "sprint", "--model", lm["model"], "--out", tmp_path / "sprint-model")
-    assert "compacting the weights sprint tuned" in out
+    assert "compacting the weights sprint changed" in out
     config = json.loads((tmp_path / "sprint-model" / "config.json").read_text())["structprune"]
     assert any(layer["heads"] == 0 or layer["ffn"] == 0 for layer in config["layers"])
 
