@@ -40,7 +40,8 @@ def test_matches_hugging_face_and_generates_the_same_text(smollm2):
     ours = from_hf(hf).eval()
     real = inputs["attention_mask"].bool()
     with torch.no_grad():
-        assert (hf(**inputs).logits - ours(**inputs).logits)[real].abs().max() <= 1e-5
+        # float32 through 30 layers: the two forwards round apart by 4.3e-5 on an AMD EPYC, under 1e-5 on an Intel Xeon
+        assert (hf(**inputs).logits - ours(**inputs).logits)[real].abs().max() <= 1e-4
     kw = {"max_new_tokens": 32, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     expected = hf.generate(**inputs, **kw)
     assert torch.equal(ours.generate(**inputs, **kw), expected)
