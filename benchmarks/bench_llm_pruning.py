@@ -94,6 +94,7 @@ VARIANTS = {
     "magnitude": ("magnitude", {}),
     "taylor": ("taylor", {"batch_size": 8}),  # LLM-Pruner-style first-order Taylor; 8 batches of 8 = all 64 windows
     "flap": ("flap", {}),
+    "flap-refit": ("flap", {"refit": True}),  # least-squares refit of the kept columns instead of the bias alone
     "shortgpt": ("block_influence", {"granularity": "layer"}),
     "shortgpt-sublayer": ("block_influence", {"granularity": "sublayer"}),
     "fisher": ("fisher", {"grad_batch_size": 8}),
