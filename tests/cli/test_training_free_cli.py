@@ -9,9 +9,11 @@ from transformers import AutoModelForSequenceClassification
 
 from structprune.arch import from_hf
 from structprune.arch.structure import ModelStructure
+from structprune.budget import Budget
 from structprune.compaction import from_pretrained
 from structprune.costs import LatencyTable
 from structprune.maskset import MaskSet
+from structprune.methods.selection import max_reduction
 from tests.cli.test_cli import cli, make_model, ok, write_task
 
 
@@ -48,11 +50,14 @@ def test_prune_then_compact(setup, method, extra):
 
 
 def test_latency_table_then_latency_budget(setup):
-    # The reachable reduction depends on the measured table: 0.26 on a busy 2-core machine, so ask for less.
-    target = 0.15
     table = setup["root"] / "table.json"
     out = ok("latency-table", "--model", setup["model"], "--out", table, "--batch", 2, "--seq", 16, "--ffn-points", 2)
     assert "latency table written" in out
+    spec = from_hf(AutoModelForSequenceClassification.from_pretrained(setup["model"])).spec
+    structure = ModelStructure.from_spec(spec)
+    # The reachable reduction depends on the measured table (0.26 on a busy 2-core machine, 0.098 on another):
+    # ask for half of what this one allows, at most 0.15.
+    target = round(min(0.15, max_reduction(structure, spec, Budget(0.5, "latency", latency_table=table)) / 2), 3)
     masks_dir = setup["root"] / "masks-latency"
     ok("prune", "--model", setup["model"], "--task", setup["task"], "--method", "fisher", "--budget-kind", "latency",
        "--latency-table", table, "--target-sparsity", target, "--out", masks_dir, "--batch-size", 8, "--max-length", 16)
@@ -61,7 +66,6 @@ def test_latency_table_then_latency_budget(setup):
     # Which units go depends on the measured (noisy) table, so check the budget rather than which units
     # were removed: the table predicts the pruned model at least `target` faster.
     lookup = LatencyTable.load(table)
-    structure = ModelStructure.from_spec(from_hf(AutoModelForSequenceClassification.from_pretrained(setup["model"])).spec)
     pruned = MaskSet.load(masks_dir).resolve(structure)
     assert 1.0 - lookup.estimate(pruned) / lookup.estimate(structure) >= target
     code, _, err = cli("latency-table", "--model", setup["model"], "--out", table)
