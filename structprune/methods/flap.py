@@ -106,21 +106,20 @@ def compensated(method: str, inputs: PruningInputs, result: PruneResult, stats: 
     masks = result.masks
     head, neuron = masks.masks["head"], masks.masks["neuron"]
     if options.get("refit"):
-        model, masks.shifts = refitted(inputs.full, stats, head, neuron)
-        result.weights = model.state_dict()
+        result.weights, masks.shifts = refitted(inputs.full, stats, head, neuron)
     else:
         masks.shifts = compensation(inputs.full, stats, head, neuron)
     result.log |= result_from_masks(method, inputs.full, masks, budget, options, result.log).log
 
 
 def check_refit(method: str, refit: bool, compensate: bool, full: StructprunePreTrainedModel) -> None:
-    """``refit`` replaces the bias compensation and refits a copy of the model: it needs both."""
+    """``refit`` replaces the bias compensation and refits weights held in memory: it needs both."""
     if refit and not compensate:
         raise ValueError(f"{method}: refit is a least-squares bias compensation; it cannot go with compensate=False "
                          "(drop --no-compensate, or --refit)")
     if refit and source_of(full) is not None:
-        raise ValueError(f"{method}: refit changes the weights of a copy of the model held in memory; a model "
-                         "streamed from its files (--stream) has none: drop --refit or --stream")
+        raise ValueError(f"{method}: refit changes weights held in memory; a model "
+                         "streamed from its files (--stream) holds none: drop --refit or --stream")
 
 
 def prune(model: PreTrainedModel | MaskedModel, task_data: Mapping[str, torch.Tensor], budget: Budget | float, *,

@@ -10,12 +10,10 @@ affine stand-in for the removed channels ``R`` given the kept ones ``K`` is
 kept columns become ``W_K + W_R A`` and the output bias ``W_R b``; ``A = 0`` is FLAP's compensation. Each layer is
 refitted on the dense model's statistics, so no pass over the pruned model is needed. No gradient, no training: the
 statistics need one ``[C, C]`` float64 matrix per projection (:class:`~structprune.methods.channel_stats.ChannelStats`
-with ``gram``), and the refitted weights a copy of the model, so the refit runs on a model held in memory.
+with ``gram``), so the refit runs on a model held in memory.
 """
 
 from __future__ import annotations
-
-import copy
 
 import torch
 
@@ -49,13 +47,15 @@ def refit_projection(weight: torch.Tensor, stats: ChannelStats, keep: torch.Tens
 
 
 def refitted(model: StructprunePreTrainedModel, stats: list[LayerStats], head: torch.Tensor,
-             neuron: torch.Tensor) -> tuple[StructprunePreTrainedModel, dict[str, torch.Tensor]]:
-    """A copy of ``model`` whose o-proj and down-proj weights are refitted for the kept ``head [L, H]`` and
-    ``neuron [L, F]`` (nonzero: kept), and the shifts ``attn`` / ``ffn`` ``[L, D]`` that go with them."""
+             neuron: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``model``'s full-size state dict with its o-proj and down-proj weights refitted for the kept ``head [L, H]``
+    and ``neuron [L, F]`` (nonzero: kept; every other tensor is the model's own, not a copy), and the shifts
+    ``attn`` / ``ffn`` ``[L, D]`` that go with them."""
     L, D = len(model.layers), model.spec["hidden_size"]
     shifts = {"attn": torch.zeros(L, D), "ffn": torch.zeros(L, D)}
-    out = copy.deepcopy(model)
-    for i, (layer, layer_stats) in enumerate(zip(out.layers, stats)):
+    state = model.state_dict()
+    names = {p: name for name, p in model.named_parameters()}
+    for i, (layer, layer_stats) in enumerate(zip(model.layers, stats)):
         units = []
         if layer.attn is not None:
             keep = (head[i, :layer.attn.heads] != 0).repeat_interleave(layer.attn.head_dim)
@@ -64,7 +64,6 @@ def refitted(model: StructprunePreTrainedModel, stats: list[LayerStats], head: t
             units.append(("ffn", layer.ffn.down, layer_stats.ffn, neuron[i, :layer.ffn.down.in_features] != 0))
         for kind, projection, channel_stats, keep in units:
             weight, shift = refit_projection(projection.weight.detach(), channel_stats, keep)
-            with torch.no_grad():
-                projection.weight.copy_(weight)
+            state[names[projection.weight]] = weight.to(projection.weight)
             shifts[kind][i] = shift.float()
-    return out, shifts
+    return state, shifts
